@@ -1,0 +1,1 @@
+"""x86_64 boot: kernel loaders, boot parameters, tables and boot CPU state."""

@@ -1,0 +1,71 @@
+"""The boot CPU state a loader asks for, as plain data.
+
+Loaders and configurators decide *what* the boot vCPU must look like (mode,
+segments, control registers, entry point); :mod:`pyvmm.vcpu_setup` turns
+this into KVM register writes. Keeping it as data lets unit tests check the
+exact values without KVM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class BootMode(Enum):
+    """How the kernel is entered."""
+
+    LINUX_64 = "linux64"  # 64-bit boot protocol: long mode, rsi = zero page
+    PVH_32 = "pvh32"  # PVH: 32-bit flat protected mode, ebx = hvm_start_info
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment register as KVM's ``struct kvm_segment`` holds it."""
+
+    base: int = 0
+    limit: int = 0xFFFF
+    selector: int = 0
+    type: int = 0
+    present: int = 1
+    dpl: int = 0
+    db: int = 0
+    s: int = 1
+    l: int = 0  # noqa: E741 - the field's name in struct kvm_segment
+    g: int = 0
+    avl: int = 0
+    unusable: int = 0
+
+
+@dataclass(frozen=True)
+class DescriptorTable:
+    """GDTR/IDTR: base and limit."""
+
+    base: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class BootCpuState:
+    """Registers of the boot vCPU at the kernel's entry point."""
+
+    mode: BootMode
+    rip: int
+    rsp: int = 0
+    rsi: int = 0  # LINUX_64: guest-physical address of the zero page
+    rbx: int = 0  # PVH_32: guest-physical address of hvm_start_info
+    rflags: int = 0x2
+    cs: Segment = field(default_factory=Segment)
+    ds: Segment = field(default_factory=Segment)
+    es: Segment = field(default_factory=Segment)
+    fs: Segment = field(default_factory=Segment)
+    gs: Segment = field(default_factory=Segment)
+    ss: Segment = field(default_factory=Segment)
+    tr: Segment = field(default_factory=Segment)
+    ldt: Segment = field(default_factory=Segment)
+    gdt: DescriptorTable = DescriptorTable(0, 0)
+    idt: DescriptorTable = DescriptorTable(0, 0)
+    cr0: int = 0
+    cr3: int = 0
+    cr4: int = 0
+    efer: int = 0

@@ -1,0 +1,1 @@
+"""Device models: sans-IO register files, testable without KVM."""

@@ -1,0 +1,89 @@
+"""The x86_64 guest-physical memory layout: every fixed guest address lives here.
+
+Why one module: loaders, table builders, devices and the VMM must agree on
+where things are. Keeping the numbers together makes overlaps visible in one
+screen and keeps magic numbers out of the rest of the code.
+
+Low memory (below 1 MiB)::
+
+    0x0000_0500  GDT (boot-time, 4 entries)
+    0x0000_0520  IDT (empty, limit 0: the kernel installs its own)
+    0x0000_6000  PVH hvm_start_info (+ module list, + e820-style memmap)
+    0x0000_7000  Linux zero page (struct boot_params)
+    0x0000_8000  free (the probe guest puts its AP trampoline here)
+    0x0000_9000  PML4, 0xa000 PDPT, 0xb000.. page directories (identity map)
+    0x0002_0000  kernel command line
+    0x0008_f000  boot stack top (grows down)
+    0x0009_fc00  MP floating pointer + MP config table (EBDA)
+    0x000a_0000  legacy VGA/ROM hole up to 1 MiB (not RAM in the e820 map)
+
+High memory: the kernel at 1 MiB, RAM up to the 32-bit MMIO hole at 3 GiB,
+device MMIO windows from 0xd000_0000, IOAPIC and LAPIC near 4 GiB, and RAM
+above 4 GiB when the guest has more than 3 GiB.
+"""
+
+from __future__ import annotations
+
+PAGE_SIZE = 0x1000
+
+# --- low memory -----------------------------------------------------------
+BOOT_GDT_START = 0x500
+BOOT_GDT_MAX_ENTRIES = 4
+BOOT_IDT_START = 0x520
+PVH_INFO_START = 0x6000
+PVH_MODLIST_START = 0x6040
+PVH_MEMMAP_START = 0x6100
+PVH_MEMMAP_MAX_ENTRIES = 128
+ZERO_PAGE_START = 0x7000
+AP_TRAMPOLINE_START = 0x8000
+PML4_START = 0x9000
+PDPTE_START = 0xA000
+PDE_START = 0xB000  # 4 page directories: identity map of the first 4 GiB
+CMDLINE_START = 0x20000
+CMDLINE_MAX_SIZE = 2048  # Linux x86 COMMAND_LINE_SIZE, NUL included
+BOOT_STACK_POINTER = 0x8FF00
+EBDA_START = 0x9FC00
+MPTABLE_START = EBDA_START
+LOW_RAM_END = 0xA0000  # e820: usable RAM below 640 KiB ends here
+BIOS_AREA_START = 0xA0000  # reserved up to HIMEM_START
+RSDP_ADDR = 0xE0000  # ACPI RSDP (used once ACPI tables are built)
+
+# --- kernel ---------------------------------------------------------------
+HIMEM_START = 0x100000  # 1 MiB: where kernels are loaded
+
+# --- the 32-bit MMIO hole --------------------------------------------------
+MMIO_HOLE_START = 0xC000_0000  # 3 GiB; RAM above this moves to 4 GiB
+MMIO_HOLE_END = 0x1_0000_0000
+MMIO32_DEVICES_START = 0xD000_0000  # device windows, 4 KiB each
+MMIO_DEVICE_WINDOW = 0x1000
+BOOT_TIMER_ADDR = MMIO32_DEVICES_START  # Firecracker's boot-timer address
+VIRTIO_MMIO_START = MMIO32_DEVICES_START + MMIO_DEVICE_WINDOW
+IOAPIC_ADDR = 0xFEC0_0000
+LAPIC_ADDR = 0xFEE0_0000
+KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000  # one page, needed by KVM on Intel
+KVM_TSS_ADDR = 0xFFFB_D000  # three pages, needed by KVM on Intel
+HIGH_RAM_START = MMIO_HOLE_END
+
+# --- ISA ports and IRQs --------------------------------------------------
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+UART_PORT_COUNT = 8
+I8042_DATA_PORT = 0x60
+I8042_COMMAND_PORT = 0x64
+I8042_IRQ = 1
+BOOT_TIMER_MAGIC = 123  # value the guest writes to BOOT_TIMER_ADDR
+
+# --- limits ---------------------------------------------------------------
+MAX_VCPUS = 32
+MIN_MEMORY_SIZE = 16 << 20
+MAX_MEMORY_SIZE = 1 << 40  # 1 TiB; further limited by host RAM at config time
+
+
+def ram_regions(mem_size: int) -> list[tuple[int, int]]:
+    """Split ``mem_size`` bytes of guest RAM around the 32-bit MMIO hole.
+
+    Returns ``(guest_address, size)`` pairs, lowest first.
+    """
+    if mem_size <= MMIO_HOLE_START:
+        return [(0, mem_size)]
+    return [(0, MMIO_HOLE_START), (HIGH_RAM_START, mem_size - MMIO_HOLE_START)]

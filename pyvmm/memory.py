@@ -1,0 +1,170 @@
+"""Guest RAM: anonymous mappings plus bounds-checked guest-physical access.
+
+Every consumer (loaders, devices, virtqueues) reaches guest memory only
+through :class:`GuestMemory`; it never sees a host pointer. An access that is
+not entirely inside one RAM region raises :class:`GuestMemoryError`, so a
+guest-controlled address can never reach host memory outside guest RAM.
+This module knows nothing about KVM: the KVM layer asks each region for its
+buffer when it registers memory slots, and tests use it without KVM.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from pyvmm import layout
+from pyvmm.errors import GuestMemoryError
+
+# Python 3.11 lacks the constant; the value is fixed by the Linux ABI.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(eq=False)
+class MemoryRegion:
+    """One contiguous guest-physical RAM range backed by one host mapping."""
+
+    guest_addr: int
+    size: int
+    mapping: mmap.mmap
+    view: memoryview = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.mapping)
+
+    @property
+    def end(self) -> int:
+        """First guest-physical address after this region."""
+        return self.guest_addr + self.size
+
+    def contains(self, addr: int, length: int = 1) -> bool:
+        return self.guest_addr <= addr and addr + length <= self.end
+
+
+class GuestMemory:
+    """Guest RAM made of non-overlapping, page-aligned regions."""
+
+    def __init__(self, regions: Iterable[tuple[int, int]]) -> None:
+        self._regions: list[MemoryRegion] = []
+        previous_end = 0
+        for guest_addr, size in sorted(regions):
+            if size <= 0 or size % layout.PAGE_SIZE or guest_addr % layout.PAGE_SIZE:
+                raise ValueError(f"region {guest_addr:#x}+{size:#x} is not page-aligned")
+            if guest_addr < previous_end:
+                raise ValueError(f"region at {guest_addr:#x} overlaps the one before it")
+            mapping = mmap.mmap(
+                -1,
+                size,
+                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+            self._regions.append(MemoryRegion(guest_addr, size, mapping))
+            previous_end = guest_addr + size
+
+    @classmethod
+    def with_size(cls, mem_size: int) -> GuestMemory:
+        """RAM of ``mem_size`` bytes laid out around the 32-bit MMIO hole."""
+        return cls(layout.ram_regions(mem_size))
+
+    @property
+    def regions(self) -> tuple[MemoryRegion, ...]:
+        return tuple(self._regions)
+
+    @property
+    def size(self) -> int:
+        """Total bytes of guest RAM."""
+        return sum(region.size for region in self._regions)
+
+    def __iter__(self) -> Iterator[MemoryRegion]:
+        return iter(self._regions)
+
+    def _locate(self, addr: int, length: int) -> tuple[MemoryRegion, int]:
+        if length < 0 or addr < 0:
+            raise GuestMemoryError(f"invalid guest access {addr:#x}+{length:#x}")
+        for region in self._regions:
+            if region.contains(addr, max(length, 1)):
+                return region, addr - region.guest_addr
+        raise GuestMemoryError(f"guest access {addr:#x}+{length:#x} is outside guest RAM")
+
+    def is_valid(self, addr: int, length: int) -> bool:
+        """True if ``[addr, addr+length)`` lies inside one RAM region."""
+        return addr >= 0 and length >= 0 and any(
+            region.contains(addr, max(length, 1)) for region in self._regions
+        )
+
+    def view(self, addr: int, length: int) -> memoryview:
+        """A zero-copy, writable view of guest RAM (must not span regions)."""
+        region, offset = self._locate(addr, length)
+        return region.view[offset : offset + length]
+
+    def read(self, addr: int, length: int) -> bytes:
+        region, offset = self._locate(addr, length)
+        return region.mapping[offset : offset + length]
+
+    def read_into(self, addr: int, buffer: memoryview | bytearray) -> None:
+        """Copy guest RAM into ``buffer`` (its length says how much)."""
+        length = len(buffer)
+        region, offset = self._locate(addr, length)
+        buffer[:] = region.view[offset : offset + length]
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
+        region, offset = self._locate(addr, length)
+        region.view[offset : offset + length] = data
+
+    def fill(self, addr: int, length: int, value: int = 0) -> None:
+        """Set ``length`` bytes at ``addr`` to ``value``."""
+        region, offset = self._locate(addr, length)
+        region.mapping[offset : offset + length] = bytes([value]) * length
+
+    def read_struct(self, fmt: struct.Struct, addr: int) -> tuple:
+        region, offset = self._locate(addr, fmt.size)
+        return fmt.unpack_from(region.mapping, offset)
+
+    def write_struct(self, fmt: struct.Struct, addr: int, *values: object) -> None:
+        region, offset = self._locate(addr, fmt.size)
+        fmt.pack_into(region.mapping, offset, *values)
+
+    def read_u8(self, addr: int) -> int:
+        return self.read_struct(_U8, addr)[0]
+
+    def read_u16(self, addr: int) -> int:
+        return self.read_struct(_U16, addr)[0]
+
+    def read_u32(self, addr: int) -> int:
+        return self.read_struct(_U32, addr)[0]
+
+    def read_u64(self, addr: int) -> int:
+        return self.read_struct(_U64, addr)[0]
+
+    def write_u8(self, addr: int, value: int) -> None:
+        self.write_struct(_U8, addr, value)
+
+    def write_u16(self, addr: int, value: int) -> None:
+        self.write_struct(_U16, addr, value)
+
+    def write_u32(self, addr: int, value: int) -> None:
+        self.write_struct(_U32, addr, value)
+
+    def write_u64(self, addr: int, value: int) -> None:
+        self.write_struct(_U64, addr, value)
+
+    def close(self) -> None:
+        """Unmap guest RAM. Views handed out earlier must be released first."""
+        for region in self._regions:
+            region.view.release()
+            region.mapping.close()
+        self._regions.clear()
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
