@@ -39,8 +39,10 @@ AP_TRAMPOLINE_START = 0x8000
 PML4_START = 0x9000
 PDPTE_START = 0xA000
 PDE_START = 0xB000  # 4 page directories: identity map of the first 4 GiB
+PDE_PAGES = 4  # page directories at PDE_START (2 MiB pages, 1 GiB each)
 CMDLINE_START = 0x20000
 CMDLINE_MAX_SIZE = 2048  # Linux x86 COMMAND_LINE_SIZE, NUL included
+CMDLINE_AREA_SIZE = 0x10000  # room reserved at CMDLINE_START, NUL included
 BOOT_STACK_POINTER = 0x8FF00
 EBDA_START = 0x9FC00
 MPTABLE_START = EBDA_START
@@ -71,6 +73,13 @@ UART_PORT_COUNT = 8
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64
 I8042_IRQ = 1
+ISA_IRQ_COUNT = 16
+PIT_IRQ = 0
+# ISA IRQ 0 (the PIT) reaches IOAPIC pin 2, as on PC hardware and in QEMU; every
+# other ISA IRQ n reaches pin n. The MP table says so, so the VMM's GSI routing
+# (KVM_SET_GSI_ROUTING) must route GSI 0 to IOAPIC pin 2 to match.
+PIT_IOAPIC_PIN = 2
+IOAPIC_NUM_PINS = 24
 BOOT_TIMER_MAGIC = 123  # value the guest writes to BOOT_TIMER_ADDR
 
 # --- limits ---------------------------------------------------------------

@@ -95,8 +95,10 @@ class GuestMemory:
 
     def is_valid(self, addr: int, length: int) -> bool:
         """True if ``[addr, addr+length)`` lies inside one RAM region."""
-        return addr >= 0 and length >= 0 and any(
-            region.contains(addr, max(length, 1)) for region in self._regions
+        return (
+            addr >= 0
+            and length >= 0
+            and any(region.contains(addr, max(length, 1)) for region in self._regions)
         )
 
     def view(self, addr: int, length: int) -> memoryview:

@@ -1,0 +1,178 @@
+"""The ``pyvmm`` command line: parses flags into a config, runs a Machine.
+
+User mistakes end with one line on stderr and exit status 2; a guest that
+resets or powers off exits 0; any other end prints its reason and exits
+non-zero. No traceback reaches the user for anything they can fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+
+from pyvmm.errors import ConfigError, HostError, PyvmmError
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"pyvmm: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format="pyvmm: %(message)s",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pyvmm")
+def main() -> None:
+    """pyvmm: a KVM virtual machine monitor in Python."""
+
+
+@main.command()
+@click.option("--kernel", required=True, help="Kernel: ELF vmlinux (PVH or 64-bit) or bzImage.")
+@click.option("--initrd", default=None, help="Initial ramdisk loaded next to the kernel.")
+@click.option("--cmdline", default=None, help="Kernel command line (default for Linux guests).")
+@click.option("--cpus", default="1", help="Number of vCPUs, 1 to 32.")
+@click.option("--memory", default="128", help="Guest RAM: MiB, or with a unit (512M, 2G).")
+@click.option("--serial-out", default=None, help="Write the guest's serial output to FILE.")
+@click.option("--timeout", type=float, default=None, help="Stop the VM after SECONDS.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def run(
+    kernel: str,
+    initrd: str | None,
+    cmdline: str | None,
+    cpus: str,
+    memory: str,
+    serial_out: str | None,
+    timeout: float | None,
+    log_level: str,
+) -> None:
+    """Boot a kernel; the serial console is on stdin/stdout (Ctrl-A X quits)."""
+    _setup_logging(log_level)
+    from pyvmm.config import DEFAULT_LINUX_CMDLINE, MachineConfig, parse_memory_size
+
+    try:
+        vcpus = _parse_int(cpus, "cpus")
+        config = MachineConfig(
+            kernel=Path(kernel),
+            initrd=Path(initrd) if initrd is not None else None,
+            cmdline=DEFAULT_LINUX_CMDLINE if cmdline is None else cmdline,
+            vcpus=vcpus,
+            mem_size=parse_memory_size(memory),
+            serial_out=Path(serial_out) if serial_out else None,
+        )
+        config.validate()
+    except ConfigError as error:
+        _fail(str(error))
+    sys.exit(_run_machine(config, timeout))
+
+
+def _parse_int(text: str, name: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {text!r}") from None
+
+
+def _run_machine(config: object, timeout: float | None) -> int:
+    from pyvmm.console import raw_terminal
+    from pyvmm.machine import Machine
+    from pyvmm.stop_reason import StopKind, StopReason
+
+    stdin_fd = _stdin_fd()
+    interactive = stdin_fd is not None and os.isatty(stdin_fd)
+    stdout_fd = sys.stdout.fileno()
+
+    def write_stdout(data: bytes) -> None:
+        os.write(stdout_fd, data)
+
+    machine = Machine(
+        config,
+        serial_out=write_stdout,
+        console_in=stdin_fd,
+        console_escape=interactive,
+    )
+
+    def on_signal(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        machine.stop(StopReason(StopKind.HOST_SIGNAL, f"received {name}"))
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ExitStack() as stack:
+            if interactive:
+                stack.enter_context(raw_terminal(stdin_fd))
+            try:
+                reason = machine.run(timeout)
+            except (ConfigError, HostError) as error:
+                stack.close()
+                _fail(str(error))
+            except PyvmmError as error:
+                stack.close()
+                _fail(str(error), 1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not reason.clean:
+        click.echo(f"pyvmm: {reason}", err=True)
+    else:
+        logging.getLogger("pyvmm").debug("%s", reason)
+    return reason.exit_code
+
+
+def _stdin_fd() -> int | None:
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
+    try:
+        os.fstat(fd)
+    except OSError:
+        return None
+    return fd
+
+
+@main.command()
+def doctor() -> None:
+    """Report what this host offers pyvmm: KVM, virtualization kind, TAP, cgroups, seccomp."""
+    from pyvmm.doctor import run_doctor
+
+    sys.exit(run_doctor(click.echo))
+
+
+@main.group()
+def guest() -> None:
+    """Build or fetch guest artifacts; each command prints a path."""
+
+
+@guest.command("probe")
+@click.option("--force", is_flag=True, help="Rebuild even if a cached build exists.")
+def guest_probe(force: bool) -> None:
+    """Build the probe guest (when needed) and print the path of its ELF."""
+    from pyvmm.guestkit.probe import build_probe
+
+    try:
+        click.echo(str(build_probe(force=force)))
+    except PyvmmError as error:
+        _fail(str(error))
+
+
+if __name__ == "__main__":
+    main()

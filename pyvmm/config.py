@@ -1,0 +1,73 @@
+"""A validated machine configuration.
+
+Everything a user can get wrong is checked here, before any KVM object
+exists, and reported as a one-line :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyvmm import layout
+from pyvmm.errors import ConfigError
+
+DEFAULT_MEMORY_SIZE = 128 << 20
+DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=1"
+
+_SIZE_UNITS = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_memory_size(text: str) -> int:
+    """Bytes from ``128`` (MiB), ``512M``, ``1G``, ``1.5G`` or ``4096B``."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"memory size {text!r} is not a size (examples: 128, 512M, 2G)")
+    number, unit = match.groups()
+    size = float(number) * _SIZE_UNITS[unit.lower()]
+    if size != int(size):
+        raise ConfigError(f"memory size {text!r} is not a whole number of bytes")
+    return int(size)
+
+
+def host_memory_size() -> int:
+    """Physical RAM of the host in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """What to boot and with how much hardware."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = DEFAULT_LINUX_CMDLINE
+    vcpus: int = 1
+    mem_size: int = DEFAULT_MEMORY_SIZE
+    serial_out: Path | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for the first problem found."""
+        if not 1 <= self.vcpus <= layout.MAX_VCPUS:
+            raise ConfigError(f"cpus must be between 1 and {layout.MAX_VCPUS}, not {self.vcpus}")
+        mib = self.mem_size / (1 << 20)
+        if self.mem_size % layout.PAGE_SIZE:
+            raise ConfigError(
+                f"memory size {self.mem_size} bytes is not a multiple of the "
+                f"{layout.PAGE_SIZE}-byte page size"
+            )
+        if self.mem_size < layout.MIN_MEMORY_SIZE:
+            raise ConfigError(
+                f"memory size {mib:g} MiB is too small; the minimum is "
+                f"{layout.MIN_MEMORY_SIZE >> 20} MiB"
+            )
+        limit = min(layout.MAX_MEMORY_SIZE, host_memory_size())
+        if self.mem_size > limit:
+            raise ConfigError(
+                f"memory size {mib:g} MiB is too large; this host allows at most {limit >> 20} MiB"
+            )
+        if self.serial_out is not None and self.serial_out.is_dir():
+            raise ConfigError(f"serial output {self.serial_out} is a directory")

@@ -1,0 +1,113 @@
+"""The device event loop: one thread, one epoll, one owner per fd.
+
+Back ends that wait on file descriptors (console input today; ioeventfds,
+TAP devices and sockets later) subscribe a callback for an fd. Timers run
+on the same thread. Other threads talk to the loop only through
+:meth:`EventLoop.call_soon`, which wakes it with an eventfd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+FdCallback = Callable[[int], None]  # receives the epoll event mask
+
+
+class EventLoop:
+    """An epoll loop with fd subscriptions, timers and a thread-safe wake-up."""
+
+    def __init__(self, name: str = "pyvmm-events") -> None:
+        self.name = name
+        self._epoll = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
+        self._callbacks: dict[int, FdCallback] = {}
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_ids = itertools.count()
+        self._pending: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def add_reader(self, fd: int, callback: FdCallback, events: int = select.EPOLLIN) -> None:
+        """Call ``callback(events)`` on the loop thread whenever ``fd`` is ready."""
+        self._callbacks[fd] = callback
+        self._epoll.register(fd, events)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._callbacks.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop thread after ``delay`` seconds."""
+        self.call_soon(
+            lambda: heapq.heappush(
+                self._timers, (time.monotonic() + delay, next(self._timer_ids), callback)
+            )
+        )
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop thread (safe from any thread)."""
+        with self._lock:
+            self._pending.append(callback)
+        os.eventfd_write(self._wake_fd, 1)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop thread and wait for it; idempotent."""
+        self._stopping = True
+        if self._wake_fd >= 0:
+            os.eventfd_write(self._wake_fd, 1)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        self._epoll.close()
+        if self._wake_fd >= 0:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._run_once()
+        except BaseException as error:  # reported to the owner, never lost
+            log.exception("event loop failed")
+            self.error = error
+
+    def _run_once(self) -> None:
+        timeout = -1.0
+        if self._timers:
+            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+        for fd, events in self._epoll.poll(timeout):
+            if fd == self._wake_fd:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake_fd)
+                continue
+            callback = self._callbacks.get(fd)
+            if callback is not None:
+                callback(events)
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for callback in pending:
+            callback()
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, callback = heapq.heappop(self._timers)
+            callback()

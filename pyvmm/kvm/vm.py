@@ -1,0 +1,144 @@
+"""``Vm``: a KVM virtual machine file descriptor."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from pyvmm.kvm._kvm_cffi import ffi, lib
+from pyvmm.kvm.ioctl import ioctl_ptr, ioctl_val
+from pyvmm.kvm.vcpu import Vcpu
+
+
+class Vm:
+    """Memory slots, the in-kernel irqchip and PIT, interrupt lines, vCPUs."""
+
+    def __init__(self, fd: int, vcpu_mmap_size: int) -> None:
+        self.fd = fd
+        self._vcpu_mmap_size = vcpu_mmap_size
+        self._memory_buffers: dict[int, object] = {}
+
+    def check_extension(self, capability: int) -> int:
+        return ioctl_val(self.fd, "KVM_CHECK_EXTENSION", capability)
+
+    def set_user_memory_region(
+        self, slot: int, guest_addr: int, buffer: mmap.mmap | bytearray, flags: int = 0
+    ) -> None:
+        """Back guest-physical ``[guest_addr, +len(buffer))`` with ``buffer``.
+
+        ``buffer`` must be a writable mapping that outlives the VM (guest
+        RAM); the VM keeps a reference so it cannot be unmapped under KVM.
+        """
+        host = ffi.from_buffer(buffer, require_writable=True)
+        region = ffi.new(
+            "struct kvm_userspace_memory_region *",
+            {
+                "slot": slot,
+                "flags": flags,
+                "guest_phys_addr": guest_addr,
+                "memory_size": len(host),
+                "userspace_addr": int(ffi.cast("uintptr_t", host)),
+            },
+        )
+        ioctl_ptr(self.fd, "KVM_SET_USER_MEMORY_REGION", region)
+        self._memory_buffers[slot] = host
+
+    def set_tss_address(self, addr: int) -> None:
+        ioctl_val(self.fd, "KVM_SET_TSS_ADDR", addr)
+
+    def set_identity_map_address(self, addr: int) -> None:
+        ioctl_ptr(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", ffi.new("uint64_t *", addr))
+
+    def create_irqchip(self) -> None:
+        """In-kernel PIC, IOAPIC and per-vCPU LAPICs (before any vCPU)."""
+        ioctl_val(self.fd, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self, speaker_dummy: bool = True) -> None:
+        flags = lib.KVM_PIT_SPEAKER_DUMMY if speaker_dummy else 0
+        ioctl_ptr(self.fd, "KVM_CREATE_PIT2", ffi.new("struct kvm_pit_config *", {"flags": flags}))
+
+    def set_irq_line(self, gsi: int, level: bool) -> None:
+        line = ffi.new("struct kvm_irq_level *", {"irq": gsi, "level": int(level)})
+        ioctl_ptr(self.fd, "KVM_IRQ_LINE", line)
+
+    def register_irqfd(self, event_fd: int, gsi: int) -> None:
+        """Writes to ``event_fd`` inject an edge on ``gsi``, without a vCPU exit."""
+        ioctl_ptr(self.fd, "KVM_IRQFD", ffi.new("struct kvm_irqfd *", {"fd": event_fd, "gsi": gsi}))
+
+    def unregister_irqfd(self, event_fd: int, gsi: int) -> None:
+        irqfd = ffi.new(
+            "struct kvm_irqfd *",
+            {"fd": event_fd, "gsi": gsi, "flags": lib.KVM_IRQFD_FLAG_DEASSIGN},
+        )
+        ioctl_ptr(self.fd, "KVM_IRQFD", irqfd)
+
+    def register_ioeventfd(
+        self,
+        event_fd: int,
+        addr: int,
+        length: int,
+        datamatch: int | None = None,
+        pio: bool = False,
+        deassign: bool = False,
+    ) -> None:
+        """Guest writes to ``addr`` signal ``event_fd`` instead of exiting to us."""
+        flags = 0
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if pio:
+            flags |= lib.KVM_IOEVENTFD_FLAG_PIO
+        if deassign:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        request = ffi.new(
+            "struct kvm_ioeventfd *",
+            {
+                "datamatch": datamatch or 0,
+                "addr": addr,
+                "len": length,
+                "fd": event_fd,
+                "flags": flags,
+            },
+        )
+        ioctl_ptr(self.fd, "KVM_IOEVENTFD", request)
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """Raw ``struct kvm_irqchip`` of PIC master/slave or IOAPIC (for snapshots)."""
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        ioctl_ptr(self.fd, "KVM_GET_IRQCHIP", chip)
+        return bytes(ffi.buffer(chip))
+
+    def set_irqchip(self, state: bytes) -> None:
+        chip = ffi.new("struct kvm_irqchip *")
+        ffi.buffer(chip)[:] = state
+        ioctl_ptr(self.fd, "KVM_SET_IRQCHIP", chip)
+
+    def get_pit2(self) -> bytes:
+        state = ffi.new("struct kvm_pit_state2 *")
+        ioctl_ptr(self.fd, "KVM_GET_PIT2", state)
+        return bytes(ffi.buffer(state))
+
+    def set_pit2(self, state: bytes) -> None:
+        pit = ffi.new("struct kvm_pit_state2 *")
+        ffi.buffer(pit)[:] = state
+        ioctl_ptr(self.fd, "KVM_SET_PIT2", pit)
+
+    def get_clock(self) -> bytes:
+        clock = ffi.new("struct kvm_clock_data *")
+        ioctl_ptr(self.fd, "KVM_GET_CLOCK", clock)
+        return bytes(ffi.buffer(clock))
+
+    def set_clock(self, state: bytes) -> None:
+        clock = ffi.new("struct kvm_clock_data *")
+        ffi.buffer(clock)[:] = state
+        clock.flags = 0  # only the clock value is settable
+        ioctl_ptr(self.fd, "KVM_SET_CLOCK", clock)
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        vcpu_fd = ioctl_val(self.fd, "KVM_CREATE_VCPU", vcpu_id)
+        return Vcpu(vcpu_fd, vcpu_id, self._vcpu_mmap_size)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._memory_buffers.clear()

@@ -1,0 +1,263 @@
+"""``Machine``: builds a VM from a validated config and owns its lifecycle.
+
+configure (``Machine(config)``) -> :meth:`start` -> :meth:`wait` ->
+:meth:`stop`/:meth:`close`. Whatever ends the VM (a guest reset, a triple
+fault, a KVM error, a signal, an exception in a vCPU thread) becomes one
+:class:`StopReason`, the first one wins, and teardown always joins every
+thread and closes every fd. No global state: several machines can live in
+one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pyvmm import layout
+from pyvmm.boot.configure import BootSetup, setup_boot
+from pyvmm.bus import Bus
+from pyvmm.config import MachineConfig
+from pyvmm.cpuid import NO_TEMPLATE, PVM_TEMPLATE, CpuidTemplate
+from pyvmm.devices.boot_timer import BootTimer
+from pyvmm.devices.i8042 import I8042
+from pyvmm.devices.serial import Serial
+from pyvmm.errors import HostError
+from pyvmm.event_loop import EventLoop
+from pyvmm.interrupts import EventFdIrq
+from pyvmm.kvm import Kvm, Vcpu, Vm
+from pyvmm.kvm._kvm_cffi import lib
+from pyvmm.kvm.signals import install_kick_handler
+from pyvmm.memory import GuestMemory
+from pyvmm.serial_console import SerialConsoleInput
+from pyvmm.stop_reason import StopKind, StopReason
+from pyvmm.vcpu import VcpuThread
+from pyvmm.vcpu_setup import configure_vcpu, set_boot_state
+
+log = logging.getLogger(__name__)
+
+_REQUIRED_CAPS = {
+    "KVM_CAP_IRQCHIP": lib.KVM_CAP_IRQCHIP,
+    "KVM_CAP_USER_MEMORY": lib.KVM_CAP_USER_MEMORY,
+    "KVM_CAP_SET_TSS_ADDR": lib.KVM_CAP_SET_TSS_ADDR,
+    "KVM_CAP_EXT_CPUID": lib.KVM_CAP_EXT_CPUID,
+    "KVM_CAP_PIT2": lib.KVM_CAP_PIT2,
+    "KVM_CAP_IRQFD": lib.KVM_CAP_IRQFD,
+    "KVM_CAP_IMMEDIATE_EXIT": lib.KVM_CAP_IMMEDIATE_EXIT,
+}
+_JOIN_TIMEOUT = 10.0
+
+
+def host_is_pvm() -> bool:
+    """True when /dev/kvm is provided by the PVM module (see ENVIRONMENT.md)."""
+    return os.path.exists("/sys/module/kvm_pvm")
+
+
+class Machine:
+    """One microVM: guest memory, KVM objects, devices and threads."""
+
+    def __init__(
+        self,
+        config: MachineConfig,
+        serial_out: Callable[[bytes], object] | None = None,
+        console_in: int | None = None,
+        console_escape: bool = False,
+        cpuid_template: CpuidTemplate | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self._serial_out = serial_out
+        self._console_in = console_in
+        self._console_escape = console_escape
+        self._template = cpuid_template or (PVM_TEMPLATE if host_is_pvm() else NO_TEMPLATE)
+        self._stop_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._stop_reason: StopReason | None = None
+        self._closed = False
+        self._kvm: Kvm | None = None
+        self._vm: Vm | None = None
+        self.memory: GuestMemory | None = None
+        self._vcpus: list[Vcpu] = []
+        self._threads: list[VcpuThread] = []
+        self._irqs: list[EventFdIrq] = []
+        self._loop: EventLoop | None = None
+        self._serial_file: int | None = None
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.serial: Serial | None = None
+        self.i8042: I8042 | None = None
+        self.boot_timer: BootTimer | None = None
+        self.boot: BootSetup | None = None
+        self.start_ns = 0
+        self.first_run_ns = 0
+
+    # --- lifecycle ------------------------------------------------------
+    def start(self) -> None:
+        """Build everything and start the vCPUs; on failure nothing is left open."""
+        self.start_ns = time.monotonic_ns()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        self._loop.start()
+        for thread in self._threads:
+            thread.start()
+        self.first_run_ns = time.monotonic_ns()
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        """Block until the VM stops (or ``timeout`` passes: then None)."""
+        if not self._stopped.wait(timeout):
+            return None
+        return self._stop_reason
+
+    def stop(self, reason: StopReason | None = None) -> None:
+        """Ask the VM to stop; the first reason recorded wins. Any thread may call."""
+        self._record_stop(reason or StopReason(StopKind.USER_QUIT, "stopped by request"))
+
+    def run(self, timeout: float | None = None) -> StopReason:
+        """start + wait + close; a timeout becomes a TIMEOUT stop."""
+        self.start()
+        try:
+            reason = self.wait(timeout)
+            if reason is None:
+                self.stop(StopReason(StopKind.TIMEOUT, f"no guest exit after {timeout:g} s"))
+                reason = self.wait()
+            return reason
+        finally:
+            self.close()
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        return self._stop_reason
+
+    def send_ctrl_alt_del(self) -> None:
+        """Press Ctrl-Alt-Del on the guest's keyboard."""
+        if self.i8042 is not None:
+            self.i8042.trigger_ctrl_alt_del()
+
+    def close(self) -> None:
+        """Stop and tear down: join threads, close every fd; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stop_reason is None:
+            self._record_stop(StopReason(StopKind.USER_QUIT, "machine closed"))
+        for thread in self._threads:
+            thread.request_stop()
+        for thread in self._threads:
+            if not thread.join(_JOIN_TIMEOUT):
+                log.error("vcpu%d did not stop within %g s", thread.vcpu.id, _JOIN_TIMEOUT)
+        if self._loop is not None:
+            self._loop.close()
+        for vcpu in self._vcpus:
+            vcpu.close()
+        if self._vm is not None:
+            self._vm.close()
+        for irq in self._irqs:
+            irq.close()
+        if self.memory is not None:
+            self.memory.close()
+        if self._kvm is not None:
+            self._kvm.close()
+        if self._serial_file is not None:
+            os.close(self._serial_file)
+            self._serial_file = None
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- building -------------------------------------------------------
+    def _build(self) -> None:
+        config = self.config
+        self.memory = GuestMemory.with_size(config.mem_size)
+        self.boot = setup_boot(
+            self.memory, config.kernel, config.initrd, config.cmdline, config.vcpus
+        )
+        self._kvm = Kvm()
+        self._check_capabilities(self._kvm)
+        self._vm = vm = self._kvm.create_vm()
+        vm.set_tss_address(layout.KVM_TSS_ADDR)
+        vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2()
+        for slot, region in enumerate(self.memory):
+            vm.set_user_memory_region(slot, region.guest_addr, region.mapping)
+        self._loop = EventLoop()
+        self._add_devices(vm)
+        kick_signal = install_kick_handler()
+        supported = self._kvm.supported_cpuid()
+        msr_indices = set(self._kvm.msr_index_list())
+        for vcpu_id in range(config.vcpus):
+            vcpu = vm.create_vcpu(vcpu_id)
+            self._vcpus.append(vcpu)
+            configure_vcpu(vcpu, supported, msr_indices, config.vcpus, self._template)
+            if vcpu_id == 0:
+                set_boot_state(vcpu, self.boot.cpu)
+            self._threads.append(
+                VcpuThread(vcpu, self.pio_bus, self.mmio_bus, self._record_stop, kick_signal)
+            )
+
+    def _check_capabilities(self, kvm: Kvm) -> None:
+        missing = [name for name, cap in _REQUIRED_CAPS.items() if not kvm.check_extension(cap)]
+        if missing:
+            raise HostError(f"this host's KVM lacks {', '.join(missing)}")
+        max_vcpus = kvm.check_extension(lib.KVM_CAP_MAX_VCPUS) or kvm.check_extension(
+            lib.KVM_CAP_NR_VCPUS
+        )
+        if max_vcpus and self.config.vcpus > max_vcpus:
+            raise HostError(f"this host's KVM supports at most {max_vcpus} vCPUs")
+
+    def _irq(self, vm: Vm, gsi: int) -> EventFdIrq:
+        irq = EventFdIrq(gsi)
+        self._irqs.append(irq)
+        vm.register_irqfd(irq.fd, gsi)
+        return irq
+
+    def _add_devices(self, vm: Vm) -> None:
+        self.serial = Serial(self._irq(vm, layout.COM1_IRQ), self._make_serial_writer())
+        self.pio_bus.add(layout.COM1_PORT, layout.UART_PORT_COUNT, self.serial, "com1")
+        self.i8042 = I8042(self._irq(vm, layout.I8042_IRQ), self._on_guest_reset)
+        self.pio_bus.add(layout.I8042_DATA_PORT, 5, self.i8042, "i8042")
+        self.boot_timer = BootTimer(self.start_ns)
+        self.mmio_bus.add(
+            layout.BOOT_TIMER_ADDR, layout.MMIO_DEVICE_WINDOW, self.boot_timer, "boot-timer"
+        )
+        if self._console_in is not None:
+            SerialConsoleInput(
+                self._loop,
+                self._console_in,
+                self.serial,
+                on_quit=lambda: self.stop(StopReason(StopKind.USER_QUIT, "Ctrl-A X pressed")),
+                escape=self._console_escape,
+            ).start()
+
+    def _make_serial_writer(self) -> Callable[[bytes], object]:
+        if self.config.serial_out is not None:
+            path = Path(self.config.serial_out)
+            self._serial_file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
+            fd = self._serial_file
+            return lambda data: os.write(fd, data)
+        if self._serial_out is not None:
+            return self._serial_out
+        return lambda data: None
+
+    # --- stopping -------------------------------------------------------
+    def _on_guest_reset(self) -> None:
+        self._record_stop(StopReason(StopKind.RESET, "guest reset (i8042)"))
+
+    def _record_stop(self, reason: StopReason) -> None:
+        with self._stop_lock:
+            if self._stop_reason is not None:
+                return
+            self._stop_reason = reason
+        log.debug("stopping: %s", reason)
+        for thread in self._threads:
+            thread.request_stop()
+        self._stopped.set()

@@ -1,0 +1,131 @@
+"""vCPU threads: the only callers of ``KVM_RUN``.
+
+Each vCPU runs in its own thread. :func:`handle_exit` is a pure dispatcher
+from a decoded exit to the buses; it returns a :class:`StopReason` when the
+exit ends the VM. Stopping is cooperative: :meth:`VcpuThread.kick` sets
+``immediate_exit`` and sends the kick signal, so a thread inside
+``KVM_RUN`` (or about to enter it) returns promptly and sees its stop flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+from pyvmm.bus import Bus
+from pyvmm.kvm import exits
+from pyvmm.kvm._kvm_cffi import lib
+from pyvmm.kvm.vcpu import Vcpu
+from pyvmm.stop_reason import StopKind, StopReason
+
+log = logging.getLogger(__name__)
+
+_SYSTEM_EVENTS = {
+    lib.KVM_SYSTEM_EVENT_SHUTDOWN: StopReason(StopKind.POWEROFF, "guest powered off"),
+    lib.KVM_SYSTEM_EVENT_RESET: StopReason(StopKind.RESET, "guest reset"),
+    lib.KVM_SYSTEM_EVENT_CRASH: StopReason(StopKind.GUEST_CRASH, "guest crashed"),
+}
+
+
+def handle_exit(exit: exits.VcpuExit, pio_bus: Bus, mmio_bus: Bus) -> StopReason | None:
+    """Dispatch one exit; return why the VM must stop, or None to keep running."""
+    match exit:
+        case exits.IoOut(port, size, count, data):
+            if count == 1:
+                pio_bus.write(port, data)
+            else:  # string I/O (rep outs): one access per item
+                for item in range(count):
+                    pio_bus.write(port, data[item * size : (item + 1) * size])
+        case exits.IoIn(port, size, count, data):
+            if count == 1:
+                pio_bus.read(port, data)
+            else:
+                for item in range(count):
+                    pio_bus.read(port, data[item * size : (item + 1) * size])
+        case exits.MmioWrite(addr, data):
+            mmio_bus.write(addr, data)
+        case exits.MmioRead(addr, data):
+            mmio_bus.read(addr, data)
+        case exits.Interrupted():
+            pass
+        case exits.Shutdown():
+            return StopReason(StopKind.TRIPLE_FAULT, "guest triple fault (KVM_EXIT_SHUTDOWN)")
+        case exits.SystemEvent(kind):
+            return _SYSTEM_EVENTS.get(
+                kind, StopReason(StopKind.INTERNAL_ERROR, f"unknown system event {kind}")
+            )
+        case exits.InternalError(suberror, data):
+            words = " ".join(f"{word:#x}" for word in data)
+            return StopReason(
+                StopKind.INTERNAL_ERROR,
+                f"KVM internal error, suberror {suberror}" + (f" [{words}]" if words else ""),
+            )
+        case exits.FailEntry(reason, cpu):
+            return StopReason(
+                StopKind.INTERNAL_ERROR, f"KVM entry failed: reason {reason:#x} on cpu {cpu}"
+            )
+        case exits.Halt():
+            pass  # only seen without an in-kernel irqchip; re-entering waits
+        case exits.Unknown(reason):
+            return StopReason(StopKind.INTERNAL_ERROR, f"unhandled KVM exit reason {reason}")
+    return None
+
+
+class VcpuThread:
+    """Runs one vCPU until it stops, reporting the reason to ``on_stop``."""
+
+    def __init__(
+        self,
+        vcpu: Vcpu,
+        pio_bus: Bus,
+        mmio_bus: Bus,
+        on_stop: Callable[[StopReason], None],
+        kick_signal: int,
+    ) -> None:
+        self.vcpu = vcpu
+        self._pio_bus = pio_bus
+        self._mmio_bus = mmio_bus
+        self._on_stop = on_stop
+        self._kick_signal = kick_signal
+        self._stop_requested = False
+        self.exit_count = 0
+        self._thread = threading.Thread(target=self._run, name=f"vcpu{vcpu.id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        """Ask the thread to leave ``KVM_RUN`` and end (any thread may call)."""
+        self._stop_requested = True
+        self.kick()
+
+    def kick(self) -> None:
+        self.vcpu.set_immediate_exit(True)
+        ident = self._thread.ident
+        if ident is not None and self._thread.is_alive():
+            # The thread may end between the check and the kill.
+            with contextlib.suppress(ProcessLookupError):
+                signal.pthread_kill(ident, self._kick_signal)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread; True if it has ended."""
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        vcpu, pio_bus, mmio_bus = self.vcpu, self._pio_bus, self._mmio_bus
+        try:
+            while not self._stop_requested:
+                exit = vcpu.run()
+                self.exit_count += 1
+                reason = handle_exit(exit, pio_bus, mmio_bus)
+                if reason is not None:
+                    self._on_stop(reason)
+                    return
+        except Exception as error:  # never lose a failure: it stops the VM
+            log.exception("vcpu%d failed", vcpu.id)
+            self._on_stop(StopReason(StopKind.VMM_ERROR, f"vcpu{vcpu.id}: {error}"))

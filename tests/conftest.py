@@ -1,0 +1,33 @@
+"""Shared fixtures: host capability checks and the probe guest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def kvm_usable() -> str | None:
+    """None if /dev/kvm can be used, else the host reason."""
+    if not os.path.exists("/dev/kvm"):
+        return "no /dev/kvm on this host"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "no read/write permission on /dev/kvm"
+    return None
+
+
+requires_kvm = pytest.mark.skipif(kvm_usable() is not None, reason=kvm_usable() or "")
+requires_qemu = pytest.mark.skipif(
+    shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed"
+)
+
+
+@pytest.fixture(scope="session")
+def probe_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The probe guest, built once per test session."""
+    from pyvmm.guestkit.probe import build_probe
+
+    cache = os.environ.get("PYVMM_CACHE")
+    return build_probe(Path(cache) if cache else tmp_path_factory.mktemp("cache"))

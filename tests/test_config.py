@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pyvmm.config import MachineConfig, parse_memory_size
+from pyvmm.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("128", 128 << 20),
+        ("512M", 512 << 20),
+        ("2G", 2 << 30),
+        ("1.5G", 3 << 29),
+        ("4096B", 4096),
+        ("64MiB", 64 << 20),
+        ("16k", 16 << 10),
+    ],
+)
+def test_parse_memory_size(text: str, size: int) -> None:
+    assert parse_memory_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-5", "1.0000001K", "12X"])
+def test_parse_memory_size_rejects(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_memory_size(text)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"vcpus": 0}, "cpus must be between 1 and 32"),
+        ({"vcpus": 33}, "cpus must be between 1 and 32"),
+        ({"mem_size": 1 << 20}, "too small"),
+        ({"mem_size": (64 << 20) + 1}, "not a multiple"),
+        ({"mem_size": 1 << 50}, "too large"),
+    ],
+)
+def test_validate_rejects(changes: dict, message: str) -> None:
+    config = MachineConfig(kernel=Path("k"), **changes)
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+def test_validate_accepts_defaults() -> None:
+    MachineConfig(kernel=Path("k"), vcpus=32).validate()
