@@ -75,10 +75,11 @@ I8042_COMMAND_PORT = 0x64
 I8042_IRQ = 1
 ISA_IRQ_COUNT = 16
 PIT_IRQ = 0
-# ISA IRQ 0 (the PIT) reaches IOAPIC pin 2, as on PC hardware and in QEMU; every
-# other ISA IRQ n reaches pin n. The MP table says so, so the VMM's GSI routing
-# (KVM_SET_GSI_ROUTING) must route GSI 0 to IOAPIC pin 2 to match.
-PIT_IOAPIC_PIN = 2
+# ISA IRQ 0 (the PIT) reaches IOAPIC pin 0: KVM's default GSI routing is the
+# identity, and the MP table must describe the routing KVM really has. (PC
+# hardware and QEMU use pin 2 with KVM_SET_GSI_ROUTING; Firecracker, like us,
+# keeps the identity.)
+PIT_IOAPIC_PIN = 0
 IOAPIC_NUM_PINS = 24
 BOOT_TIMER_MAGIC = 123  # value the guest writes to BOOT_TIMER_ADDR
 
