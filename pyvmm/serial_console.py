@@ -1,6 +1,7 @@
 """Feeds a host file descriptor (stdin, a pty, a pipe) into the guest UART.
 
-Runs as an event-loop subscriber. When the UART's input FIFO is full, the
+Runs as an event-loop subscriber (files that epoll refuses, such as regular
+files and /dev/null, are simply read on the loop until EOF). When the UART's input FIFO is full, the
 bytes wait here and the fd is not read again until they are delivered, so a
 fast producer cannot make pyvmm buffer without bound.
 """
@@ -37,14 +38,22 @@ class SerialConsoleInput:
         self._pending = b""
         self._reading = False
         self._eof = False
+        self._pollable = True
 
     def start(self) -> None:
         self._loop.call_soon(self._resume_reading)
 
     def _resume_reading(self) -> None:
-        if not self._reading and not self._eof:
-            self._loop.add_reader(self._fd, self._on_readable)
-            self._reading = True
+        if self._reading or self._eof:
+            return
+        if self._pollable:
+            try:
+                self._loop.add_reader(self._fd, self._on_readable)
+                self._reading = True
+                return
+            except PermissionError:  # a regular file or /dev/null: always readable
+                self._pollable = False
+        self._loop.call_soon(lambda: self._on_readable(0))
 
     def _pause_reading(self) -> None:
         if self._reading:

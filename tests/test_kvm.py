@@ -6,9 +6,9 @@ import threading
 import time
 
 import pytest
-from pyvmm.kvm._kvm_cffi import ffi, lib
 
 from pyvmm.kvm import Kvm, KvmIoctlError, exits
+from pyvmm.kvm._kvm_cffi import ffi, lib
 from pyvmm.kvm.signals import install_kick_handler
 from tests.conftest import requires_kvm
 

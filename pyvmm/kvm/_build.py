@@ -61,7 +61,9 @@ struct kvm_xcrs { __u32 nr_xcrs; __u32 flags; struct kvm_xcr xcrs[16]; __u64 pad
 struct kvm_vcpu_events { __u32 sipi_vector; __u32 flags; ...; };
 struct kvm_pit_state2 { __u32 flags; ...; };
 struct kvm_irqchip { __u32 chip_id; __u32 pad; ...; };
-struct kvm_clock_data { __u64 clock; __u32 flags; __u32 pad0; __u64 realtime; __u64 host_tsc; ...; };
+struct kvm_clock_data {
+    __u64 clock; __u32 flags; __u32 pad0; __u64 realtime; __u64 host_tsc; ...;
+};
 
 /* struct kvm_run is a big union: pyvmm reads it through the mmap at these
    offsets, which the compiler computes from the header. */

@@ -1,0 +1,223 @@
+/*
+ * main.c - CPL3 entry of the probe: read the PVH command line, run the
+ * programs it names, print the result line and end the VM.
+ */
+#include "probe.h"
+
+#define CMDLINE_MAX 2048
+#define MAX_WORDS 64
+
+static char cmdline[CMDLINE_MAX];
+static char fail_reason[200];
+
+struct program {
+	const char *name;
+	bool needs_arg; /* name=N (true) or plain name (false) */
+	int (*run)(uint64_t arg);
+};
+
+static const struct program programs[] = {
+	{ "hello", false, prog_hello },
+	{ "echo", false, prog_echo },
+	{ "cpus", false, prog_cpus },
+	{ "irq", false, prog_irq },
+	{ "boottimer", false, prog_boottimer },
+	{ "pioloop", true, prog_pioloop },
+	{ "mmioloop", true, prog_mmioloop },
+	{ "spin0", true, prog_spin0 },
+	{ "spin3", true, prog_spin3 },
+	{ "fault", false, prog_fault },
+	{ "selftest", false, prog_selftest },
+};
+
+struct step {
+	const struct program *prog;
+	uint64_t arg;
+};
+
+const struct hvm_start_info *start_info(void)
+{
+	const struct hvm_start_info *si = (const void *)(uintptr_t)pvh_start_info;
+
+	if (!si || si->magic != HVM_START_MAGIC)
+		return NULL;
+	return si;
+}
+
+int fail(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	kvsnprintf(fail_reason, sizeof(fail_reason), fmt, ap);
+	va_end(ap);
+	return -1;
+}
+
+static unsigned current_cpl(void)
+{
+	uint16_t cs;
+
+	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
+	return cs & 3;
+}
+
+/*
+ * CPL3 goes through the VEC_FAULT gate. CPL0 (after an exception) does the
+ * same inline: the PVM host's CPL0 emulator cannot emulate `int n`.
+ */
+NORETURN void triple_fault(void)
+{
+	static const struct __attribute__((packed)) {
+		uint16_t limit;
+		uint64_t base;
+	} empty_idt = { 0, 0 };
+
+	for (;;) {
+		if (current_cpl() == 0)
+			__asm__ volatile("lidt %0\n\tud2" : : "m"(empty_idt) : "memory");
+		__asm__ volatile("int %0" : : "i"(VEC_FAULT) : "memory");
+	}
+}
+
+/* The exit sequence documented in README.md: pyvmm stops at the i8042
+ * reset, QEMU at isa-debug-exit (when present), anything else at the
+ * triple fault. */
+NORETURN void probe_finish(bool pass, const char *reason)
+{
+	if (pass)
+		kputs("PROBE RESULT: PASS");
+	else
+		kprintf("PROBE RESULT: FAIL %s\n", reason && *reason ? reason : "unknown");
+	uart_flush();
+	outb(0x64, 0xFE);
+	outb(0xF4, pass ? 0x31 : 0x33);
+	triple_fault();
+}
+
+/* Runs in CPL0, entered from exc_common in entry.S. */
+NORETURN void probe_exception(uint64_t vec, uint64_t err, uint64_t rip, uint64_t cr2,
+			      uint64_t cs, uint64_t rflags)
+{
+	char reason[64];
+
+	kprintf("probe: exception %lu at 0x%lx\n", vec, rip);
+	kprintf("probe: error code 0x%lx, cr2 0x%lx, cs 0x%lx, rflags 0x%lx\n", err, cr2, cs,
+		rflags);
+	ksnprintf(reason, sizeof(reason), "exception %lu at 0x%lx", vec, rip);
+	probe_finish(false, reason);
+}
+
+static bool parse_number(const char *s, uint64_t *out)
+{
+	unsigned base = 10;
+	uint64_t v = 0;
+
+	if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+		base = 16;
+		s += 2;
+	}
+	if (!*s)
+		return false;
+	for (; *s; s++) {
+		unsigned d;
+
+		if (*s >= '0' && *s <= '9')
+			d = *s - '0';
+		else if (base == 16 && *s >= 'a' && *s <= 'f')
+			d = *s - 'a' + 10;
+		else if (base == 16 && *s >= 'A' && *s <= 'F')
+			d = *s - 'A' + 10;
+		else
+			return false;
+		if (v > (UINT64_MAX - d) / base)
+			return false;
+		v = v * base + d;
+	}
+	*out = v;
+	return true;
+}
+
+/* Splits the command line in place into steps; checks every word before
+ * anything runs, so a typo fails fast. Returns the number of steps, -1. */
+static int parse(char *s, struct step *steps, int max)
+{
+	int n = 0;
+
+	for (;;) {
+		while (*s == ' ' || *s == '\t' || *s == '\n' || *s == '\r')
+			s++;
+		if (!*s)
+			return n;
+		char *word = s, *arg = NULL;
+
+		while (*s && *s != ' ' && *s != '\t' && *s != '\n' && *s != '\r') {
+			if (*s == '=' && !arg) {
+				*s = '\0';
+				arg = s + 1;
+			}
+			s++;
+		}
+		if (*s)
+			*s++ = '\0';
+		if (n == max)
+			return fail("too many programs (max %d)", max);
+		const struct program *p = NULL;
+
+		for (size_t i = 0; i < ARRAY_SIZE(programs); i++)
+			if (!strcmp(programs[i].name, word))
+				p = &programs[i];
+		if (!p)
+			return fail("unknown program '%s'", word);
+		steps[n].prog = p;
+		steps[n].arg = 0;
+		if (p->needs_arg && !arg)
+			return fail("%s needs an argument: %s=N", word, word);
+		if (!p->needs_arg && arg)
+			return fail("%s takes no argument", word);
+		if (arg && !parse_number(arg, &steps[n].arg))
+			return fail("%s: bad number '%s'", word, arg);
+		n++;
+	}
+}
+
+NORETURN void probe_main(void)
+{
+	const struct hvm_start_info *si;
+	struct step steps[MAX_WORDS];
+	int n;
+
+	uart_init();
+	kputs("probe: start");
+	si = start_info();
+	if (si && si->cmdline_paddr && si->cmdline_paddr < 0x100000000ULL) {
+		const char *src = (const char *)(uintptr_t)si->cmdline_paddr;
+		size_t i;
+
+		for (i = 0; i + 1 < sizeof(cmdline) && src[i]; i++)
+			cmdline[i] = src[i];
+		cmdline[i] = '\0';
+	}
+	kprintf("probe: cmdline '%s'\n", cmdline);
+	if (!si) {
+		fail("no hvm_start_info (bad magic at %%ebx=0x%x)", pvh_start_info);
+		probe_finish(false, fail_reason);
+	}
+
+	n = parse(cmdline, steps, MAX_WORDS);
+	if (n < 0)
+		probe_finish(false, fail_reason);
+	if (n == 0) {
+		steps[0].prog = &programs[ARRAY_SIZE(programs) - 1]; /* selftest */
+		steps[0].arg = 0;
+		n = 1;
+	}
+	for (int i = 0; i < n; i++) {
+		if (steps[i].prog->run(steps[i].arg)) {
+			if (!fail_reason[0])
+				fail("%s failed", steps[i].prog->name);
+			probe_finish(false, fail_reason);
+		}
+	}
+	probe_finish(true, NULL);
+}

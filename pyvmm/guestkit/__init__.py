@@ -1,0 +1,1 @@
+"""Guest artifacts: the probe guest, and later kernels and initramfs images."""
