@@ -93,7 +93,7 @@ def run_bare(probe: Path, cmdline: str) -> float:
 
 def run_qemu(probe: Path, cmdline: str) -> float:
     command = [
-        "qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host", "-m", "64",
+        "qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64",
         "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
         "-no-reboot", "-kernel", str(probe), "-append", cmdline,
     ]  # fmt: skip

@@ -31,13 +31,24 @@ class BusRange:
         return self.base + self.length
 
 
+_CACHE_LIMIT = 4096
+
+
 class Bus:
-    """One address space (port I/O or MMIO) and the devices on it."""
+    """One address space (port I/O or MMIO) and the devices on it.
+
+    Guests hit the same few addresses over and over (a UART's data and
+    status registers, a queue-notify register), so each address that lands
+    on a device is remembered in a dict: the exit path then costs one dict
+    lookup instead of a bisect and a range check. Only hits are cached and
+    the cache is bounded, so a guest scanning addresses cannot grow it.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._bases: list[int] = []
         self._ranges: list[BusRange] = []
+        self._cache: dict[int, tuple[BusDevice, int, int]] = {}
         self.unhandled_reads = 0
         self.unhandled_writes = 0
 
@@ -55,6 +66,7 @@ class Bus:
                 )
         self._bases.insert(index, base)
         self._ranges.insert(index, new)
+        self._cache.clear()
 
     def ranges(self) -> tuple[BusRange, ...]:
         return tuple(self._ranges)
@@ -68,21 +80,33 @@ class Bus:
                 return found
         return None
 
+    def _lookup(self, addr: int) -> tuple[BusDevice, int, int] | None:
+        """(device, offset, bytes left in its window) for ``addr``, cached."""
+        hit = self._cache.get(addr)
+        if hit is None:
+            found = self.find(addr)
+            if found is None:
+                return None
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            hit = self._cache[addr] = (found.device, addr - found.base, found.end - addr)
+        return hit
+
     def read(self, addr: int, data: memoryview) -> bool:
         """Dispatch a read; returns False (and fills ones) for a hole."""
-        found = self.find(addr)
-        if found is None or addr + len(data) > found.end:
+        hit = self._lookup(addr)
+        if hit is None or len(data) > hit[2]:
             self.unhandled_reads += 1
             data[:] = b"\xff" * len(data)
             return False
-        found.device.read(addr - found.base, data)
+        hit[0].read(hit[1], data)
         return True
 
     def write(self, addr: int, data: memoryview) -> bool:
         """Dispatch a write; returns False (and drops it) for a hole."""
-        found = self.find(addr)
-        if found is None or addr + len(data) > found.end:
+        hit = self._lookup(addr)
+        if hit is None or len(data) > hit[2]:
             self.unhandled_writes += 1
             return False
-        found.device.write(addr - found.base, data)
+        hit[0].write(hit[1], data)
         return True

@@ -118,14 +118,32 @@ class VcpuThread:
 
     def _run(self) -> None:
         vcpu, pio_bus, mmio_bus = self.vcpu, self._pio_bus, self._mmio_bus
+        run, pio_write, pio_read = vcpu.run, pio_bus.write, pio_bus.read
+        mmio_write, mmio_read = mmio_bus.write, mmio_bus.read
+        io_out, io_in, mmio_out, mmio_in = exits.IoOut, exits.IoIn, exits.MmioWrite, exits.MmioRead
+        count = 0
         try:
             while not self._stop_requested:
-                exit = vcpu.run()
-                self.exit_count += 1
-                reason = handle_exit(exit, pio_bus, mmio_bus)
-                if reason is not None:
-                    self._on_stop(reason)
-                    return
+                exit = run()
+                count += 1
+                # Fast paths for the common exits (same effect as handle_exit,
+                # without the pattern matching); everything else goes there.
+                kind = type(exit)
+                if kind is io_out and exit.count == 1:
+                    pio_write(exit.port, exit.data)
+                elif kind is io_in and exit.count == 1:
+                    pio_read(exit.port, exit.data)
+                elif kind is mmio_out:
+                    mmio_write(exit.addr, exit.data)
+                elif kind is mmio_in:
+                    mmio_read(exit.addr, exit.data)
+                else:
+                    reason = handle_exit(exit, pio_bus, mmio_bus)
+                    if reason is not None:
+                        self._on_stop(reason)
+                        return
         except Exception as error:  # never lose a failure: it stops the VM
             log.exception("vcpu%d failed", vcpu.id)
             self._on_stop(StopReason(StopKind.VMM_ERROR, f"vcpu{vcpu.id}: {error}"))
+        finally:
+            self.exit_count = count
