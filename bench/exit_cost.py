@@ -93,8 +93,9 @@ def run_bare(probe: Path, cmdline: str) -> float:
 
 def run_qemu(probe: Path, cmdline: str) -> float:
     command = [
-        "qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64",
-        "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+        "qemu-system-x86_64", "-M", "microvm", "-enable-kvm",
+        "-cpu", "host,-arch-capabilities", "-m", "64", "-smp", "1",
+        "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
         "-no-reboot", "-kernel", str(probe), "-append", cmdline,
     ]  # fmt: skip
     start = time.perf_counter()
