@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pyvmm.kvm.cpuid import CpuidEntry
 
 HYPERVISOR_BIT = 1 << 31  # CPUID.1:ECX, "running under a hypervisor"
+KVM_SIGNATURE_LEAF = 0x40000000
+TIMING_LEAF = 0x40000010  # EAX: TSC kHz, EBX: LAPIC timer (bus) kHz
+LAPIC_BUS_KHZ = 1_000_000  # KVM's emulated LAPIC timer runs at 1 GHz
 HTT_BIT = 1 << 28  # CPUID.1:EDX, more than one logical CPU per package
 
 
@@ -44,10 +47,21 @@ PVM_TEMPLATE = CpuidTemplate(
 
 
 def vcpu_cpuid(
-    supported: list[CpuidEntry], vcpu_id: int, num_vcpus: int, template: CpuidTemplate = NO_TEMPLATE
+    supported: list[CpuidEntry],
+    vcpu_id: int,
+    num_vcpus: int,
+    template: CpuidTemplate = NO_TEMPLATE,
+    tsc_khz: int = 0,
 ) -> list[CpuidEntry]:
-    """CPUID entries for vCPU ``vcpu_id`` of ``num_vcpus`` (APIC id = vCPU id)."""
+    """CPUID entries for vCPU ``vcpu_id`` of ``num_vcpus`` (APIC id = vCPU id).
+
+    With ``tsc_khz``, the hypervisor timing leaf 0x40000010 tells the guest
+    its TSC and LAPIC timer frequencies, so it need not calibrate them
+    against the PIT (slow, and unreliable when guest kernel code is emulated).
+    """
     result = []
+    if tsc_khz:
+        supported = _with_timing_leaf(supported, tsc_khz)
     for entry in supported:
         entry = _normalize(entry, vcpu_id, num_vcpus)
         for feature in template.hidden:
@@ -80,3 +94,13 @@ def _extended_topology(entry: CpuidEntry, vcpu_id: int, num_vcpus: int) -> Cpuid
     if entry.index == 1:  # core level
         return entry.with_regs(eax=shift, ebx=num_vcpus, ecx=(2 << 8) | 1, edx=vcpu_id)
     return entry.with_regs(eax=0, ebx=0, ecx=entry.index, edx=vcpu_id)
+
+
+def _with_timing_leaf(supported: list[CpuidEntry], tsc_khz: int) -> list[CpuidEntry]:
+    entries = [entry for entry in supported if entry.function != TIMING_LEAF]
+    for position, entry in enumerate(entries):
+        if entry.function == KVM_SIGNATURE_LEAF:
+            entries[position] = entry.with_regs(eax=max(entry.eax, TIMING_LEAF))
+            entries.append(CpuidEntry(TIMING_LEAF, 0, 0, tsc_khz, LAPIC_BUS_KHZ, 0, 0))
+            break
+    return entries

@@ -33,6 +33,7 @@ from pyvmm.kvm._kvm_cffi import lib
 from pyvmm.kvm.signals import install_kick_handler
 from pyvmm.memory import GuestMemory
 from pyvmm.serial_console import SerialConsoleInput
+from pyvmm.serial_tail import SerialTail
 from pyvmm.stop_reason import StopKind, StopReason
 from pyvmm.vcpu import VcpuThread
 from pyvmm.vcpu_setup import configure_vcpu, set_boot_state
@@ -91,6 +92,7 @@ class Machine:
         self.i8042: I8042 | None = None
         self.boot_timer: BootTimer | None = None
         self.boot: BootSetup | None = None
+        self.serial_tail: SerialTail | None = None
         self.start_ns = 0
         self.first_run_ns = 0
 
@@ -124,7 +126,9 @@ class Machine:
         try:
             reason = self.wait(timeout)
             if reason is None:
-                self.stop(StopReason(StopKind.TIMEOUT, f"no guest exit after {timeout:g} s"))
+                self.stop(
+                    StopReason(StopKind.TIMEOUT, f"the guest did not stop within {timeout:g} s")
+                )
                 reason = self.wait()
             return reason
         finally:
@@ -221,7 +225,8 @@ class Machine:
         return irq
 
     def _add_devices(self, vm: Vm) -> None:
-        self.serial = Serial(self._irq(vm, layout.COM1_IRQ), self._make_serial_writer())
+        self.serial_tail = SerialTail(self._make_serial_writer())
+        self.serial = Serial(self._irq(vm, layout.COM1_IRQ), self.serial_tail)
         self.pio_bus.add(layout.COM1_PORT, layout.UART_PORT_COUNT, self.serial, "com1")
         self.i8042 = I8042(self._irq(vm, layout.I8042_IRQ), self._on_guest_reset)
         self.pio_bus.add(layout.I8042_DATA_PORT, 5, self.i8042, "i8042")
@@ -249,10 +254,26 @@ class Machine:
         return lambda data: None
 
     # --- stopping -------------------------------------------------------
+    def _explain(self, reason: StopReason) -> StopReason:
+        """Add what the serial console shows: a panic, or the last line printed."""
+        tail = self.serial_tail
+        if tail is None:
+            return reason
+        if reason.kind is StopKind.RESET:
+            panic = tail.panic_line()
+            if panic is not None:
+                return StopReason(StopKind.GUEST_CRASH, f"guest kernel panicked: {panic}")
+        if reason.kind is StopKind.TIMEOUT:
+            last = tail.last_line()
+            shown = f"the guest last printed: {last[:200]!r}" if last else "it printed nothing"
+            return StopReason(reason.kind, f"{reason.message}; {shown}")
+        return reason
+
     def _on_guest_reset(self) -> None:
         self._record_stop(StopReason(StopKind.RESET, "guest reset (i8042)"))
 
     def _record_stop(self, reason: StopReason) -> None:
+        reason = self._explain(reason)
         with self._stop_lock:
             if self._stop_reason is not None:
                 return

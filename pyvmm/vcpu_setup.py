@@ -71,7 +71,8 @@ def configure_vcpu(
     template: CpuidTemplate,
 ) -> None:
     """Settings every vCPU needs before its first ``KVM_RUN``."""
-    vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, vcpu.id, num_vcpus, template))
+    tsc_khz = vcpu.get_tsc_khz()
+    vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, vcpu.id, num_vcpus, template, tsc_khz))
     vcpu.set_msrs(boot_msrs(msr_indices))
     fpu = vcpu.get_fpu()
     fpu.fcw = 0x37F

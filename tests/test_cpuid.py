@@ -44,3 +44,11 @@ def test_custom_template_and_untouched_leaves() -> None:
     cpuid = vcpu_cpuid(SUPPORTED, 0, 1, template)
     assert entry(cpuid, 0x40000000).ebx == 0x4B4D564B & ~1
     assert entry(cpuid, 0) == SUPPORTED[0]
+
+
+def test_timing_leaf_added_and_announced() -> None:
+    cpuid = vcpu_cpuid(SUPPORTED, 0, 1, tsc_khz=2_500_000)
+    assert entry(cpuid, 0x40000000).eax == 0x40000010
+    timing = entry(cpuid, 0x40000010)
+    assert (timing.eax, timing.ebx) == (2_500_000, 1_000_000)
+    assert not any(e.function == 0x40000010 for e in vcpu_cpuid(SUPPORTED, 0, 1))
