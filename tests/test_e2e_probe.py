@@ -191,3 +191,28 @@ def test_ctrl_a_x_on_a_tty_quits(probe_elf: Path) -> None:
         pass
     os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0, with_rest
+
+
+class ExplodingDevice:
+    """A device with a bug: the VM must stop with the error, not hang or crash."""
+
+    def read(self, offset: int, data: memoryview) -> None:
+        raise RuntimeError("device bug on read")
+
+    def write(self, offset: int, data: memoryview) -> None:
+        raise RuntimeError("device bug on write")
+
+
+def test_exception_in_a_device_stops_the_vm(probe_elf: Path) -> None:
+    import threading
+
+    before = threading.active_count()
+    config = MachineConfig(kernel=probe_elf, cmdline="spin3=1000", vcpus=2, mem_size=32 << 20)
+    with Machine(config) as machine:
+        machine.pio_bus.add(0x80, 1, ExplodingDevice(), "exploding")
+        machine.start()
+        reason = machine.wait(timeout=60)
+    assert reason is not None and reason.kind is StopKind.VMM_ERROR
+    assert "device bug on write" in reason.message
+    assert reason.exit_code == 1
+    assert threading.active_count() == before

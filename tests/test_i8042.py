@@ -8,17 +8,10 @@ import pytest
 
 from pyvmm.devices import i8042 as kbc
 from pyvmm.devices.i8042 import I8042, I8042State
+from tests.device_harness import CountingIrq, RegisterAccess
 
 
-class CountingIrq:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def trigger(self) -> None:
-        self.count += 1
-
-
-class Harness:
+class Harness(RegisterAccess):
     def __init__(self) -> None:
         self.irq = CountingIrq()
         self.resets = 0
@@ -26,14 +19,6 @@ class Harness:
 
     def _reset(self) -> None:
         self.resets += 1
-
-    def rd(self, offset: int) -> int:
-        buf = bytearray(1)
-        self.dev.read(offset, memoryview(buf))
-        return buf[0]
-
-    def wr(self, offset: int, value: int) -> None:
-        self.dev.write(offset, memoryview(bytes((value,))))
 
     def command(self, cmd: int, *args: int) -> None:
         self.wr(kbc.COMMAND, cmd)

@@ -137,3 +137,15 @@ def test_vcpu_state_roundtrips(kvm: Kvm) -> None:
     finally:
         vcpu.close()
         vm.close()
+
+
+@requires_kvm
+def test_clock_roundtrip_and_wrong_sized_state(kvm: Kvm) -> None:
+    vm = kvm.create_vm()
+    try:
+        clock = vm.get_clock()
+        vm.set_clock(clock)
+        with pytest.raises(ValueError, match="KVM_SET_PIT2: state is 3 bytes"):
+            vm.set_pit2(b"abc")
+    finally:
+        vm.close()

@@ -9,17 +9,10 @@ import pytest
 
 from pyvmm.devices import serial as uart
 from pyvmm.devices.serial import Serial, SerialState
+from tests.device_harness import CountingIrq, RegisterAccess
 
 
-class CountingIrq:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def trigger(self) -> None:
-        self.count += 1
-
-
-class Harness:
+class Harness(RegisterAccess):
     """A UART plus fakes, and one-line register access for the tests."""
 
     def __init__(self, capacity: int = 64) -> None:
@@ -30,14 +23,6 @@ class Harness:
 
     def _drained(self) -> None:
         self.drained += 1
-
-    def rd(self, offset: int) -> int:
-        buf = bytearray(1)
-        self.dev.read(offset, memoryview(buf))
-        return buf[0]
-
-    def wr(self, offset: int, value: int) -> None:
-        self.dev.write(offset, memoryview(bytes((value,))))
 
 
 @pytest.fixture

@@ -28,17 +28,12 @@
 	.balign 4
 	.long pvh_start32
 
-/* ------------------------------------------------------------------------
- * BSP entry. PVH state: 32-bit flat protected mode, paging off,
- * %ebx = guest-physical address of struct hvm_start_info, no stack.
+/*
+ * From 32-bit protected mode to long mode with the static page tables:
+ * PAE, CR3, EFER.LME, then paging (caches on); far jump to \target.
+ * Shared by the BSP (PVH entry) and the APs (after the trampoline).
  */
-	.section .text.entry, "ax"
-	.code32
-	.globl pvh_start32
-pvh_start32:
-	cli
-	movl %ebx, pvh_start_info
-	lgdt gdt_ptr
+.macro ENTER_LONG_MODE target
 	movl $CR4_PAE, %eax
 	movl %eax, %cr4
 	movl $pml4, %eax
@@ -51,7 +46,21 @@ pvh_start32:
 	andl $~(CR0_CD | CR0_NW), %eax
 	orl $(CR0_PG | CR0_PE), %eax
 	movl %eax, %cr0
-	ljmp $SEL_KCODE64, $bsp_long
+	ljmp $SEL_KCODE64, $\target
+.endm
+
+/* ------------------------------------------------------------------------
+ * BSP entry. PVH state: 32-bit flat protected mode, paging off,
+ * %ebx = guest-physical address of struct hvm_start_info, no stack.
+ */
+	.section .text.entry, "ax"
+	.code32
+	.globl pvh_start32
+pvh_start32:
+	cli
+	movl %ebx, pvh_start_info
+	lgdt gdt_ptr
+	ENTER_LONG_MODE bsp_long
 
 	.code64
 bsp_long:
@@ -231,19 +240,7 @@ ap_tramp_end:
 
 	.code32
 ap_prot32:
-	movl $CR4_PAE, %eax
-	movl %eax, %cr4
-	movl $pml4, %eax
-	movl %eax, %cr3
-	movl $MSR_EFER, %ecx
-	rdmsr
-	orl $EFER_LME, %eax
-	wrmsr
-	movl %cr0, %eax
-	andl $~(CR0_CD | CR0_NW), %eax
-	orl $CR0_PG, %eax
-	movl %eax, %cr0
-	ljmp $SEL_KCODE64, $ap_long
+	ENTER_LONG_MODE ap_long
 
 	.code64
 ap_long:

@@ -45,3 +45,23 @@ def ioctl_val(fd: int, request: str, arg: int = 0) -> int:
     if result < 0:
         raise KvmIoctlError(request, ffi.errno)
     return result
+
+
+def get_blob(fd: int, request: str, ctype: str, **fields: int) -> bytes:
+    """Run a ``KVM_GET_*`` ioctl filling a ``ctype`` struct; return its raw bytes.
+
+    Snapshot-only state (LAPIC, XSAVE, PIT, irqchip, ...) is kept as opaque
+    bytes: pyvmm never interprets it, only hands it back to KVM.
+    """
+    value = ffi.new(f"{ctype} *", fields or None)
+    ioctl_ptr(fd, request, value)
+    return bytes(ffi.buffer(value))
+
+
+def set_blob(fd: int, request: str, ctype: str, state: bytes) -> None:
+    """Run a ``KVM_SET_*`` ioctl with raw bytes from :func:`get_blob`."""
+    value = ffi.new(f"{ctype} *")
+    if len(state) != ffi.sizeof(ctype):
+        raise ValueError(f"{request}: state is {len(state)} bytes, {ctype} is {ffi.sizeof(ctype)}")
+    ffi.buffer(value)[:] = state
+    ioctl_ptr(fd, request, value)

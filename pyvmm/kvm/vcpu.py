@@ -10,7 +10,7 @@ import struct
 from pyvmm.kvm import exits
 from pyvmm.kvm._kvm_cffi import ffi, lib
 from pyvmm.kvm.cpuid import CpuidEntry, entries_from_struct, struct_from_entries
-from pyvmm.kvm.ioctl import KvmIoctlError, ioctl_ptr, ioctl_val
+from pyvmm.kvm.ioctl import KvmIoctlError, get_blob, ioctl_ptr, ioctl_val, set_blob
 
 _IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data[8], len, is_write
@@ -151,14 +151,10 @@ class Vcpu:
         return entries_from_struct(cpuid)
 
     def get_lapic(self) -> bytes:
-        lapic = ffi.new("struct kvm_lapic_state *")
-        ioctl_ptr(self.fd, "KVM_GET_LAPIC", lapic)
-        return bytes(ffi.buffer(lapic))
+        return get_blob(self.fd, "KVM_GET_LAPIC", "struct kvm_lapic_state")
 
     def set_lapic(self, state: bytes) -> None:
-        lapic = ffi.new("struct kvm_lapic_state *")
-        ffi.buffer(lapic)[:] = state
-        ioctl_ptr(self.fd, "KVM_SET_LAPIC", lapic)
+        set_blob(self.fd, "KVM_SET_LAPIC", "struct kvm_lapic_state", state)
 
     def get_mp_state(self) -> int:
         state = ffi.new("struct kvm_mp_state *")
@@ -166,39 +162,26 @@ class Vcpu:
         return state.mp_state
 
     def set_mp_state(self, mp_state: int) -> None:
-        ioctl_ptr(
-            self.fd, "KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": mp_state})
-        )
+        state = ffi.new("struct kvm_mp_state *", {"mp_state": mp_state})
+        ioctl_ptr(self.fd, "KVM_SET_MP_STATE", state)
 
     def get_xsave(self) -> bytes:
-        xsave = ffi.new("struct kvm_xsave *")
-        ioctl_ptr(self.fd, "KVM_GET_XSAVE", xsave)
-        return bytes(ffi.buffer(xsave))
+        return get_blob(self.fd, "KVM_GET_XSAVE", "struct kvm_xsave")
 
     def set_xsave(self, state: bytes) -> None:
-        xsave = ffi.new("struct kvm_xsave *")
-        ffi.buffer(xsave)[:] = state
-        ioctl_ptr(self.fd, "KVM_SET_XSAVE", xsave)
+        set_blob(self.fd, "KVM_SET_XSAVE", "struct kvm_xsave", state)
 
     def get_xcrs(self) -> bytes:
-        xcrs = ffi.new("struct kvm_xcrs *")
-        ioctl_ptr(self.fd, "KVM_GET_XCRS", xcrs)
-        return bytes(ffi.buffer(xcrs))
+        return get_blob(self.fd, "KVM_GET_XCRS", "struct kvm_xcrs")
 
     def set_xcrs(self, state: bytes) -> None:
-        xcrs = ffi.new("struct kvm_xcrs *")
-        ffi.buffer(xcrs)[:] = state
-        ioctl_ptr(self.fd, "KVM_SET_XCRS", xcrs)
+        set_blob(self.fd, "KVM_SET_XCRS", "struct kvm_xcrs", state)
 
     def get_vcpu_events(self) -> bytes:
-        events = ffi.new("struct kvm_vcpu_events *")
-        ioctl_ptr(self.fd, "KVM_GET_VCPU_EVENTS", events)
-        return bytes(ffi.buffer(events))
+        return get_blob(self.fd, "KVM_GET_VCPU_EVENTS", "struct kvm_vcpu_events")
 
     def set_vcpu_events(self, state: bytes) -> None:
-        events = ffi.new("struct kvm_vcpu_events *")
-        ffi.buffer(events)[:] = state
-        ioctl_ptr(self.fd, "KVM_SET_VCPU_EVENTS", events)
+        set_blob(self.fd, "KVM_SET_VCPU_EVENTS", "struct kvm_vcpu_events", state)
 
     def get_tsc_khz(self) -> int:
         return ioctl_val(self.fd, "KVM_GET_TSC_KHZ")

@@ -6,7 +6,7 @@ import mmap
 import os
 
 from pyvmm.kvm._kvm_cffi import ffi, lib
-from pyvmm.kvm.ioctl import ioctl_ptr, ioctl_val
+from pyvmm.kvm.ioctl import get_blob, ioctl_ptr, ioctl_val, set_blob
 from pyvmm.kvm.vcpu import Vcpu
 
 
@@ -103,35 +103,25 @@ class Vm:
 
     def get_irqchip(self, chip_id: int) -> bytes:
         """Raw ``struct kvm_irqchip`` of PIC master/slave or IOAPIC (for snapshots)."""
-        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
-        ioctl_ptr(self.fd, "KVM_GET_IRQCHIP", chip)
-        return bytes(ffi.buffer(chip))
+        return get_blob(self.fd, "KVM_GET_IRQCHIP", "struct kvm_irqchip", chip_id=chip_id)
 
     def set_irqchip(self, state: bytes) -> None:
-        chip = ffi.new("struct kvm_irqchip *")
-        ffi.buffer(chip)[:] = state
-        ioctl_ptr(self.fd, "KVM_SET_IRQCHIP", chip)
+        set_blob(self.fd, "KVM_SET_IRQCHIP", "struct kvm_irqchip", state)
 
     def get_pit2(self) -> bytes:
-        state = ffi.new("struct kvm_pit_state2 *")
-        ioctl_ptr(self.fd, "KVM_GET_PIT2", state)
-        return bytes(ffi.buffer(state))
+        return get_blob(self.fd, "KVM_GET_PIT2", "struct kvm_pit_state2")
 
     def set_pit2(self, state: bytes) -> None:
-        pit = ffi.new("struct kvm_pit_state2 *")
-        ffi.buffer(pit)[:] = state
-        ioctl_ptr(self.fd, "KVM_SET_PIT2", pit)
+        set_blob(self.fd, "KVM_SET_PIT2", "struct kvm_pit_state2", state)
 
     def get_clock(self) -> bytes:
-        clock = ffi.new("struct kvm_clock_data *")
-        ioctl_ptr(self.fd, "KVM_GET_CLOCK", clock)
-        return bytes(ffi.buffer(clock))
+        return get_blob(self.fd, "KVM_GET_CLOCK", "struct kvm_clock_data")
 
     def set_clock(self, state: bytes) -> None:
-        clock = ffi.new("struct kvm_clock_data *")
-        ffi.buffer(clock)[:] = state
-        clock.flags = 0  # only the clock value is settable
-        ioctl_ptr(self.fd, "KVM_SET_CLOCK", clock)
+        """Set kvmclock from :meth:`get_clock` bytes (only the clock value is used)."""
+        clock = bytearray(state)
+        clock[8:12] = bytes(4)  # flags: KVM accepts only the value on set
+        set_blob(self.fd, "KVM_SET_CLOCK", "struct kvm_clock_data", bytes(clock))
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         vcpu_fd = ioctl_val(self.fd, "KVM_CREATE_VCPU", vcpu_id)

@@ -1,0 +1,29 @@
+"""Fakes shared by the device-model unit tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CountingIrq:
+    """An IrqTrigger that counts the edges it is given."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def trigger(self) -> None:
+        self.count += 1
+
+
+class RegisterAccess:
+    """One-byte register reads and writes on ``self.dev``, as a guest does."""
+
+    dev: Any
+
+    def rd(self, offset: int) -> int:
+        buf = bytearray(1)
+        self.dev.read(offset, memoryview(buf))
+        return buf[0]
+
+    def wr(self, offset: int, value: int) -> None:
+        self.dev.write(offset, memoryview(bytes((value,))))
