@@ -16,6 +16,7 @@ Low memory (below 1 MiB)::
     0x0008_f000  boot stack top (grows down)
     0x0009_fc00  MP floating pointer + MP config table (EBDA)
     0x000a_0000  legacy VGA/ROM hole up to 1 MiB (not RAM in the e820 map)
+    0x000e_0000  ACPI: RSDP, then XSDT, FADT, MADT, DSDT
 
 High memory: the kernel at 1 MiB, RAM up to the 32-bit MMIO hole at 3 GiB,
 device MMIO windows from 0xd000_0000, IOAPIC and LAPIC near 4 GiB, and RAM
@@ -49,6 +50,9 @@ MPTABLE_START = EBDA_START
 LOW_RAM_END = 0xA0000  # e820: usable RAM below 640 KiB ends here
 BIOS_AREA_START = 0xA0000  # reserved up to HIMEM_START
 RSDP_ADDR = 0xE0000  # ACPI RSDP (used once ACPI tables are built)
+# ACPI tables follow the RSDP inside [RSDP_ADDR, ACPI_TABLES_END): the BIOS
+# area Linux searches for an RSDP, and never RAM in the e820 map.
+ACPI_TABLES_END = 0x100000
 
 # --- kernel ---------------------------------------------------------------
 HIMEM_START = 0x100000  # 1 MiB: where kernels are loaded
@@ -82,6 +86,23 @@ PIT_IRQ = 0
 PIT_IOAPIC_PIN = 0
 IOAPIC_NUM_PINS = 24
 BOOT_TIMER_MAGIC = 123  # value the guest writes to BOOT_TIMER_ADDR
+# Hardware-reduced ACPI registers the FADT points at (pyvmm.devices.acpi_pm):
+# one byte each, in an I/O range nothing on a PC or in KVM claims. Sleep
+# control takes SLP_TYP (bits 2-4) | SLP_EN (bit 5); writing SLP_TYP =
+# ACPI_S5_SLP_TYP with SLP_EN powers off. Writing ACPI_RESET_VALUE to the
+# reset register resets (0x06 is what PCs write to 0xCF9 for a hard reset;
+# any byte would do, the FADT tells the guest which).
+ACPI_PM_PORT = 0x600
+ACPI_PM_PORT_COUNT = 3
+ACPI_SLEEP_CONTROL_PORT = ACPI_PM_PORT
+ACPI_SLEEP_STATUS_PORT = ACPI_PM_PORT + 1
+ACPI_RESET_PORT = ACPI_PM_PORT + 2
+ACPI_RESET_VALUE = 0x06
+ACPI_S5_SLP_TYP = 5  # the \_S5 package in the DSDT hands this to the guest
+# QEMU's ISA pvpanic protocol: one byte; reads give the supported events,
+# the guest writes an event bit when it panics. Described in the DSDT.
+PVPANIC_PORT = 0x505
+PVPANIC_PORT_COUNT = 1
 
 # --- limits ---------------------------------------------------------------
 MAX_VCPUS = 32

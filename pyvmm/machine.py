@@ -18,10 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyvmm import layout
+from pyvmm.acpi import write_acpi_tables
 from pyvmm.boot.configure import BootSetup, setup_boot
 from pyvmm.bus import Bus
 from pyvmm.config import MachineConfig
 from pyvmm.cpuid import NO_TEMPLATE, PVM_TEMPLATE, CpuidTemplate
+from pyvmm.devices.acpi_pm import AcpiPm, PvPanic
 from pyvmm.devices.boot_timer import BootTimer
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.serial import Serial
@@ -181,8 +183,14 @@ class Machine:
     def _build(self) -> None:
         config = self.config
         self.memory = GuestMemory.with_size(config.mem_size)
+        rsdp_addr = write_acpi_tables(self.memory, config.vcpus)
         self.boot = setup_boot(
-            self.memory, config.kernel, config.initrd, config.cmdline, config.vcpus
+            self.memory,
+            config.kernel,
+            config.initrd,
+            config.cmdline,
+            config.vcpus,
+            rsdp_addr=rsdp_addr,
         )
         self._kvm = Kvm()
         self._check_capabilities(self._kvm)
@@ -230,6 +238,15 @@ class Machine:
         self.pio_bus.add(layout.COM1_PORT, layout.UART_PORT_COUNT, self.serial, "com1")
         self.i8042 = I8042(self._irq(vm, layout.I8042_IRQ), self._on_guest_reset)
         self.pio_bus.add(layout.I8042_DATA_PORT, 5, self.i8042, "i8042")
+        self.pio_bus.add(
+            layout.ACPI_PM_PORT,
+            layout.ACPI_PM_PORT_COUNT,
+            AcpiPm(on_poweroff=self._on_guest_poweroff, on_reset=self._on_acpi_reset),
+            "acpi-pm",
+        )
+        self.pio_bus.add(
+            layout.PVPANIC_PORT, layout.PVPANIC_PORT_COUNT, PvPanic(self._on_guest_panic), "pvpanic"
+        )
         self.boot_timer = BootTimer(self.start_ns)
         self.mmio_bus.add(
             layout.BOOT_TIMER_ADDR, layout.MMIO_DEVICE_WINDOW, self.boot_timer, "boot-timer"
@@ -271,6 +288,19 @@ class Machine:
 
     def _on_guest_reset(self) -> None:
         self._record_stop(StopReason(StopKind.RESET, "guest reset (i8042)"))
+
+    def _on_acpi_reset(self) -> None:
+        self._record_stop(StopReason(StopKind.RESET, "guest reset (ACPI reset register)"))
+
+    def _on_guest_poweroff(self) -> None:
+        self._record_stop(StopReason(StopKind.POWEROFF, "guest powered off (ACPI S5)"))
+
+    def _on_guest_panic(self) -> None:
+        panic = self.serial_tail.panic_line() if self.serial_tail else None
+        detail = f": {panic}" if panic else ""
+        self._record_stop(
+            StopReason(StopKind.GUEST_CRASH, f"guest kernel panicked (pvpanic){detail}")
+        )
 
     def _record_stop(self, reason: StopReason) -> None:
         reason = self._explain(reason)

@@ -122,6 +122,7 @@ class VcpuThread:
         mmio_write, mmio_read = mmio_bus.write, mmio_bus.read
         io_out, io_in, mmio_out, mmio_in = exits.IoOut, exits.IoIn, exits.MmioWrite, exits.MmioRead
         count = 0
+        log.debug("vcpu%d: entering the guest", vcpu.id)  # boot benchmarks time this line
         try:
             while not self._stop_requested:
                 exit = run()

@@ -9,7 +9,7 @@ directly. The e820 map reports that KiB as reserved.
 Wiring declared here (the VMM's interrupt routing must match it):
 
 * ISA IRQ n -> IOAPIC pin n, except IRQ 0 (PIT) -> ``layout.PIT_IOAPIC_PIN``
-  (pin 2, as on PCs); the cascade IRQ 2 has no entry.
+  (pin 0: KVM's default identity routing); the cascade IRQ 2 has no entry.
 * LAPIC LINT0 = ExtINT (the 8259 PIC, virtual-wire mode), LINT1 = NMI.
 """
 
