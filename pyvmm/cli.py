@@ -41,7 +41,12 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--kernel", required=True, help="Kernel: ELF vmlinux (PVH or 64-bit) or bzImage.")
+@click.option(
+    "--kernel",
+    default=None,
+    help="Kernel: ELF vmlinux (PVH or 64-bit) or bzImage. Default: the guest kit's "
+    "Debian cloud kernel with its busybox initramfs.",
+)
 @click.option("--initrd", default=None, help="Initial ramdisk loaded next to the kernel.")
 @click.option("--cmdline", default=None, help="Kernel command line (default for Linux guests).")
 @click.option("--cpus", default="1", help="Number of vCPUs, 1 to 32.")
@@ -55,7 +60,7 @@ def main() -> None:
     show_default=True,
 )
 def run(
-    kernel: str,
+    kernel: str | None,
     initrd: str | None,
     cmdline: str | None,
     cpus: str,
@@ -69,6 +74,8 @@ def run(
     from pyvmm.config import DEFAULT_LINUX_CMDLINE, MachineConfig, parse_memory_size
 
     try:
+        if kernel is None:
+            kernel, initrd = _default_guest(initrd)
         vcpus = _parse_int(cpus, "cpus")
         config = MachineConfig(
             kernel=Path(kernel),
@@ -79,9 +86,18 @@ def run(
             serial_out=Path(serial_out) if serial_out else None,
         )
         config.validate()
-    except ConfigError as error:
+    except (ConfigError, HostError) as error:
         _fail(str(error))
     sys.exit(_run_machine(config, timeout))
+
+
+def _default_guest(initrd: str | None) -> tuple[str, str]:
+    """The guest kit's default guest: Debian's cloud kernel and busybox initramfs."""
+    from pyvmm.guestkit.debian import fetch_kernel
+    from pyvmm.guestkit.initramfs import build_initramfs
+
+    package = fetch_kernel("cloud")
+    return str(package.vmlinuz), initrd or str(build_initramfs(package))
 
 
 def _parse_int(text: str, name: str) -> int:
@@ -160,6 +176,15 @@ def doctor() -> None:
 @main.group()
 def guest() -> None:
     """Build or fetch guest artifacts; each command prints a path."""
+
+
+def _register_guest_kit() -> None:
+    from pyvmm.guestkit.commands import register
+
+    register(guest)
+
+
+_register_guest_kit()
 
 
 @guest.command("probe")
