@@ -149,7 +149,7 @@ def _run_machine(config: object, timeout: float | None) -> int:
     if not reason.clean:
         click.echo(f"pyvmm: {reason}", err=True)
     else:
-        logging.getLogger("pyvmm").debug("%s", reason)
+        logging.getLogger("pyvmm").info("%s", reason)
     return reason.exit_code
 
 
@@ -178,13 +178,15 @@ def guest() -> None:
     """Build or fetch guest artifacts; each command prints a path."""
 
 
-def _register_guest_kit() -> None:
+def _register_subcommands() -> None:
     from pyvmm.guestkit.commands import register
+    from pyvmm.nested.command import nested
 
     register(guest)
+    main.add_command(nested)
 
 
-_register_guest_kit()
+_register_subcommands()
 
 
 @guest.command("probe")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.nested_fixture"]
+
 
 def kvm_usable() -> str | None:
     """None if /dev/kvm can be used, else the host reason."""

@@ -155,7 +155,11 @@ def test_sigterm_stops_cleanly(probe_elf: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)
+    # Wait until the guest runs (so pyvmm's handlers are installed), then signal.
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "probe: cmdline" in line:
+            break
     process.terminate()
     _, err = process.communicate(timeout=30)
     assert process.returncode == 143
