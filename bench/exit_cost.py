@@ -30,10 +30,9 @@ from pathlib import Path
 from pyvmm import layout
 from pyvmm.boot.configure import setup_boot
 from pyvmm.config import MachineConfig
-from pyvmm.cpuid import NO_TEMPLATE, PVM_TEMPLATE
 from pyvmm.guestkit.probe import build_probe
 from pyvmm.kvm import Kvm, exits
-from pyvmm.machine import Machine, host_is_pvm
+from pyvmm.machine import Machine, host_is_pvm, resolve_template
 from pyvmm.memory import GuestMemory
 from pyvmm.vcpu_setup import configure_vcpu, set_boot_state
 
@@ -66,7 +65,7 @@ def run_bare(probe: Path, cmdline: str) -> float:
         for slot, region in enumerate(memory):
             vm.set_user_memory_region(slot, region.guest_addr, region.mapping)
         vcpu = vm.create_vcpu(0)
-        template = PVM_TEMPLATE if host_is_pvm() else NO_TEMPLATE
+        template = resolve_template("auto")
         configure_vcpu(vcpu, kvm.supported_cpuid(), set(kvm.msr_index_list()), 1, template)
         set_boot_state(vcpu, boot.cpu)
         run = vcpu.run

@@ -54,6 +54,12 @@ def main() -> None:
 @click.option("--serial-out", default=None, help="Write the guest's serial output to FILE.")
 @click.option("--timeout", type=float, default=None, help="Stop the VM after SECONDS.")
 @click.option(
+    "--cpu-template",
+    default="auto",
+    show_default=True,
+    help="CPUID features to hide: none, pvm (no CMPXCHG16B), or auto (pvm on PVM hosts).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -67,6 +73,7 @@ def run(
     memory: str,
     serial_out: str | None,
     timeout: float | None,
+    cpu_template: str,
     log_level: str,
 ) -> None:
     """Boot a kernel; the serial console is on stdin/stdout (Ctrl-A X quits)."""
@@ -84,6 +91,7 @@ def run(
             vcpus=vcpus,
             mem_size=parse_memory_size(memory),
             serial_out=Path(serial_out) if serial_out else None,
+            cpu_template=cpu_template,
         )
         config.validate()
     except (ConfigError, HostError) as error:

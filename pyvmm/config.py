@@ -48,6 +48,7 @@ class MachineConfig:
     vcpus: int = 1
     mem_size: int = DEFAULT_MEMORY_SIZE
     serial_out: Path | None = None
+    cpu_template: str = "auto"  # "auto": "pvm" on PVM hosts, else "none"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for the first problem found."""
@@ -69,5 +70,10 @@ class MachineConfig:
             raise ConfigError(
                 f"memory size {mib:g} MiB is too large; this host allows at most {limit >> 20} MiB"
             )
+        from pyvmm.cpuid import TEMPLATES
+
+        if self.cpu_template != "auto" and self.cpu_template not in TEMPLATES:
+            names = ", ".join(["auto", *TEMPLATES])
+            raise ConfigError(f"unknown CPU template {self.cpu_template!r}; choose one of {names}")
         if self.serial_out is not None and self.serial_out.is_dir():
             raise ConfigError(f"serial output {self.serial_out} is a directory")

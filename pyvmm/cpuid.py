@@ -44,6 +44,7 @@ PVM_TEMPLATE = CpuidTemplate(
     "pvm",
     (HiddenFeature("cx16", 1, "ecx", 13),),
 )
+TEMPLATES = {template.name: template for template in (NO_TEMPLATE, PVM_TEMPLATE)}
 
 
 def vcpu_cpuid(

@@ -22,7 +22,7 @@ from pyvmm.acpi import write_acpi_tables
 from pyvmm.boot.configure import BootSetup, setup_boot
 from pyvmm.bus import Bus
 from pyvmm.config import MachineConfig
-from pyvmm.cpuid import NO_TEMPLATE, PVM_TEMPLATE, CpuidTemplate
+from pyvmm.cpuid import TEMPLATES, CpuidTemplate
 from pyvmm.devices.acpi_pm import AcpiPm, PvPanic
 from pyvmm.devices.boot_timer import BootTimer
 from pyvmm.devices.i8042 import I8042
@@ -59,6 +59,13 @@ def host_is_pvm() -> bool:
     return os.path.exists("/sys/module/kvm_pvm")
 
 
+def resolve_template(name: str) -> CpuidTemplate:
+    """The CPUID template called ``name``; "auto" picks the one this host needs."""
+    if name == "auto":
+        return TEMPLATES["pvm"] if host_is_pvm() else TEMPLATES["none"]
+    return TEMPLATES[name]
+
+
 class Machine:
     """One microVM: guest memory, KVM objects, devices and threads."""
 
@@ -68,14 +75,13 @@ class Machine:
         serial_out: Callable[[bytes], object] | None = None,
         console_in: int | None = None,
         console_escape: bool = False,
-        cpuid_template: CpuidTemplate | None = None,
     ) -> None:
         config.validate()
         self.config = config
         self._serial_out = serial_out
         self._console_in = console_in
         self._console_escape = console_escape
-        self._template = cpuid_template or (PVM_TEMPLATE if host_is_pvm() else NO_TEMPLATE)
+        self._template = resolve_template(config.cpu_template)
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self._stop_reason: StopReason | None = None

@@ -506,7 +506,7 @@ def test_setup_boot_bzimage(tmp_path: Path, mem: GuestMemory) -> None:
 
 def test_setup_boot_pvh(tmp_path: Path, mem: GuestMemory) -> None:
     kernel = write(tmp_path, "vmlinux", make_elf(notes=pvh_note(0x1000010)))
-    initrd = write(tmp_path, "initrd", b"x" * 10000)
+    initrd = write(tmp_path, "initrd", b"070701" + b"x" * 9994)
     boot = setup_boot(mem, kernel, initrd, "console=hvc0", 1, rsdp_addr=0xE0000)
 
     assert boot.mode is BootMode.PVH_32
@@ -607,3 +607,28 @@ def test_check_fits_on_a_large_guest(tmp_path: Path) -> None:
     image = inspect(write(tmp_path, "bz", make_bzimage(init_size=100 * MIB)))
     with GuestMemory.with_size(5 * GIB) as big:
         check_fits(big, image)
+
+
+@pytest.mark.parametrize(
+    ("head", "name"),
+    [
+        (b"070701", "cpio (newc)"),
+        (b"\x1f\x8b\x08", "gzip"),
+        (b"\xfd7zXZ\x00", "xz"),
+        (b"\x02\x21\x4c\x18", "lz4"),
+        (b"\x28\xb5\x2f\xfd", "zstd"),
+    ],
+)
+def test_initrd_formats_recognised(tmp_path: Path, head: bytes, name: str) -> None:
+    from pyvmm.boot.initrd import check_initrd_format
+
+    path = write(tmp_path, "initrd", head + bytes(64))
+    with open(path, "rb") as f:
+        assert check_initrd_format(f, path) == name
+
+
+def test_corrupt_initrd_rejected(tmp_path: Path, mem: GuestMemory) -> None:
+    kernel = write(tmp_path, "bz", make_bzimage())
+    initrd = write(tmp_path, "initrd", b"this is not an initramfs" * 100)
+    with pytest.raises(KernelImageError, match=r"initrd .* is not an initramfs"):
+        setup_boot(mem, kernel, initrd, "console=ttyS0", 1)

@@ -48,3 +48,10 @@ def test_validate_rejects(changes: dict, message: str) -> None:
 
 def test_validate_accepts_defaults() -> None:
     MachineConfig(kernel=Path("k"), vcpus=32).validate()
+
+
+def test_cpu_template_names() -> None:
+    for name in ("auto", "none", "pvm"):
+        MachineConfig(kernel=Path("k"), cpu_template=name).validate()
+    with pytest.raises(ConfigError, match="unknown CPU template 'fast'; choose one of auto"):
+        MachineConfig(kernel=Path("k"), cpu_template="fast").validate()

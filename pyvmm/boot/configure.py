@@ -26,7 +26,7 @@ from pyvmm.boot.cpu_state import BootCpuState, BootMode
 from pyvmm.boot.e820 import E820Entry, memory_map_of
 from pyvmm.boot.files import file_size, open_input
 from pyvmm.boot.image import KernelImage, check_fits, load_segments
-from pyvmm.boot.initrd import load_initrd, place_initrd
+from pyvmm.boot.initrd import check_initrd_format, load_initrd, place_initrd
 from pyvmm.boot.kernel import inspect_kernel
 from pyvmm.boot.regs import boot_cpu_state
 from pyvmm.errors import ConfigError
@@ -81,6 +81,7 @@ def setup_boot(
         if initrd is not None:
             initrd_size = file_size(initrd.file)
             initrd_addr = place_initrd(mem, initrd_size, kernel, initrd.path)
+            check_initrd_format(initrd.file, initrd.path)
         mp_table = mptable.build_mptable(num_cpus)
         memory_map = memory_map_of(mem)
         boot_info_addr, boot_info = _boot_info(

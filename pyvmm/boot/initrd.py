@@ -52,6 +52,39 @@ def place_initrd(mem: GuestMemory, size: int, kernel: KernelImage, path: str) ->
     return addr
 
 
+# What Linux's initramfs unpacker accepts at the start of an image: a cpio
+# archive (newc, with or without CRC) or one of the compressors it supports.
+_INITRD_MAGICS = {
+    b"070701": "cpio (newc)",
+    b"070702": "cpio (newc with CRC)",
+    b"\x1f\x8b": "gzip",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\x02\x21\x4c\x18": "lz4",
+    b"BZh": "bzip2",
+    b"\x89LZO": "lzo",
+    b"\x5d\x00\x00": "lzma",
+}
+
+
+def check_initrd_format(f: BinaryIO, path: str) -> str:
+    """Name the initrd's format; reject a file Linux would not unpack.
+
+    Only the first bytes are checked: a corrupt compressed stream can only be
+    found by decompressing it, which is the guest's job.
+    """
+    f.seek(0)
+    head = f.read(8)
+    f.seek(0)
+    for magic, name in _INITRD_MAGICS.items():
+        if head.startswith(magic):
+            return name
+    raise KernelImageError(
+        f"initrd {path} is not an initramfs: neither a cpio archive nor compressed with "
+        "gzip, xz, zstd, lz4, bzip2, lzo or lzma"
+    )
+
+
 def load_initrd(mem: GuestMemory, f: BinaryIO, addr: int, size: int, path: str) -> None:
     """Copy ``size`` bytes of the open initrd file to ``addr``."""
     with mem.view(addr, size) as dest:
