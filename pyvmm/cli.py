@@ -83,6 +83,8 @@ def run(
     try:
         if kernel is None:
             kernel, initrd = _default_guest(initrd)
+            if cmdline is None:  # the default guest starts a shell on the console
+                cmdline = f"{DEFAULT_LINUX_CMDLINE} quiet pyvmm.shell"
         vcpus = _parse_int(cpus, "cpus")
         config = MachineConfig(
             kernel=Path(kernel),
