@@ -31,7 +31,7 @@ from pathlib import Path
 from pyvmm.guestkit.debian import fetch_kernel
 from pyvmm.guestkit.initramfs import MARKER_INIT_OK, build_initramfs
 
-CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
+CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off quiet"
 FIRST_RUN_LINE = "vcpu0: entering the guest"
 QEMU_CPUS = ("host", "host,-arch-capabilities")
 

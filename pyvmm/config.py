@@ -15,7 +15,7 @@ from pyvmm import layout
 from pyvmm.errors import ConfigError
 
 DEFAULT_MEMORY_SIZE = 128 << 20
-DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=1"
+DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off"
 
 _SIZE_UNITS = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?\s*$", re.IGNORECASE)

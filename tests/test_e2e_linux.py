@@ -56,7 +56,7 @@ def boot(
     extra_cmdline: str = "",
     timeout: int = 300,
 ):
-    cmdline = f"console=ttyS0 reboot=k panic=-1 quiet {extra_cmdline} {command_arg(script)}"
+    cmdline = f"console=ttyS0 reboot=k panic=-1 pci=off quiet {extra_cmdline} {command_arg(script)}"
     argv = [
         sys.executable, "-m", "pyvmm", "run", "--kernel", str(kernel),
         "--cmdline", cmdline.strip(), "--cpus", str(cpus), "--memory", "256",
