@@ -18,8 +18,6 @@ Prints a table and writes JSON (``--json``).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import statistics
 import subprocess
@@ -27,6 +25,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from report import write_report
 
 from pyvmm.guestkit.debian import fetch_kernel
 from pyvmm.guestkit.initramfs import MARKER_INIT_OK, build_initramfs
@@ -133,19 +133,15 @@ def main() -> int:
             f"{label:<28}{mine:>12.3f}" + (f"{theirs:>12.3f}" if theirs else f"{'-':>12}") + ratio
         )
 
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "boot_time",
-        "unit": "seconds from process spawn",
-        "kernel": str(kernel),
-        "kernel_version": package.version,
-        "repeat": args.repeat,
-        "host": {"kernel": platform.release(), "python": sys.version},
-        "results": results,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(
+        args.json,
+        "boot_time",
+        results,
+        unit="seconds from process spawn",
+        kernel=str(kernel),
+        kernel_version=package.version,
+        repeat=args.repeat,
+    )
     return 0
 
 

@@ -18,8 +18,6 @@ Prints a table and writes JSON (``--json``, default bench/results/exit_cost.json
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import statistics
 import subprocess
@@ -27,12 +25,14 @@ import sys
 import time
 from pathlib import Path
 
+from report import write_report
+
 from pyvmm import layout
 from pyvmm.boot.configure import setup_boot
 from pyvmm.config import MachineConfig
 from pyvmm.guestkit.probe import build_probe
 from pyvmm.kvm import Kvm, exits
-from pyvmm.machine import Machine, host_is_pvm, resolve_template
+from pyvmm.machine import Machine, resolve_template
 from pyvmm.memory import GuestMemory
 from pyvmm.vcpu_setup import configure_vcpu, set_boot_state
 
@@ -152,18 +152,14 @@ def main() -> int:
             row += f"{results['pyvmm'][program] / results['qemu'][program]:>12.2f}"
         print(row)
 
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "exit_cost",
-        "unit": "microseconds per exit round trip",
-        "exits_per_run": args.exits,
-        "repeat": args.repeat,
-        "host": {"kernel": platform.release(), "pvm": host_is_pvm(), "python": sys.version},
-        "results": results,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(
+        args.json,
+        "exit_cost",
+        results,
+        unit="microseconds per exit round trip",
+        exits_per_run=args.exits,
+        repeat=args.repeat,
+    )
     return 0
 
 
