@@ -220,3 +220,21 @@ def test_exception_in_a_device_stops_the_vm(probe_elf: Path) -> None:
     assert "device bug on write" in reason.message
     assert reason.exit_code == 1
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("cpus", [1, 3, 32])
+def test_acpi_madt_and_mp_table_agree(probe_elf: Path, cpus: int) -> None:
+    """Each table on its own lists every vCPU (Debian's kernels lack MP-table
+    support, so the probe is what checks the MP table)."""
+    result = run_probe(probe_elf, "tables", "--cpus", str(cpus))
+    assert result.returncode == 0, result.stderr
+    ids = " ".join(str(i) for i in range(cpus))
+    out = lines(result.stdout)
+    assert f"tables: acpi {cpus}: {ids}" in out
+    assert f"tables: mptable {cpus}: {ids}" in out
+
+
+def test_32_vcpus_come_online(probe_elf: Path) -> None:
+    result = run_probe(probe_elf, "cpus", "--cpus", "32")
+    assert result.returncode == 0, result.stderr
+    assert "cpus online: 32" in lines(result.stdout)

@@ -20,6 +20,7 @@ static const struct program programs[] = {
 	{ "hello", false, prog_hello },
 	{ "echo", false, prog_echo },
 	{ "cpus", false, prog_cpus },
+	{ "tables", false, prog_tables },
 	{ "irq", false, prog_irq },
 	{ "boottimer", false, prog_boottimer },
 	{ "pioloop", true, prog_pioloop },

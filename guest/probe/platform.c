@@ -202,17 +202,29 @@ static int mp_cpus(const uint8_t *cfg, uint32_t *ids, int max)
 	return n;
 }
 
-int platform_cpus(uint32_t *ids, int max, const char **source)
+int acpi_cpus(uint32_t *ids, int max)
 {
 	const uint8_t *t = find_madt();
+
+	return t ? madt_cpus(t, ids, max) : 0;
+}
+
+int mptable_cpus(uint32_t *ids, int max)
+{
+	const uint8_t *t = find_mp_config();
+
+	return t ? mp_cpus(t, ids, max) : 0;
+}
+
+int platform_cpus(uint32_t *ids, int max, const char **source)
+{
 	int n;
 
-	if (t && (n = madt_cpus(t, ids, max)) > 0) {
+	if ((n = acpi_cpus(ids, max)) > 0) {
 		*source = "acpi";
 		return n;
 	}
-	t = find_mp_config();
-	if (t && (n = mp_cpus(t, ids, max)) > 0) {
+	if ((n = mptable_cpus(ids, max)) > 0) {
 		*source = "mptable";
 		return n;
 	}

@@ -167,11 +167,15 @@ NORETURN void triple_fault(void);
  * the MP table); returns their number, 0 if no table was found, and names
  * the table used in *source. */
 int platform_cpus(uint32_t *ids, int max, const char **source);
+/* The same from one table only (0 if that table is absent). */
+int acpi_cpus(uint32_t *ids, int max);
+int mptable_cpus(uint32_t *ids, int max);
 
 /* --- programs ------------------------------------------------------------- */
 int prog_hello(uint64_t arg);
 int prog_echo(uint64_t arg);
 int prog_cpus(uint64_t arg);
+int prog_tables(uint64_t arg);
 int prog_irq(uint64_t arg);
 int prog_boottimer(uint64_t arg);
 int prog_pioloop(uint64_t arg);

@@ -35,6 +35,38 @@ static bool ap_online(uint32_t apic_id)
 	return false;
 }
 
+/* "0 1 2 3": the APIC ids as one line. */
+static void format_ids(char *line, size_t size, const uint32_t *ids, int n)
+{
+	size_t len = 0;
+
+	line[0] = '\0';
+	for (int i = 0; i < n; i++) {
+		ksnprintf(line + len, size - len, i ? " %u" : "%u", ids[i]);
+		len = strlen(line);
+	}
+}
+
+/* What each table says, so the VMM's ACPI MADT and MP table can be checked
+ * one by one (cpus uses the first one found). */
+int prog_tables(uint64_t arg)
+{
+	uint32_t ids[MAX_CPUS];
+	char line[16 + MAX_CPUS * 11];
+	int acpi = acpi_cpus(ids, MAX_CPUS);
+
+	(void)arg;
+	format_ids(line, sizeof(line), ids, acpi);
+	kprintf("tables: acpi %d: %s\n", acpi, line);
+	int mp = mptable_cpus(ids, MAX_CPUS);
+
+	format_ids(line, sizeof(line), ids, mp);
+	kprintf("tables: mptable %d: %s\n", mp, line);
+	if (acpi == 0 && mp == 0)
+		return fail("tables: no ACPI MADT or MP table found");
+	return 0;
+}
+
 int prog_cpus(uint64_t arg)
 {
 	uint32_t ids[MAX_CPUS];
@@ -46,13 +78,7 @@ int prog_cpus(uint64_t arg)
 	if (n == 0)
 		return fail("cpus: no ACPI MADT or MP table found");
 	kprintf("cpus: %d\n", n);
-	size_t len = 0;
-
-	line[0] = '\0';
-	for (int i = 0; i < n; i++) {
-		ksnprintf(line + len, sizeof(line) - len, i ? " %u" : "%u", ids[i]);
-		len = strlen(line);
-	}
+	format_ids(line, sizeof(line), ids, n);
 	kprintf("apic ids: %s\n", line);
 
 	lapic_enable();
