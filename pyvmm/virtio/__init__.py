@@ -1,0 +1,1 @@
+"""Virtio: split virtqueues, the virtio-mmio transport and device models."""

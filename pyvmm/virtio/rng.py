@@ -1,0 +1,117 @@
+"""virtio-rng (virtio 1.2, section 5.4): entropy for the guest's hwrng.
+
+One request queue. The driver posts chains of device-writable buffers; the
+device fills them with random bytes and returns each chain with the number
+of bytes written. A chain without writable buffers comes back with 0. There
+is no config space and there are no device feature bits.
+
+Host resources stay bounded: each chain gets at most
+``MAX_BYTES_PER_CHAIN`` bytes (the driver reads the used length and simply
+asks again), and an optional ``budget(n) -> granted`` rate limiter can give
+fewer bytes or none. When it grants nothing, the chain stays in the avail
+ring, :attr:`VirtioRng.throttled` is set, and the owner calls
+:meth:`VirtioRng.process_queue` again once the budget refills (through the
+transport's ``process_queue``, for example from a timer on the event loop).
+
+``entropy(n)`` is injected (default ``os.getrandom``) and may return fewer
+than ``n`` bytes; the device writes what it got and reports that length.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pyvmm.virtio.device import VIRTIO_ID_RNG, VirtioDevice
+
+if TYPE_CHECKING:
+    from pyvmm.virtio.queue import DescriptorChain
+
+RNG_QUEUE_SIZE = 256
+MAX_BYTES_PER_CHAIN = 64 * 1024
+
+
+@dataclass(frozen=True)
+class VirtioRngState:
+    bytes_served: int
+
+
+class VirtioRng(VirtioDevice):
+    """The virtio entropy device; see the module docstring."""
+
+    device_type = VIRTIO_ID_RNG
+    queue_max_sizes = (RNG_QUEUE_SIZE,)
+    avail_features = 0
+
+    def __init__(
+        self,
+        entropy: Callable[[int], bytes] = os.getrandom,
+        budget: Callable[[int], int] | None = None,
+    ) -> None:
+        super().__init__()
+        self._entropy = entropy
+        self._budget = budget
+        self.bytes_served = 0
+        self.throttled = False
+
+    def process_queue(self, index: int) -> None:
+        """Serve every available chain of queue ``index`` (0); may raise QueueError."""
+        if self.mem is None or self.interrupt is None or index != 0:
+            return
+        mem = self.mem
+        queue = self.queues[0]
+        self.throttled = False
+        served = False
+        while True:
+            progress = False
+            while (chain := queue.pop(mem)) is not None:
+                length = self._fill(chain)
+                if length is None:  # out of budget: leave the chain in the ring
+                    queue.next_avail = (queue.next_avail - 1) & 0xFFFF
+                    self.throttled = True
+                    break
+                queue.add_used(mem, chain.head_index, length)
+                progress = served = True
+            if self.throttled or not progress:
+                break
+            # Ask to be kicked for the next buffer, then look once more for one
+            # published before the driver could see that request.
+            queue.set_notification(mem, True)
+        if served and queue.needs_notification(mem):
+            self.interrupt.signal_used_queue()
+
+    def _fill(self, chain: DescriptorChain) -> int | None:
+        """Write entropy into the chain's writable buffers; None if the budget is empty."""
+        wanted = min(chain.writable_length(), MAX_BYTES_PER_CHAIN)
+        if wanted and self._budget is not None:
+            wanted = max(0, min(wanted, self._budget(wanted)))
+            if wanted == 0:
+                return None
+        mem = self.mem
+        assert mem is not None
+        written = 0
+        for desc in chain.writable():
+            if written == wanted:
+                break
+            want = min(desc.length, wanted - written)
+            data = self._entropy(want)[:want]
+            mem.write(desc.addr, data)
+            written += len(data)
+            if len(data) < want:
+                break
+        self.bytes_served += written
+        return written
+
+    def reset(self) -> None:
+        super().reset()
+        self.throttled = False
+
+    def save(self) -> VirtioRngState:
+        return VirtioRngState(bytes_served=self.bytes_served)
+
+    def restore(self, state: VirtioRngState) -> None:
+        if not isinstance(state.bytes_served, int) or state.bytes_served < 0:
+            raise ValueError(f"virtio-rng state: bytes_served={state.bytes_served!r}")
+        self.bytes_served = state.bytes_served
