@@ -59,6 +59,7 @@ def main() -> None:
     show_default=True,
     help="CPUID features to hide: none, pvm (no CMPXCHG16B), or auto (pvm on PVM hosts).",
 )
+@click.option("--rng", is_flag=True, help="Add a virtio-rng device (entropy from the host).")
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -74,6 +75,7 @@ def run(
     serial_out: str | None,
     timeout: float | None,
     cpu_template: str,
+    rng: bool,
     log_level: str,
 ) -> None:
     """Boot a kernel; the serial console is on stdin/stdout (Ctrl-A X quits)."""
@@ -94,6 +96,7 @@ def run(
             mem_size=parse_memory_size(memory),
             serial_out=Path(serial_out) if serial_out else None,
             cpu_template=cpu_template,
+            rng=rng,
         )
         config.validate()
     except (ConfigError, HostError) as error:

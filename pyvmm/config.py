@@ -49,6 +49,7 @@ class MachineConfig:
     mem_size: int = DEFAULT_MEMORY_SIZE
     serial_out: Path | None = None
     cpu_template: str = "auto"  # "auto": "pvm" on PVM hosts, else "none"
+    rng: bool = False  # a virtio-rng device fed by os.getrandom
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for the first problem found."""

@@ -64,6 +64,8 @@ MMIO32_DEVICES_START = 0xD000_0000  # device windows, 4 KiB each
 MMIO_DEVICE_WINDOW = 0x1000
 BOOT_TIMER_ADDR = MMIO32_DEVICES_START  # Firecracker's boot-timer address
 VIRTIO_MMIO_START = MMIO32_DEVICES_START + MMIO_DEVICE_WINDOW
+VIRTIO_MMIO_NOTIFY_OFFSET = 0x50  # QueueNotify: an ioeventfd per queue here
+MAX_VIRTIO_DEVICES = 16
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000  # one page, needed by KVM on Intel
@@ -84,6 +86,9 @@ PIT_IRQ = 0
 # hardware and QEMU use pin 2 with KVM_SET_GSI_ROUTING; Firecracker, like us,
 # keeps the identity.)
 PIT_IOAPIC_PIN = 0
+# virtio-mmio device n gets IOAPIC pin VIRTIO_GSI_START + n: above the ISA
+# IRQs in use (0 PIT, 1 i8042, 3-4 COM ports, 8 RTC), below the 24 pins.
+VIRTIO_GSI_START = 5
 IOAPIC_NUM_PINS = 24
 BOOT_TIMER_MAGIC = 123  # value the guest writes to BOOT_TIMER_ADDR
 # Hardware-reduced ACPI registers the FADT points at (pyvmm.devices.acpi_pm):

@@ -27,7 +27,7 @@ from pyvmm.devices.acpi_pm import AcpiPm, PvPanic
 from pyvmm.devices.boot_timer import BootTimer
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.serial import Serial
-from pyvmm.errors import HostError
+from pyvmm.errors import ConfigError, HostError
 from pyvmm.event_loop import EventLoop
 from pyvmm.interrupts import EventFdIrq
 from pyvmm.kvm import Kvm, Vcpu, Vm
@@ -39,6 +39,9 @@ from pyvmm.serial_tail import SerialTail
 from pyvmm.stop_reason import StopKind, StopReason
 from pyvmm.vcpu import VcpuThread
 from pyvmm.vcpu_setup import configure_vcpu, set_boot_state
+from pyvmm.virtio.device import VirtioDevice
+from pyvmm.virtio.mmio import MmioTransport
+from pyvmm.virtio.rng import VirtioRng
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,8 @@ class Machine:
         self.serial: Serial | None = None
         self.i8042: I8042 | None = None
         self.boot_timer: BootTimer | None = None
+        self.virtio_transports: list[MmioTransport] = []
+        self._notify_fds: list[int] = []
         self.boot: BootSetup | None = None
         self.serial_tail: SerialTail | None = None
         self.start_ns = 0
@@ -171,6 +176,9 @@ class Machine:
             self._vm.close()
         for irq in self._irqs:
             irq.close()
+        for fd in self._notify_fds:
+            os.close(fd)
+        self._notify_fds.clear()
         if self.memory is not None:
             self.memory.close()
         if self._kvm is not None:
@@ -189,12 +197,26 @@ class Machine:
     def _build(self) -> None:
         config = self.config
         self.memory = GuestMemory.with_size(config.mem_size)
-        rsdp_addr = write_acpi_tables(self.memory, config.vcpus)
+        virtio_devices = self._virtio_devices()
+        slots = [
+            (
+                layout.VIRTIO_MMIO_START + index * layout.MMIO_DEVICE_WINDOW,
+                layout.MMIO_DEVICE_WINDOW,
+                layout.VIRTIO_GSI_START + index,
+            )
+            for index in range(len(virtio_devices))
+        ]
+        rsdp_addr = write_acpi_tables(self.memory, config.vcpus, slots)
+        # Kernels built with VIRTIO_MMIO_CMDLINE_DEVICES find devices here;
+        # the others (Debian's) through the DSDT.
+        announce = "".join(
+            f" virtio_mmio.device={size >> 10}K@{base:#x}:{gsi}" for base, size, gsi in slots
+        )
         self.boot = setup_boot(
             self.memory,
             config.kernel,
             config.initrd,
-            config.cmdline,
+            config.cmdline + announce,
             config.vcpus,
             rsdp_addr=rsdp_addr,
         )
@@ -209,6 +231,8 @@ class Machine:
             vm.set_user_memory_region(slot, region.guest_addr, region.mapping)
         self._loop = EventLoop()
         self._add_devices(vm)
+        for device, slot in zip(virtio_devices, slots, strict=True):
+            self._add_virtio_device(vm, device, *slot)
         kick_signal = install_kick_handler()
         supported = self._kvm.supported_cpuid()
         msr_indices = set(self._kvm.msr_index_list())
@@ -266,6 +290,32 @@ class Machine:
                 escape=self._console_escape,
             ).start()
 
+    def _virtio_devices(self) -> list[VirtioDevice]:
+        devices: list[VirtioDevice] = []
+        if self.config.rng:
+            devices.append(VirtioRng())
+        if len(devices) > layout.MAX_VIRTIO_DEVICES:
+            raise ConfigError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices are supported")
+        return devices
+
+    def _add_virtio_device(
+        self, vm: Vm, device: VirtioDevice, base: int, size: int, gsi: int
+    ) -> None:
+        """Put ``device`` behind a virtio-mmio window; queue kicks reach the event loop.
+
+        Each queue's QueueNotify write is an ioeventfd (no exit to Python on
+        the vCPU thread); the event loop thread processes the queue, and the
+        device interrupts the guest through an irqfd.
+        """
+        transport = MmioTransport(device, self._irq(vm, gsi), self.memory)
+        self.mmio_bus.add(base, size, transport, f"virtio-mmio@{base:#x}")
+        for index in range(len(device.queue_max_sizes)):
+            notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._notify_fds.append(notify)
+            vm.register_ioeventfd(notify, base + layout.VIRTIO_MMIO_NOTIFY_OFFSET, 4, index)
+            self._loop.add_reader(notify, _queue_kick_handler(notify, transport, index))
+        self.virtio_transports.append(transport)
+
     def _make_serial_writer(self) -> Callable[[bytes], object]:
         if self.config.serial_out is not None:
             path = Path(self.config.serial_out)
@@ -318,3 +368,16 @@ class Machine:
         for thread in self._threads:
             thread.request_stop()
         self._stopped.set()
+
+
+def _queue_kick_handler(notify: int, transport: MmioTransport, index: int) -> Callable[[int], None]:
+    """Event-loop callback: drain the kick eventfd, then process the queue."""
+
+    def on_kick(events: int) -> None:
+        try:
+            os.eventfd_read(notify)
+        except BlockingIOError:
+            return
+        transport.process_queue(index)
+
+    return on_kick

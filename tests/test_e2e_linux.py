@@ -28,6 +28,7 @@ class LinuxGuest:
     vmlinux: Path
     initramfs: Path
     initramfs_pvpanic: Path  # also loads the pvpanic driver (a module in Debian)
+    initramfs_virtio: Path  # also loads virtio-mmio and the virtio device drivers
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +44,7 @@ def linux_guest() -> LinuxGuest:
         vmlinux=kernel_vmlinux(package),
         initramfs=build_initramfs(package),
         initramfs_pvpanic=build_initramfs(package, ["pvpanic-mmio"]),
+        initramfs_virtio=build_initramfs(package, ["virtio_mmio", "virtio-rng"]),
     )
 
 
@@ -55,6 +57,7 @@ def boot(
     cpus: int = 1,
     extra_cmdline: str = "",
     timeout: int = 300,
+    flags: tuple[str, ...] = (),
 ):
     cmdline = f"console=ttyS0 reboot=k panic=-1 pci=off quiet {extra_cmdline} {command_arg(script)}"
     argv = [
@@ -64,6 +67,7 @@ def boot(
     ]  # fmt: skip
     if initramfs is not None:
         argv += ["--initrd", str(initramfs)]
+    argv += flags
     result = linux_host.run(argv, timeout=timeout + BOOT_TIMEOUT)
     return result
 
@@ -146,3 +150,22 @@ def test_no_initramfs_never_reaches_userspace(linux_host, linux_guest: LinuxGues
     assert result.returncode == 1
     assert "panicked" in result.stderr or "timeout" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_virtio_rng_feeds_dev_hwrng(linux_host, linux_guest: LinuxGuest) -> None:
+    """virtio-mmio found through the DSDT, virtio-rng serving /dev/hwrng."""
+    script = (
+        "echo rng=$(cat /sys/class/misc/hw_random/rng_current)\n"
+        "echo bytes=$(head -c 65536 /dev/hwrng | wc -c)\n"
+        "echo distinct=$(head -c 4096 /dev/hwrng | od -An -v -tx1"
+        " | tr ' ' '\\n' | sort -u | grep -c .)\n"
+    )
+    result = boot(
+        linux_host, linux_guest.vmlinux, linux_guest.initramfs_virtio, script, flags=("--rng",)
+    )
+    lines = guest_lines(result.stdout)
+    assert "rng=virtio_rng.0" in lines, result.stdout[-3000:]
+    assert "bytes=65536" in lines
+    distinct = next(int(line.split("=")[1]) for line in lines if line.startswith("distinct="))
+    assert distinct > 200  # 4 KiB of random bytes cover nearly all 256 values
+    assert result.returncode == 0, result.stderr

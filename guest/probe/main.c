@@ -141,6 +141,16 @@ static bool parse_number(const char *s, uint64_t *out)
 
 /* Splits the command line in place into steps; checks every word before
  * anything runs, so a typo fails fast. Returns the number of steps, -1. */
+/* "module.param" words are meant for a kernel's modules (a VMM announces
+ * virtio-mmio devices that way); like Linux, the probe leaves them alone. */
+static bool is_kernel_parameter(const char *word)
+{
+	for (; *word; word++)
+		if (*word == '.')
+			return true;
+	return false;
+}
+
 static int parse(char *s, struct step *steps, int max)
 {
 	int n = 0;
@@ -161,6 +171,8 @@ static int parse(char *s, struct step *steps, int max)
 		}
 		if (*s)
 			*s++ = '\0';
+		if (is_kernel_parameter(word))
+			continue;
 		if (n == max)
 			return fail("too many programs (max %d)", max);
 		const struct program *p = NULL;
