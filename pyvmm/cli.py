@@ -59,6 +59,12 @@ def main() -> None:
     show_default=True,
     help="CPUID features to hide: none, pvm (no CMPXCHG16B), or auto (pvm on PVM hosts).",
 )
+@click.option(
+    "--drive",
+    "drives",
+    multiple=True,
+    help="A virtio-blk disk: path=IMG[,ro][,root] (repeatable; root adds root=/dev/vdX).",
+)
 @click.option("--rng", is_flag=True, help="Add a virtio-rng device (entropy from the host).")
 @click.option(
     "--log-level",
@@ -75,12 +81,13 @@ def run(
     serial_out: str | None,
     timeout: float | None,
     cpu_template: str,
+    drives: tuple[str, ...],
     rng: bool,
     log_level: str,
 ) -> None:
     """Boot a kernel; the serial console is on stdin/stdout (Ctrl-A X quits)."""
     _setup_logging(log_level)
-    from pyvmm.config import DEFAULT_LINUX_CMDLINE, MachineConfig, parse_memory_size
+    from pyvmm.config import DEFAULT_LINUX_CMDLINE, MachineConfig, parse_drive, parse_memory_size
 
     try:
         if kernel is None:
@@ -97,6 +104,7 @@ def run(
             serial_out=Path(serial_out) if serial_out else None,
             cpu_template=cpu_template,
             rng=rng,
+            drives=tuple(parse_drive(drive) for drive in drives),
         )
         config.validate()
     except (ConfigError, HostError) as error:

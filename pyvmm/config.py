@@ -39,6 +39,36 @@ def host_memory_size() -> int:
 
 
 @dataclass(frozen=True)
+class DriveConfig:
+    """A raw disk image behind a virtio-blk device."""
+
+    path: Path
+    read_only: bool = False
+    root: bool = False  # boot from it: root=/dev/vdX on the kernel command line
+
+
+def parse_drive(text: str) -> DriveConfig:
+    """``path=IMG[,ro][,root]`` (a bare first item is the path too)."""
+    path: str | None = None
+    read_only = root = False
+    for index, item in enumerate(part.strip() for part in text.split(",")):
+        key, _, value = item.partition("=")
+        if key == "path" and value:
+            path = value
+        elif item == "ro":
+            read_only = True
+        elif item == "root":
+            root = True
+        elif index == 0 and "=" not in item and item:
+            path = item
+        else:
+            raise ConfigError(f"drive option {item!r} is not one of path=IMG, ro, root")
+    if not path:
+        raise ConfigError(f"drive {text!r} has no path=IMG")
+    return DriveConfig(Path(path), read_only, root)
+
+
+@dataclass(frozen=True)
 class MachineConfig:
     """What to boot and with how much hardware."""
 
@@ -50,6 +80,7 @@ class MachineConfig:
     serial_out: Path | None = None
     cpu_template: str = "auto"  # "auto": "pvm" on PVM hosts, else "none"
     rng: bool = False  # a virtio-rng device fed by os.getrandom
+    drives: tuple[DriveConfig, ...] = ()
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for the first problem found."""
@@ -76,5 +107,10 @@ class MachineConfig:
         if self.cpu_template != "auto" and self.cpu_template not in TEMPLATES:
             names = ", ".join(["auto", *TEMPLATES])
             raise ConfigError(f"unknown CPU template {self.cpu_template!r}; choose one of {names}")
+        if sum(drive.root for drive in self.drives) > 1:
+            raise ConfigError("only one drive can be the root drive")
+        for drive in self.drives:
+            if not drive.path.is_file():
+                raise ConfigError(f"drive image {drive.path} does not exist or is not a file")
         if self.serial_out is not None and self.serial_out.is_dir():
             raise ConfigError(f"serial output {self.serial_out} is a directory")

@@ -39,6 +39,8 @@ from pyvmm.serial_tail import SerialTail
 from pyvmm.stop_reason import StopKind, StopReason
 from pyvmm.vcpu import VcpuThread
 from pyvmm.vcpu_setup import configure_vcpu, set_boot_state
+from pyvmm.virtio.block import VirtioBlock
+from pyvmm.virtio.block_io import BlockFile
 from pyvmm.virtio.device import VirtioDevice
 from pyvmm.virtio.mmio import MmioTransport
 from pyvmm.virtio.rng import VirtioRng
@@ -104,6 +106,7 @@ class Machine:
         self.boot_timer: BootTimer | None = None
         self.virtio_transports: list[MmioTransport] = []
         self._notify_fds: list[int] = []
+        self._block_files: list[BlockFile] = []
         self.boot: BootSetup | None = None
         self.serial_tail: SerialTail | None = None
         self.start_ns = 0
@@ -179,6 +182,9 @@ class Machine:
         for fd in self._notify_fds:
             os.close(fd)
         self._notify_fds.clear()
+        for backend in self._block_files:
+            backend.close()
+        self._block_files.clear()
         if self.memory is not None:
             self.memory.close()
         if self._kvm is not None:
@@ -212,6 +218,10 @@ class Machine:
         announce = "".join(
             f" virtio_mmio.device={size >> 10}K@{base:#x}:{gsi}" for base, size, gsi in slots
         )
+        for index, drive in enumerate(config.drives):
+            if drive.root:
+                mode = "ro" if drive.read_only else "rw"
+                announce += f" root=/dev/vd{chr(ord('a') + index)} {mode}"
         self.boot = setup_boot(
             self.memory,
             config.kernel,
@@ -291,7 +301,12 @@ class Machine:
             ).start()
 
     def _virtio_devices(self) -> list[VirtioDevice]:
+        """The configured virtio devices, drives first (so drive n is /dev/vd<a+n>)."""
         devices: list[VirtioDevice] = []
+        for index, drive in enumerate(self.config.drives):
+            backend = BlockFile(drive.path, read_only=drive.read_only)
+            self._block_files.append(backend)
+            devices.append(VirtioBlock(backend, serial=f"pyvmm-vd{chr(ord('a') + index)}"))
         if self.config.rng:
             devices.append(VirtioRng())
         if len(devices) > layout.MAX_VIRTIO_DEVICES:

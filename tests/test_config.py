@@ -55,3 +55,30 @@ def test_cpu_template_names() -> None:
         MachineConfig(kernel=Path("k"), cpu_template=name).validate()
     with pytest.raises(ConfigError, match="unknown CPU template 'fast'; choose one of auto"):
         MachineConfig(kernel=Path("k"), cpu_template="fast").validate()
+
+
+def test_parse_drive() -> None:
+    from pyvmm.config import DriveConfig, parse_drive
+
+    assert parse_drive("path=/a.img") == DriveConfig(Path("/a.img"))
+    assert parse_drive("/a.img,ro,root") == DriveConfig(Path("/a.img"), True, True)
+    assert parse_drive("path=/a.img,root") == DriveConfig(Path("/a.img"), False, True)
+    for bad, message in [
+        ("ro", "has no path"),
+        ("path=/a,rw", "'rw' is not one of"),
+        ("", "no path"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_drive(bad)
+
+
+def test_drive_checks(tmp_path: Path) -> None:
+    from pyvmm.config import DriveConfig
+
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(4096))
+    with pytest.raises(ConfigError, match="does not exist"):
+        MachineConfig(kernel=Path("k"), drives=(DriveConfig(tmp_path / "no.img"),)).validate()
+    two_roots = (DriveConfig(image, root=True), DriveConfig(image, root=True))
+    with pytest.raises(ConfigError, match="only one drive can be the root"):
+        MachineConfig(kernel=Path("k"), drives=two_roots).validate()

@@ -44,7 +44,7 @@ def linux_guest() -> LinuxGuest:
         vmlinux=kernel_vmlinux(package),
         initramfs=build_initramfs(package),
         initramfs_pvpanic=build_initramfs(package, ["pvpanic-mmio"]),
-        initramfs_virtio=build_initramfs(package, ["virtio_mmio", "virtio-rng"]),
+        initramfs_virtio=build_initramfs(package, ["virtio_mmio", "virtio-rng", "virtio_blk"]),
     )
 
 
@@ -169,3 +169,80 @@ def test_virtio_rng_feeds_dev_hwrng(linux_host, linux_guest: LinuxGuest) -> None
     distinct = next(int(line.split("=")[1]) for line in lines if line.startswith("distinct="))
     assert distinct > 200  # 4 KiB of random bytes cover nearly all 256 values
     assert result.returncode == 0, result.stderr
+
+
+def make_ext4(path: Path, files: dict[str, bytes], size_mib: int = 32) -> Path:
+    """An ext4 image holding ``files``, made with mkfs.ext4 -d (no root, no mounts)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as staging:
+        for name, data in files.items():
+            (Path(staging) / name).write_bytes(data)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-d", staging, str(path), f"{size_mib}M"],
+            check=True,
+            capture_output=True,
+        )
+    return path
+
+
+def debugfs_cat(image: Path, name: str) -> str:
+    import subprocess
+
+    result = subprocess.run(
+        ["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True, text=True, check=True
+    )
+    return result.stdout
+
+
+def test_virtio_blk_write_reaches_the_image(
+    linux_host, linux_guest: LinuxGuest, tmp_path: Path
+) -> None:
+    """The guest mounts an ext4 disk, reads a host file, writes one, syncs,
+    powers off; the host finds the new file in the image."""
+    image = make_ext4(tmp_path / "disk.img", {"from-host.txt": b"written by the host\n"})
+    script = (
+        "mount -t ext4 /dev/vda /mnt && echo mounted\n"
+        "echo host-says=$(cat /mnt/from-host.txt)\n"
+        "echo 'written by the guest' > /mnt/from-guest.txt\n"
+        "sync\n"
+        "echo serial=$(cat /sys/block/vda/serial)\n"
+        "umount /mnt && echo unmounted\n"
+    )
+    result = boot(
+        linux_host, linux_guest.vmlinux, linux_guest.initramfs_virtio, script,
+        flags=("--drive", f"path={image}"),
+    )  # fmt: skip
+    lines = guest_lines(result.stdout)
+    assert "mounted" in lines, result.stdout[-3000:]
+    assert "host-says=written by the host" in lines
+    assert "serial=pyvmm-vda" in lines
+    assert "unmounted" in lines
+    assert result.returncode == 0, result.stderr
+    assert debugfs_cat(image, "from-guest.txt") == "written by the guest\n"
+
+
+def test_virtio_blk_read_only_drive_refuses_writes(
+    linux_host, linux_guest: LinuxGuest, tmp_path: Path
+) -> None:
+    image = make_ext4(tmp_path / "ro.img", {"data.txt": b"keep me\n"})
+    before = image.read_bytes()
+    script = (
+        "echo ro=$(cat /sys/block/vda/ro)\n"
+        "mount -t ext4 -o ro /dev/vda /mnt && echo data=$(cat /mnt/data.txt)\n"
+        "if echo x > /mnt/new.txt; then echo write=allowed; else echo write=refused; fi\n"
+        "umount /mnt\n"
+        "if dd if=/dev/zero of=/dev/vda bs=512 count=1 2>/dev/null; then echo raw=allowed;"
+        " else echo raw=refused; fi\n"
+    )
+    result = boot(
+        linux_host, linux_guest.vmlinux, linux_guest.initramfs_virtio, script,
+        flags=("--drive", f"path={image},ro"),
+    )  # fmt: skip
+    lines = guest_lines(result.stdout)
+    assert "ro=1" in lines, result.stdout[-3000:]
+    assert "data=keep me" in lines
+    assert "write=refused" in lines
+    assert "raw=refused" in lines
+    assert image.read_bytes() == before
