@@ -51,6 +51,8 @@ def parse_drive(text: str) -> DriveConfig:
     """``path=IMG[,ro][,root]`` (a bare first item is the path too)."""
     path: str | None = None
     read_only = root = False
+    if not text.strip():
+        raise ConfigError("drive '' has no path=IMG")
     for index, item in enumerate(part.strip() for part in text.split(",")):
         key, _, value = item.partition("=")
         if key == "path" and value:

@@ -1,4 +1,4 @@
-"""``pyvmm guest kernel|initramfs|command-arg``: fetch or build guest artifacts.
+"""``pyvmm guest kernel|initramfs|rootfs|command-arg``: fetch or build guest artifacts.
 
 Each command prints one path (or one kernel argument) on stdout, so shells
 and tests can write ``pyvmm run --kernel "$(pyvmm guest kernel)"``. A problem
@@ -93,6 +93,49 @@ def initramfs_command(
         _fail(str(error))
 
 
+@click.command("rootfs")
+@click.option(
+    "--from",
+    "source",
+    default=None,
+    metavar="DIR_OR_TAR",
+    help="Directory or tar file (e.g. from docker export) to copy; default: busybox.",
+)
+@click.option(
+    "--size",
+    "size_mib",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="MiB",
+    help="Image size in MiB (default: content * 1.5 + 32 MiB).",
+)
+@click.option(
+    "--init",
+    "init_file",
+    default=None,
+    metavar="FILE",
+    help="Shell script to install as /sbin/init instead of the tree's or pyvmm's.",
+)
+def rootfs_command(source: str | None, size_mib: int | None, init_file: str | None) -> None:
+    """Build an ext4 root filesystem image (when needed) and print its path.
+
+    Needs e2fsprogs (mkfs.ext4 -d, debugfs), no root. The default /sbin/init
+    prints PYVMM-ROOTFS-OK and runs pyvmm.cmd=BASE64 like the initramfs's.
+    """
+    from pyvmm.guestkit.rootfs import build_rootfs
+
+    try:
+        init_script = None if init_file is None else _read_text(init_file)
+        if source is not None and not Path(source).exists():
+            raise ConfigError(f"rootfs source {source} does not exist")
+        path = build_rootfs(
+            Path(source) if source is not None else None, size_mib, init_script=init_script
+        )
+        click.echo(str(path))
+    except PyvmmError as error:
+        _fail(str(error))
+
+
 @click.command("command-arg")
 @click.argument("script")
 def command_arg_command(script: str) -> None:
@@ -105,7 +148,12 @@ def command_arg_command(script: str) -> None:
         _fail(str(error))
 
 
-COMMANDS: tuple[click.Command, ...] = (kernel_command, initramfs_command, command_arg_command)
+COMMANDS: tuple[click.Command, ...] = (
+    kernel_command,
+    initramfs_command,
+    rootfs_command,
+    command_arg_command,
+)
 
 
 def register(group: click.Group) -> None:
