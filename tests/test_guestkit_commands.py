@@ -37,7 +37,7 @@ def _pkg(tmp_path: Path) -> KernelPackage:
 
 
 def test_registers_every_command(group: click.Group) -> None:
-    assert set(group.commands) == {"kernel", "initramfs", "command-arg"}
+    assert set(group.commands) == {"kernel", "initramfs", "command-arg", "rootfs"}
 
 
 def test_kernel_prints_the_bzimage_or_vmlinux(
