@@ -63,7 +63,8 @@ def main() -> None:
     "--drive",
     "drives",
     multiple=True,
-    help="A virtio-blk disk: path=IMG[,ro][,root] (repeatable; root adds root=/dev/vdX).",
+    help="A virtio-blk disk: path=IMG[,ro][,root][,bw=10M/1s][,ops=1000/1s] "
+    "(repeatable; root adds root=/dev/vdX; bw/ops rate-limit it).",
 )
 @click.option("--rng", is_flag=True, help="Add a virtio-rng device (entropy from the host).")
 @click.option(

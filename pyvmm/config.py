@@ -45,12 +45,14 @@ class DriveConfig:
     path: Path
     read_only: bool = False
     root: bool = False  # boot from it: root=/dev/vdX on the kernel command line
+    rate_limit: str | None = None  # "bw=10M/1s,ops=1000/1s" (pyvmm.rate_limiter grammar)
 
 
 def parse_drive(text: str) -> DriveConfig:
-    """``path=IMG[,ro][,root]`` (a bare first item is the path too)."""
+    """``path=IMG[,ro][,root][,bw=SIZE/TIME][,ops=N/TIME]`` (a bare first item is the path)."""
     path: str | None = None
     read_only = root = False
+    limits: list[str] = []
     if not text.strip():
         raise ConfigError("drive '' has no path=IMG")
     for index, item in enumerate(part.strip() for part in text.split(",")):
@@ -61,13 +63,17 @@ def parse_drive(text: str) -> DriveConfig:
             read_only = True
         elif item == "root":
             root = True
+        elif key in ("bw", "ops") and value:
+            limits.append(item)
         elif index == 0 and "=" not in item and item:
             path = item
         else:
-            raise ConfigError(f"drive option {item!r} is not one of path=IMG, ro, root")
+            raise ConfigError(
+                f"drive option {item!r} is not one of path=IMG, ro, root, bw=RATE, ops=RATE"
+            )
     if not path:
         raise ConfigError(f"drive {text!r} has no path=IMG")
-    return DriveConfig(Path(path), read_only, root)
+    return DriveConfig(Path(path), read_only, root, ",".join(limits) or None)
 
 
 @dataclass(frozen=True)
@@ -114,5 +120,9 @@ class MachineConfig:
         for drive in self.drives:
             if not drive.path.is_file():
                 raise ConfigError(f"drive image {drive.path} does not exist or is not a file")
+            if drive.rate_limit is not None:
+                from pyvmm.rate_limiter import parse_rate_limit
+
+                parse_rate_limit(drive.rate_limit)
         if self.serial_out is not None and self.serial_out.is_dir():
             raise ConfigError(f"serial output {self.serial_out} is a directory")

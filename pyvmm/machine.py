@@ -34,6 +34,7 @@ from pyvmm.kvm import Kvm, Vcpu, Vm
 from pyvmm.kvm._kvm_cffi import lib
 from pyvmm.kvm.signals import install_kick_handler
 from pyvmm.memory import GuestMemory
+from pyvmm.rate_limiter import parse_rate_limit
 from pyvmm.serial_console import SerialConsoleInput
 from pyvmm.serial_tail import SerialTail
 from pyvmm.stop_reason import StopKind, StopReason
@@ -306,7 +307,9 @@ class Machine:
         for index, drive in enumerate(self.config.drives):
             backend = BlockFile(drive.path, read_only=drive.read_only)
             self._block_files.append(backend)
-            devices.append(VirtioBlock(backend, serial=f"pyvmm-vd{chr(ord('a') + index)}"))
+            limiter = parse_rate_limit(drive.rate_limit) if drive.rate_limit else None
+            serial = f"pyvmm-vd{chr(ord('a') + index)}"
+            devices.append(VirtioBlock(backend, serial=serial, rate_limiter=limiter))
         if self.config.rng:
             devices.append(VirtioRng())
         if len(devices) > layout.MAX_VIRTIO_DEVICES:
@@ -328,7 +331,9 @@ class Machine:
             notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._notify_fds.append(notify)
             vm.register_ioeventfd(notify, base + layout.VIRTIO_MMIO_NOTIFY_OFFSET, 4, index)
-            self._loop.add_reader(notify, _queue_kick_handler(notify, transport, index))
+            self._loop.add_reader(
+                notify, _queue_kick_handler(self._loop, notify, transport, device, index)
+            )
         self.virtio_transports.append(transport)
 
     def _make_serial_writer(self) -> Callable[[bytes], object]:
@@ -385,14 +390,33 @@ class Machine:
         self._stopped.set()
 
 
-def _queue_kick_handler(notify: int, transport: MmioTransport, index: int) -> Callable[[int], None]:
-    """Event-loop callback: drain the kick eventfd, then process the queue."""
+def _queue_kick_handler(
+    loop: EventLoop, notify: int, transport: MmioTransport, device: VirtioDevice, index: int
+) -> Callable[[int], None]:
+    """Event-loop callback: drain the kick eventfd, then process the queue.
+
+    A device held back by its rate limiter sets ``throttled`` and
+    ``retry_after``; one timer at a time then processes the queue again.
+    """
+    retry_pending = False
+
+    def serve() -> None:
+        nonlocal retry_pending
+        transport.process_queue(index)
+        if getattr(device, "throttled", False) and not retry_pending:
+            retry_pending = True
+            loop.call_later(device.retry_after, retry)
+
+    def retry() -> None:
+        nonlocal retry_pending
+        retry_pending = False
+        serve()
 
     def on_kick(events: int) -> None:
         try:
             os.eventfd_read(notify)
         except BlockingIOError:
             return
-        transport.process_queue(index)
+        serve()
 
     return on_kick

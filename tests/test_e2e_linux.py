@@ -246,3 +246,30 @@ def test_virtio_blk_read_only_drive_refuses_writes(
     assert "write=refused" in lines
     assert "raw=refused" in lines
     assert image.read_bytes() == before
+
+
+def test_rate_limited_drive_is_slower(linux_host, linux_guest: LinuxGuest, tmp_path: Path) -> None:
+    """Reading 4 MiB at bw=1M/1s takes at least ~3 s; unlimited it takes far less."""
+    image = tmp_path / "raw.img"
+    image.write_bytes(bytes(4 << 20))
+    script = (
+        "s=$(cut -d' ' -f1 /proc/uptime)\n"
+        "dd if=/dev/vda of=/dev/null bs=65536 count=64 2>/dev/null\n"
+        "e=$(cut -d' ' -f1 /proc/uptime)\n"
+        "echo elapsed-cs=$(( (${e%.*}${e#*.}) - (${s%.*}${s#*.}) ))\n"
+    )
+
+    def elapsed(drive: str) -> float:
+        result = boot(
+            linux_host, linux_guest.vmlinux, linux_guest.initramfs_virtio, script,
+            flags=("--drive", drive),
+        )  # fmt: skip
+        lines = guest_lines(result.stdout)
+        found = [line for line in lines if line.startswith("elapsed-cs=")]
+        assert found, result.stdout[-3000:]
+        return int(found[0].split("=")[1]) / 100
+
+    limited = elapsed(f"path={image},ro,bw=1M/1s")
+    unlimited = elapsed(f"path={image},ro")
+    assert limited >= 2.5, (limited, unlimited)
+    assert unlimited < limited / 2, (limited, unlimited)

@@ -534,3 +534,25 @@ def test_random_requests_never_raise(requests, read_only):
 class _Interrupt:
     def signal_used_queue(self) -> None:
         pass
+
+
+def test_rate_limiter_holds_requests_until_the_budget_refills(mem, image):
+    from pyvmm.rate_limiter import RateLimiter, TokenBucket
+
+    now = [0]
+    ops = TokenBucket(size=1, refill_time_ms=1000, clock=lambda: now[0])
+    with BlockFile(image) as backend:
+        guest = Guest(mem, backend, rate_limiter=RateLimiter(ops=ops))
+        assert guest.request(VIRTIO_BLK_T_IN, 0, read=SECTOR_SIZE)[0] == VIRTIO_BLK_S_OK
+        # The second request stays in the ring: the bucket is empty.
+        status = guest.driver.writable(1)
+        guest.driver.send([guest.header(VIRTIO_BLK_T_IN, 1), guest.driver.writable(512), status])
+        guest.wr(Reg.QUEUE_NOTIFY, 0)
+        assert guest.driver.used_idx() == 1
+        assert guest.blk.throttled
+        assert guest.blk.retry_after == pytest.approx(1.0)
+        now[0] = 1_000_000_000  # one second later the owner retries
+        guest.mmio.process_queue(0)
+        assert guest.driver.used_idx() == 2
+        assert not guest.blk.throttled
+        assert mem.read_u8(status.addr) == VIRTIO_BLK_S_OK

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from pyvmm.errors import GuestError
+from pyvmm.rate_limiter import RateLimiter
 from pyvmm.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
 from pyvmm.virtio.queue import QueueError
 
@@ -294,9 +295,18 @@ class VirtioBlock(VirtioDevice):
     queue_max_sizes = (BLOCK_QUEUE_SIZE,)
 
     def __init__(
-        self, backend: BlockBackend, serial: str = "", read_only: bool | None = None
+        self,
+        backend: BlockBackend,
+        serial: str = "",
+        read_only: bool | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         super().__init__()
+        self.rate_limiter = rate_limiter
+        # Set when the rate limiter held requests back: the owner calls
+        # process_queue again after ``retry_after`` seconds.
+        self.throttled = False
+        self.retry_after = 0.0
         if read_only is None:
             read_only = backend.read_only
         elif not read_only and backend.read_only:
@@ -363,6 +373,7 @@ class VirtioBlock(VirtioDevice):
         mem = self.mem
         queue = self.queues[0]
         served = False
+        self.throttled = False
         while True:
             progress = False
             while True:
@@ -378,15 +389,30 @@ class VirtioBlock(VirtioDevice):
                     continue
                 if chain is None:
                     break
+                if not self._admit(chain):
+                    # Leave the chain in the ring until the budget refills.
+                    queue.next_avail = (queue.next_avail - 1) & 0xFFFF
+                    break
                 queue.add_used(mem, chain.head_index, self.handle(chain))
                 progress = served = True
-            if not progress:
+            if not progress or self.throttled:
                 break
             # Ask to be kicked for the next request, then look once more for one
             # published before the driver could see that request.
             queue.set_notification(mem, True)
         if served and queue.needs_notification(mem):
             self.interrupt.signal_used_queue()
+
+    def _admit(self, chain: DescriptorChain) -> bool:
+        """Charge one request to the rate limiter (bytes: its data, not header/status)."""
+        if self.rate_limiter is None:
+            return True
+        data = max(chain.readable_length() - 16, 0) + max(chain.writable_length() - 1, 0)
+        if self.rate_limiter.consume(data, 1):
+            return True
+        self.throttled = True
+        self.retry_after = self.rate_limiter.retry_after(data, 1)
+        return False
 
     def handle(self, chain: DescriptorChain) -> int:
         """Parse, check and execute one chain; returns the used length."""
