@@ -153,20 +153,26 @@ MARKER_CMD_BEGIN = "PYVMM-CMD-BEGIN"
 MARKER_CMD_EXIT = "PYVMM-CMD-EXIT="
 MARKER_CMD_ERROR = "PYVMM-CMD-ERROR"
 
-DEFAULT_INIT = f"""#!/bin/sh
-# pyvmm's default guest /init; the contract is in pyvmm/guestkit/initramfs.py.
+
+def init_script(purpose: str, mounts: str, ready_marker: str) -> str:
+    """A busybox init: ``mounts``, console, modules, ``ready_marker``, then the command.
+
+    The part after the mounts is the contract shared by the initramfs and the
+    rootfs inits: load /etc/modules-load.order, print the marker, run the
+    ``pyvmm.cmd`` script (or /etc/pyvmm/cmd.sh) between the CMD markers, or
+    a shell with ``pyvmm.shell``, then power off.
+    """
+    return f"""#!/bin/sh
+# {purpose}; the contract is in pyvmm/guestkit/initramfs.py.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=linux
-mount -t proc -o nosuid,nodev,noexec proc /proc
-mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
-mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
-[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
+{mounts}[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
 if [ -s /{MODULES_LOAD_ORDER} ]; then
     while read -r module; do
         case "$module" in ''|'#'*) continue ;; esac
         insmod "$module" || echo "{MARKER_MODULE_FAILED} $module"
     done < /{MODULES_LOAD_ORDER}
 fi
-printf '\\n%s\\n' {MARKER_INIT_OK}
+printf '\\n%s\\n' {ready_marker}
 cmd=
 shell=
 set -f
@@ -197,6 +203,15 @@ fi
 sync
 poweroff -f
 """
+
+
+DEFAULT_INIT = init_script(
+    "pyvmm's default guest /init",
+    "mount -t proc -o nosuid,nodev,noexec proc /proc\n"
+    "mount -t sysfs -o nosuid,nodev,noexec sysfs /sys\n"
+    "mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev\n",
+    MARKER_INIT_OK,
+)
 
 
 # --- the command-line contract ----------------------------------------------------

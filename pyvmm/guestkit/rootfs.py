@@ -85,16 +85,7 @@ from pathlib import Path, PurePosixPath
 
 from pyvmm.errors import ConfigError, HostError
 from pyvmm.guestkit.cache import cache_root, ensure_dir
-from pyvmm.guestkit.initramfs import (
-    APPLETS,
-    COMMAND_FILE,
-    COMMAND_PARAM,
-    MARKER_CMD_BEGIN,
-    MARKER_CMD_ERROR,
-    MARKER_CMD_EXIT,
-    MARKER_MODULE_FAILED,
-    MODULES_LOAD_ORDER,
-)
+from pyvmm.guestkit.initramfs import APPLETS, init_script
 
 #: Bumped when the image layout changes in a way the inputs do not show.
 _FORMAT = "1"
@@ -108,52 +99,16 @@ _TIMEOUT_S = 600
 
 MARKER_ROOTFS_OK = "PYVMM-ROOTFS-OK"
 
-ROOTFS_INIT = f"""#!/bin/sh
-# pyvmm's default rootfs /sbin/init; the contract is in pyvmm/guestkit/rootfs.py.
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=linux
-mount -t proc -o nosuid,nodev,noexec proc /proc
-mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
-grep -q '^[^ ]* /dev ' /proc/mounts || mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
-mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
-mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
-[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
-if [ -s /{MODULES_LOAD_ORDER} ]; then
-    while read -r module; do
-        case "$module" in ''|'#'*) continue ;; esac
-        insmod "$module" || echo "{MARKER_MODULE_FAILED} $module"
-    done < /{MODULES_LOAD_ORDER}
-fi
-printf '\\n%s\\n' {MARKER_ROOTFS_OK}
-cmd=
-shell=
-set -f
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in
-        {COMMAND_PARAM}=*) cmd="${{arg#{COMMAND_PARAM}=}}" ;;
-        pyvmm.shell) shell=1 ;;
-    esac
-done
-set +f
-script=
-if [ -n "$cmd" ]; then
-    script=/tmp/pyvmm-cmd.sh
-    if ! printf '%s' "$cmd" | base64 -d > "$script" || [ ! -s "$script" ]; then
-        echo "{MARKER_CMD_ERROR} {COMMAND_PARAM} is not valid base64"
-        script=
-    fi
-elif [ -f /{COMMAND_FILE} ]; then
-    script=/{COMMAND_FILE}
-fi
-if [ -n "$script" ]; then
-    echo {MARKER_CMD_BEGIN}
-    sh "$script"
-    printf '\\n%s%s\\n' {MARKER_CMD_EXIT} $?
-elif [ -n "$shell" ]; then
-    setsid cttyhack sh -l
-fi
-sync
-poweroff -f
-"""
+ROOTFS_INIT = init_script(
+    "pyvmm's default rootfs /sbin/init",
+    "mount -t proc -o nosuid,nodev,noexec proc /proc\n"
+    "mount -t sysfs -o nosuid,nodev,noexec sysfs /sys\n"
+    "grep -q '^[^ ]* /dev ' /proc/mounts"
+    " || mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev\n"
+    "mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp\n"
+    "mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run\n",
+    MARKER_ROOTFS_OK,
+)
 
 _DIR, _FILE, _LINK, _HARD, _CHR, _BLK, _FIFO = "dir", "file", "symlink", "hard", "c", "b", "p"
 
