@@ -42,17 +42,13 @@ from pyvmm.virtio.block import (
 from pyvmm.virtio.block_io import SECTOR_SIZE, BlockFile
 from pyvmm.virtio.device import VIRTIO_ID_BLOCK
 from pyvmm.virtio.mmio import (
-    STATUS_ACKNOWLEDGE,
     STATUS_DEVICE_NEEDS_RESET,
-    STATUS_DRIVER,
-    STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK,
     VIRTIO_F_VERSION_1,
     MmioTransport,
     Reg,
 )
 from tests.device_harness import CountingIrq
-from tests.virtio_driver import Buffer, MockDriver
+from tests.virtio_driver import Buffer, MockDriver, bring_up
 
 VERSION_1 = 1 << VIRTIO_F_VERSION_1
 SECTORS = 128  # 64 KiB image
@@ -114,29 +110,8 @@ class Guest:
         return value
 
     def bring_up(self, size: int) -> None:
-        wr, rd, d = self.wr, self.rd, self.driver
-        wr(Reg.STATUS, 0)
-        wr(Reg.STATUS, STATUS_ACKNOWLEDGE)
-        wr(Reg.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
         features = self.features() & ~(1 << 29)  # everything but EVENT_IDX
-        for sel in (0, 1):
-            wr(Reg.DRIVER_FEATURES_SEL, sel)
-            wr(Reg.DRIVER_FEATURES, features >> (32 * sel) & 0xFFFF_FFFF)
-        wr(Reg.STATUS, rd(Reg.STATUS) | STATUS_FEATURES_OK)
-        assert rd(Reg.STATUS) & STATUS_FEATURES_OK
-        wr(Reg.QUEUE_SEL, 0)
-        assert rd(Reg.QUEUE_NUM_MAX) == BLOCK_QUEUE_SIZE
-        wr(Reg.QUEUE_NUM, size)
-        for low, addr in (
-            (Reg.QUEUE_DESC_LOW, d.desc_table),
-            (Reg.QUEUE_DRIVER_LOW, d.avail_ring),
-            (Reg.QUEUE_DEVICE_LOW, d.used_ring),
-        ):
-            wr(low, addr & 0xFFFF_FFFF)
-            wr(low + 4, addr >> 32)
-        wr(Reg.QUEUE_READY, 1)
-        wr(Reg.STATUS, rd(Reg.STATUS) | STATUS_DRIVER_OK)
-        assert rd(Reg.STATUS) & STATUS_DRIVER_OK
+        bring_up(self.mmio, self.driver, features, size, BLOCK_QUEUE_SIZE)
 
     def config(self) -> tuple:
         raw = bytearray()

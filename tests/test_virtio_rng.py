@@ -7,11 +7,7 @@ import pytest
 from pyvmm.memory import GuestMemory
 from pyvmm.virtio.device import VIRTIO_ID_RNG, VIRTIO_MMIO_INT_VRING
 from pyvmm.virtio.mmio import (
-    STATUS_ACKNOWLEDGE,
     STATUS_DEVICE_NEEDS_RESET,
-    STATUS_DRIVER,
-    STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK,
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     MmioTransport,
@@ -20,7 +16,7 @@ from pyvmm.virtio.mmio import (
 from pyvmm.virtio.queue import VIRTQ_AVAIL_F_NO_INTERRUPT
 from pyvmm.virtio.rng import MAX_BYTES_PER_CHAIN, RNG_QUEUE_SIZE, VirtioRng, VirtioRngState
 from tests.device_harness import CountingIrq
-from tests.virtio_driver import MockDriver
+from tests.virtio_driver import MockDriver, bring_up
 
 VERSION_1 = 1 << VIRTIO_F_VERSION_1
 EVENT_IDX = 1 << VIRTIO_RING_F_EVENT_IDX
@@ -75,28 +71,7 @@ class Guest:
         self.mmio.write(offset, memoryview(value.to_bytes(4, "little")))
 
     def bring_up(self, features: int, size: int) -> None:
-        wr, rd, d = self.wr, self.rd, self.driver
-        wr(Reg.STATUS, 0)
-        wr(Reg.STATUS, STATUS_ACKNOWLEDGE)
-        wr(Reg.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
-        for sel in (0, 1):
-            wr(Reg.DRIVER_FEATURES_SEL, sel)
-            wr(Reg.DRIVER_FEATURES, features >> (32 * sel) & 0xFFFF_FFFF)
-        wr(Reg.STATUS, rd(Reg.STATUS) | STATUS_FEATURES_OK)
-        assert rd(Reg.STATUS) & STATUS_FEATURES_OK
-        wr(Reg.QUEUE_SEL, 0)
-        assert rd(Reg.QUEUE_NUM_MAX) == RNG_QUEUE_SIZE
-        wr(Reg.QUEUE_NUM, size)
-        for low, addr in (
-            (Reg.QUEUE_DESC_LOW, d.desc_table),
-            (Reg.QUEUE_DRIVER_LOW, d.avail_ring),
-            (Reg.QUEUE_DEVICE_LOW, d.used_ring),
-        ):
-            wr(low, addr & 0xFFFF_FFFF)
-            wr(low + 4, addr >> 32)
-        wr(Reg.QUEUE_READY, 1)
-        wr(Reg.STATUS, rd(Reg.STATUS) | STATUS_DRIVER_OK)
-        assert rd(Reg.STATUS) & STATUS_DRIVER_OK
+        bring_up(self.mmio, self.driver, features, size, RNG_QUEUE_SIZE)
 
     def notify(self) -> None:
         self.wr(Reg.QUEUE_NOTIFY, 0)

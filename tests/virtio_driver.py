@@ -166,3 +166,47 @@ class MockDriver:
 
     def avail_event(self) -> int:
         return self.mem.read_struct(U16, self.used_ring + 4 + 8 * self.size)[0]
+
+
+def bring_up(transport, driver: MockDriver, features: int, size: int, queue_max: int) -> None:
+    """Initialise a virtio-mmio device as a driver does (spec 3.1.1), queue 0 only.
+
+    ``features`` is what the driver acks; the queue is ``driver``'s rings.
+    """
+    from pyvmm.virtio.mmio import (
+        STATUS_ACKNOWLEDGE,
+        STATUS_DRIVER,
+        STATUS_DRIVER_OK,
+        STATUS_FEATURES_OK,
+        Reg,
+    )
+
+    def rd(offset: int) -> int:
+        buf = bytearray(4)
+        transport.read(offset, memoryview(buf))
+        return int.from_bytes(buf, "little")
+
+    def wr(offset: int, value: int) -> None:
+        transport.write(offset, memoryview(value.to_bytes(4, "little")))
+
+    wr(Reg.STATUS, 0)
+    wr(Reg.STATUS, STATUS_ACKNOWLEDGE)
+    wr(Reg.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+    for sel in (0, 1):
+        wr(Reg.DRIVER_FEATURES_SEL, sel)
+        wr(Reg.DRIVER_FEATURES, features >> (32 * sel) & 0xFFFF_FFFF)
+    wr(Reg.STATUS, rd(Reg.STATUS) | STATUS_FEATURES_OK)
+    assert rd(Reg.STATUS) & STATUS_FEATURES_OK
+    wr(Reg.QUEUE_SEL, 0)
+    assert rd(Reg.QUEUE_NUM_MAX) == queue_max
+    wr(Reg.QUEUE_NUM, size)
+    for low, addr in (
+        (Reg.QUEUE_DESC_LOW, driver.desc_table),
+        (Reg.QUEUE_DRIVER_LOW, driver.avail_ring),
+        (Reg.QUEUE_DEVICE_LOW, driver.used_ring),
+    ):
+        wr(low, addr & 0xFFFF_FFFF)
+        wr(low + 4, addr >> 32)
+    wr(Reg.QUEUE_READY, 1)
+    wr(Reg.STATUS, rd(Reg.STATUS) | STATUS_DRIVER_OK)
+    assert rd(Reg.STATUS) & STATUS_DRIVER_OK
