@@ -273,3 +273,29 @@ def test_rate_limited_drive_is_slower(linux_host, linux_guest: LinuxGuest, tmp_p
     unlimited = elapsed(f"path={image},ro")
     assert limited >= 2.5, (limited, unlimited)
     assert unlimited < limited / 2, (limited, unlimited)
+
+
+def test_root_filesystem_on_virtio_blk(linux_host, linux_guest: LinuxGuest, tmp_path: Path) -> None:
+    """The initramfs loads virtio_blk and switches to an ext4 root on /dev/vda;
+    a file the guest writes there is in the image after poweroff."""
+    import shutil
+
+    from pyvmm.guestkit.rootfs import MARKER_ROOTFS_OK, build_rootfs
+
+    image = tmp_path / "root.img"
+    shutil.copy(build_rootfs(), image)  # a private, writable copy of the cached image
+    script = (
+        "echo root=$(grep ' / ' /proc/mounts | cut -d' ' -f1,3)\n"
+        "echo from-root > /hello.txt\n"
+        "sync\n"
+    )
+    result = boot(
+        linux_host, linux_guest.vmlinux, linux_guest.initramfs_virtio, script,
+        flags=("--drive", f"path={image},root"),
+    )  # fmt: skip
+    lines = guest_lines(result.stdout)
+    assert MARKER_ROOTFS_OK in lines, result.stdout[-3000:]
+    assert "root=/dev/vda ext4" in lines
+    assert command_status(result.stdout) == 0
+    assert result.returncode == 0, result.stderr
+    assert debugfs_cat(image, "hello.txt") == "from-root\n"

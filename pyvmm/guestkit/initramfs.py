@@ -152,9 +152,34 @@ MARKER_MODULE_FAILED = "PYVMM-INIT-MODULE-FAILED"
 MARKER_CMD_BEGIN = "PYVMM-CMD-BEGIN"
 MARKER_CMD_EXIT = "PYVMM-CMD-EXIT="
 MARKER_CMD_ERROR = "PYVMM-CMD-ERROR"
+MARKER_ROOT_FAILED = "PYVMM-INIT-ROOT-FAILED"
 
 
-def init_script(purpose: str, mounts: str, ready_marker: str) -> str:
+#: The initramfs hands over to a root filesystem named by ``root=`` on the
+#: kernel command line (e.g. a virtio-blk disk) once its modules are loaded.
+SWITCH_ROOT = f"""root=
+mode=ro
+set -f
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        root=*) root="${{arg#root=}}" ;;
+        rw|ro) mode="$arg" ;;
+    esac
+done
+set +f
+if [ -n "$root" ]; then
+    mkdir -p /newroot
+    if mount -o "$mode" "$root" /newroot; then
+        mount --move /dev /newroot/dev
+        umount /sys /proc
+        exec switch_root /newroot /sbin/init
+    fi
+    echo "{MARKER_ROOT_FAILED} $root"
+fi
+"""
+
+
+def init_script(purpose: str, mounts: str, ready_marker: str, handoff: str = "") -> str:
     """A busybox init: ``mounts``, console, modules, ``ready_marker``, then the command.
 
     The part after the mounts is the contract shared by the initramfs and the
@@ -172,7 +197,7 @@ if [ -s /{MODULES_LOAD_ORDER} ]; then
         insmod "$module" || echo "{MARKER_MODULE_FAILED} $module"
     done < /{MODULES_LOAD_ORDER}
 fi
-printf '\\n%s\\n' {ready_marker}
+{handoff}printf '\\n%s\\n' {ready_marker}
 cmd=
 shell=
 set -f
@@ -211,6 +236,7 @@ DEFAULT_INIT = init_script(
     "mount -t sysfs -o nosuid,nodev,noexec sysfs /sys\n"
     "mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev\n",
     MARKER_INIT_OK,
+    SWITCH_ROOT,
 )
 
 
