@@ -88,18 +88,26 @@ class GuestMemory:
     def _locate(self, addr: int, length: int) -> tuple[MemoryRegion, int]:
         if length < 0 or addr < 0:
             raise GuestMemoryError(f"invalid guest access {addr:#x}+{length:#x}")
+        end = addr + (length or 1)
         for region in self._regions:
-            if region.contains(addr, max(length, 1)):
-                return region, addr - region.guest_addr
+            start = region.guest_addr
+            if start <= addr and end <= start + region.size:
+                return region, addr - start
         raise GuestMemoryError(f"guest access {addr:#x}+{length:#x} is outside guest RAM")
 
     def is_valid(self, addr: int, length: int) -> bool:
-        """True if ``[addr, addr+length)`` lies inside one RAM region."""
-        return (
-            addr >= 0
-            and length >= 0
-            and any(region.contains(addr, max(length, 1)) for region in self._regions)
-        )
+        """True if ``[addr, addr+length)`` lies inside one RAM region.
+
+        Called for every descriptor of every virtqueue request: a plain loop
+        over the (one or two) regions, no generator or method call per region.
+        """
+        if addr < 0 or length < 0:
+            return False
+        end = addr + (length or 1)
+        for region in self._regions:
+            if region.guest_addr <= addr and end <= region.guest_addr + region.size:
+                return True
+        return False
 
     def view(self, addr: int, length: int) -> memoryview:
         """A zero-copy, writable view of guest RAM (must not span regions)."""
