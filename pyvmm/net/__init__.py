@@ -1,0 +1,1 @@
+"""Host network back ends for virtio-net (a TAP device today)."""

@@ -1,0 +1,435 @@
+"""virtio-net (virtio 1.2, section 5.1): an Ethernet NIC backed by a host TAP.
+
+Two queues, receiveq1 (0) and transmitq1 (1); no control queue. Every frame
+in either direction is preceded by a 12-byte ``struct virtio_net_hdr_v1``
+(the header always has ``num_buffers`` under VIRTIO_F_VERSION_1).
+
+The back end is injected (:class:`NetBackend`, normally
+``pyvmm.net.tap.Tap``). When it speaks the same header (``vnet_hdr``), the
+device passes headers through both ways and offers the checksum and TSO
+offloads; on activation it tells the back end which offloads the guest
+accepts for RX (GUEST_CSUM -> TUN_F_CSUM, GUEST_TSO4 -> TUN_F_TSO4, ...).
+Without ``vnet_hdr`` the device strips the header on TX, prepends a zeroed
+one on RX and offers no offloads.
+
+TX (:meth:`VirtioNet.process_queue` (1)): each chain's readable buffers
+(header + frame) go to ONE ``writev`` as zero-copy views of guest RAM. A
+chain with writable buffers, shorter than the header or with a frame over
+:data:`MAX_FRAME_SIZE` is dropped; a host error drops the frame. Every TX
+chain comes back with used length 0 (the device writes nothing into it).
+
+RX (:meth:`VirtioNet.process_rx`, also run by ``process_queue(0)`` when the
+driver adds buffers): one ``readv`` copies a frame from the back end into a
+preallocated scratch buffer, which is then copied into the writable buffers
+of one chain, or with VIRTIO_NET_F_MRG_RXBUF of as many chains as needed
+(``num_buffers`` says how many). Chains are only returned once the whole
+frame fits: when the ring runs dry mid-frame, the chains taken are put back
+(``next_avail`` rewound) and the frame stays *pending* in the scratch buffer
+until the driver adds buffers. A chain that cannot hold a header is returned
+with length 0; a frame that can never fit (larger than one chain without
+MRG_RXBUF, larger than the whole ring with it) is dropped.
+
+A guest mistake costs only its chain or frame; a ring with no head to return
+(bad ``avail.idx``) raises ``QueueError``, which the transport turns into
+DEVICE_NEEDS_RESET. Host ``OSError`` is logged at debug level, counted, and
+never propagates.
+
+Owner's duty: call ``transport.process_queue(0)`` (which takes the transport
+lock) whenever the back end's fd becomes readable. Register the fd
+edge-triggered: while a frame is pending for lack of guest buffers the fd
+stays readable, and the next ``process_queue(0)`` after a driver kick
+drains it anyway.
+
+Persistence: :meth:`VirtioNet.save` keeps the MAC and the counters. A
+pending RX frame is not saved: it is dropped, as a real NIC may drop frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from pyvmm.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE
+from pyvmm.virtio.device import VIRTIO_ID_NET, VirtioDevice
+from pyvmm.virtio.queue import QueueError
+
+if TYPE_CHECKING:
+    from pyvmm.memory import GuestMemory
+    from pyvmm.virtio.device import VirtioInterrupt
+    from pyvmm.virtio.queue import DescriptorChain, Queue
+
+_logger = logging.getLogger("pyvmm.virtio.net")
+
+NET_QUEUE_SIZE = 256
+RX_QUEUE = 0
+TX_QUEUE = 1
+
+#: The largest frame (without the virtio header) either direction carries: a
+#: 64 KiB GSO packet plus Ethernet and VLAN headers, as Linux sizes its big
+#: receive buffers.
+MAX_FRAME_SIZE = 65562
+
+# --- feature bits (5.1.3) ---------------------------------------------------------
+VIRTIO_NET_F_CSUM = 0  # device handles partial checksums from the driver
+VIRTIO_NET_F_GUEST_CSUM = 1  # driver handles partial checksums from the device
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+
+VIRTIO_NET_S_LINK_UP = 1
+
+OFFLOAD_FEATURES = (
+    1 << VIRTIO_NET_F_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_TSO4
+    | 1 << VIRTIO_NET_F_GUEST_TSO6
+    | 1 << VIRTIO_NET_F_HOST_TSO4
+    | 1 << VIRTIO_NET_F_HOST_TSO6
+)
+BASE_FEATURES = 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_NET_F_MRG_RXBUF
+
+#: Guest RX feature -> TAP offload flag (what the guest accepts from the host).
+#: GUEST_TSO* is only valid with GUEST_CSUM (5.1.3.1), and the TAP wants CSUM too.
+GUEST_OFFLOADS = (
+    (VIRTIO_NET_F_GUEST_CSUM, TUN_F_CSUM),
+    (VIRTIO_NET_F_GUEST_TSO4, TUN_F_TSO4),
+    (VIRTIO_NET_F_GUEST_TSO6, TUN_F_TSO6),
+)
+
+#: struct virtio_net_config, the fields we offer: u8 mac[6]; le16 status;
+#: le16 max_virtqueue_pairs.
+CONFIG = struct.Struct("<6sHH")
+#: struct virtio_net_hdr_v1; only num_buffers (at offset 10) is ours to write on RX.
+NUM_BUFFERS_OFFSET = 10
+U16 = struct.Struct("<H")
+
+
+class NetBackend(Protocol):
+    """What the device needs from its back end (``pyvmm.net.tap.Tap`` has it).
+
+    ``vnet_hdr``: frames carry a 12-byte virtio_net_hdr_v1 both ways.
+    ``readv`` receives one frame and returns its length, or raises
+    ``BlockingIOError`` when none is queued; ``writev`` sends one frame.
+    """
+
+    vnet_hdr: bool
+
+    def readv(self, buffers: list[memoryview]) -> int: ...
+    def writev(self, buffers: list[memoryview]) -> int: ...
+    def set_offload(self, flags: int) -> None: ...
+
+
+@dataclass
+class NetStats:
+    """Counters for metrics.
+
+    ``*_drops`` are frames lost (too big, host error, restore); ``errors``
+    counts malformed chains the guest posted.
+    """
+
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    rx_drops: int = 0
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    tx_drops: int = 0
+    errors: int = 0
+
+
+@dataclass(frozen=True)
+class VirtioNetState:
+    mac: bytes
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+class VirtioNet(VirtioDevice):
+    """The virtio network device; see the module docstring."""
+
+    device_type = VIRTIO_ID_NET
+    queue_max_sizes = (NET_QUEUE_SIZE, NET_QUEUE_SIZE)
+
+    def __init__(self, backend: NetBackend, mac: bytes) -> None:
+        super().__init__()
+        if len(mac) != 6:
+            raise ValueError(f"MAC address must be 6 bytes, not {len(mac)}")
+        self.backend = backend
+        self.mac = bytes(mac)
+        self.vnet_hdr = bool(getattr(backend, "vnet_hdr", True))
+        # Instance attribute: what this device offers depends on the back end.
+        self.avail_features = BASE_FEATURES | (OFFLOAD_FEATURES if self.vnet_hdr else 0)
+        self.stats = NetStats()
+        self._scratch = bytearray(VNET_HDR_SIZE + MAX_FRAME_SIZE)
+        self._scratch_view = memoryview(self._scratch)
+        #: Length (header included) of the frame waiting in the scratch buffer; 0: none.
+        self.pending_len = 0
+
+    # --- config space -------------------------------------------------------------
+    def read_config(self, offset: int, data: memoryview) -> None:
+        config = CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1)
+        chunk = config[offset : offset + len(data)] if offset >= 0 else b""
+        data[:] = chunk.ljust(len(data), b"\0")
+
+    # --- lifecycle ------------------------------------------------------------------
+    def activate(
+        self,
+        mem: GuestMemory,
+        queues: list[Queue],
+        interrupt: VirtioInterrupt,
+        acked_features: int = 0,
+    ) -> None:
+        super().activate(mem, queues, interrupt, acked_features)
+        if self.vnet_hdr:
+            offload = 0
+            for feature, flag in GUEST_OFFLOADS:
+                if acked_features >> feature & 1:
+                    offload |= flag
+            if not offload & TUN_F_CSUM:
+                offload = 0  # the TAP refuses TSO without CSUM
+            try:
+                self.backend.set_offload(offload)
+            except OSError as exc:  # pragma: no cover - the TAP accepts these flags
+                _logger.warning("virtio-net: set_offload(%#x): %s", offload, exc)
+
+    def reset(self) -> None:
+        super().reset()
+        self.pending_len = 0
+
+    @property
+    def mrg_rxbuf(self) -> bool:
+        return bool(self.acked_features >> VIRTIO_NET_F_MRG_RXBUF & 1)
+
+    # --- queues -----------------------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        """TX for queue 1; for queue 0 (the driver added RX buffers) deliver frames."""
+        if self.mem is None or self.interrupt is None:
+            return
+        if index == TX_QUEUE:
+            self._process_tx()
+        elif index == RX_QUEUE:
+            self.process_rx()
+
+    def _process_tx(self) -> None:
+        mem = self.mem
+        interrupt = self.interrupt
+        assert mem is not None and interrupt is not None
+        queue = self.queues[TX_QUEUE]
+        served = False
+        while True:
+            progress = False
+            while True:
+                try:
+                    chain = queue.pop(mem)
+                except QueueError as exc:
+                    if exc.head_index is None:
+                        raise
+                    _logger.debug("virtio-net: dropping malformed TX chain: %s", exc)
+                    self.stats.errors += 1
+                    self.stats.tx_drops += 1
+                    queue.add_used(mem, exc.head_index, 0)
+                    progress = served = True
+                    continue
+                if chain is None:
+                    break
+                self._transmit(mem, chain)
+                queue.add_used(mem, chain.head_index, 0)
+                progress = served = True
+            if not progress:
+                break
+            # Ask to be kicked for the next frame, then look once more for one
+            # published before the driver could see that request.
+            queue.set_notification(mem, True)
+        if served and queue.needs_notification(mem):
+            interrupt.signal_used_queue()
+
+    def _transmit(self, mem: GuestMemory, chain: DescriptorChain) -> None:
+        stats = self.stats
+        length = chain.readable_length()
+        frame_len = length - VNET_HDR_SIZE
+        if chain.writable() or frame_len < 0 or frame_len > MAX_FRAME_SIZE:
+            _logger.debug(
+                "virtio-net: dropping TX chain %d (%d readable bytes, %d writable)",
+                chain.head_index,
+                length,
+                chain.writable_length(),
+            )
+            stats.errors += 1
+            stats.tx_drops += 1
+            return
+        views = [mem.view(d.addr, d.length) for d in chain.readable() if d.length]
+        try:
+            buffers = views if self.vnet_hdr else _skip(views, VNET_HDR_SIZE)
+            self.backend.writev(buffers)
+        except OSError as exc:
+            _logger.debug("virtio-net: TX of %d bytes: %s", frame_len, exc)
+            stats.tx_drops += 1
+            return
+        finally:
+            for view in views:
+                view.release()
+        stats.tx_frames += 1
+        stats.tx_bytes += frame_len
+
+    # --- receive --------------------------------------------------------------------------
+    def process_rx(self) -> None:
+        """Move frames from the back end into RX buffers until either runs out.
+
+        Call it with the transport lock held (``transport.process_queue(0)``).
+        """
+        mem = self.mem
+        interrupt = self.interrupt
+        if mem is None or interrupt is None:
+            return
+        queue = self.queues[RX_QUEUE]
+        if not queue.ready:
+            return
+        used_before = queue.next_used
+        try:
+            while True:
+                if not self.pending_len and not self._read_frame():
+                    break
+                if not self._deliver(mem, queue):
+                    break
+        finally:
+            if queue.next_used != used_before and queue.needs_notification(mem):
+                interrupt.signal_used_queue()
+
+    def _read_frame(self) -> bool:
+        """Read one frame into the scratch buffer; False if the back end has none."""
+        scratch = self._scratch_view
+        header = VNET_HDR_SIZE if self.vnet_hdr else 0
+        try:
+            length = self.backend.readv([scratch[VNET_HDR_SIZE - header :]])
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            _logger.debug("virtio-net: RX read: %s", exc)
+            self.stats.rx_drops += 1
+            return False
+        if length <= 0:
+            return False
+        if length <= header:
+            self.stats.rx_drops += 1  # a runt: no frame after the header
+            return True
+        if not header:
+            scratch[:VNET_HDR_SIZE] = bytes(VNET_HDR_SIZE)
+        self.pending_len = length + VNET_HDR_SIZE - header
+        return True
+
+    def _deliver(self, mem: GuestMemory, queue: Queue) -> bool:
+        """Copy the pending frame into RX chains; False if the ring ran dry first.
+
+        Chains are returned (in pop order) only once the frame has a home;
+        otherwise every chain popped here is put back.
+        """
+        total = self.pending_len
+        mrg = self.mrg_rxbuf
+        popped: list[tuple[int, DescriptorChain | None]] = []  # (head, chain or None if bad)
+        capacity = 0
+        just_enabled = False
+        while capacity < total:
+            if not mrg and any(chain for _head, chain in popped):
+                break  # one good chain is all we may use
+            try:
+                chain = queue.pop(mem)
+            except QueueError as exc:
+                if exc.head_index is None:
+                    raise
+                _logger.debug("virtio-net: malformed RX chain: %s", exc)
+                popped.append((exc.head_index, None))
+                just_enabled = False
+                continue
+            if chain is None:
+                if not just_enabled:
+                    # Ask to be kicked for new buffers, then look once more.
+                    just_enabled = True
+                    queue.set_notification(mem, True)
+                    continue
+                if len(popped) >= queue.size:
+                    break  # we hold the whole ring: the frame can never fit
+                queue.next_avail = (queue.next_avail - len(popped)) & 0xFFFF
+                return False
+            just_enabled = False
+            if chain.writable_length() < VNET_HDR_SIZE or chain.readable():
+                popped.append((chain.head_index, None))
+                continue
+            popped.append((chain.head_index, chain))
+            capacity += chain.writable_length()
+
+        stats = self.stats
+        good = [chain for _head, chain in popped if chain is not None]
+        if capacity < total:
+            # The frame does not fit; it is lost either way.
+            stats.rx_drops += 1
+            self.pending_len = 0
+            if not any(chain is None for _head, chain in popped):
+                queue.next_avail = (queue.next_avail - len(popped)) & 0xFFFF
+                return True
+            if not mrg and popped[-1][1] is not None:
+                queue.next_avail = (queue.next_avail - 1) & 0xFFFF  # keep the good chain
+                popped.pop()
+            good = []
+
+        frame = self._scratch_view[:total]
+        if good:
+            U16.pack_into(self._scratch, NUM_BUFFERS_OFFSET, len(good))
+        lengths: dict[int, int] = {}
+        offset = 0
+        for chain in good:
+            start = offset
+            for desc in chain.writable():
+                if offset == total:
+                    break
+                n = min(desc.length, total - offset)
+                mem.write(desc.addr, frame[offset : offset + n])
+                offset += n
+            lengths[id(chain)] = offset - start
+        for head, chain in popped:
+            if chain is None:
+                stats.errors += 1
+                queue.add_used(mem, head, 0)
+            else:
+                queue.add_used(mem, head, lengths.get(id(chain), 0))
+        if good:
+            stats.rx_frames += 1
+            stats.rx_bytes += total - VNET_HDR_SIZE
+        self.pending_len = 0
+        return True
+
+    # --- persistence --------------------------------------------------------------------
+    def save(self) -> VirtioNetState:
+        """MAC and counters; a pending RX frame is dropped (not saved)."""
+        if self.pending_len:
+            self.stats.rx_drops += 1
+            self.pending_len = 0
+        return VirtioNetState(self.mac, asdict(self.stats))
+
+    def restore(self, state: VirtioNetState) -> None:
+        if state.mac != self.mac:
+            raise ValueError(
+                f"virtio-net state is for MAC {state.mac.hex(':')}, not {self.mac.hex(':')}"
+            )
+        stats = NetStats()
+        for name, value in state.stats.items():
+            if not hasattr(stats, name) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"virtio-net state: stats {name}={value!r}")
+            setattr(stats, name, value)
+        self.stats = stats
+        self.pending_len = 0
+
+
+def _skip(views: list[memoryview], count: int) -> list[memoryview]:
+    """``views`` without their first ``count`` bytes (as slices, no copy)."""
+    out = []
+    for view in views:
+        if count >= len(view):
+            count -= len(view)
+            continue
+        out.append(view[count:])
+        count = 0
+    return out

@@ -1,0 +1,403 @@
+"""virtio-net behind the virtio-mmio transport, with a fake back end."""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+
+import pytest
+
+from pyvmm.memory import GuestMemory
+from pyvmm.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE
+from pyvmm.virtio.device import VIRTIO_ID_NET
+from pyvmm.virtio.mmio import (
+    STATUS_ACKNOWLEDGE,
+    STATUS_DEVICE_NEEDS_RESET,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    VIRTIO_F_VERSION_1,
+    MmioTransport,
+    Reg,
+)
+from pyvmm.virtio.net import (
+    CONFIG,
+    MAX_FRAME_SIZE,
+    NET_QUEUE_SIZE,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+    NetStats,
+    VirtioNet,
+    VirtioNetState,
+)
+from tests.device_harness import CountingIrq
+from tests.virtio_driver import MockDriver
+
+MAC = bytes.fromhex("52540012345a")
+VERSION_1 = 1 << VIRTIO_F_VERSION_1
+MRG = 1 << VIRTIO_NET_F_MRG_RXBUF
+BASIC = VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
+HDR = b"\x01\x00" + bytes(8) + b"\x00\x00"  # NEEDS_CSUM, no GSO, num_buffers 0
+
+
+def frame(length: int, seed: int = 0) -> bytes:
+    return bytes((seed + i) & 0xFF for i in range(length))
+
+
+class FakeBackend:
+    """Frames to receive in a queue; frames sent collected as bytes."""
+
+    def __init__(self, vnet_hdr: bool = True) -> None:
+        self.vnet_hdr = vnet_hdr
+        self.incoming: deque[bytes] = deque()
+        self.sent: list[bytes] = []
+        self.buffer_counts: list[int] = []
+        self.offload: int | None = None
+        self.fail_write: OSError | None = None
+
+    def readv(self, buffers: list[memoryview]) -> int:
+        if not self.incoming:
+            raise BlockingIOError
+        data = self.incoming.popleft()
+        offset = 0
+        for buf in buffers:
+            n = min(len(buf), len(data) - offset)
+            buf[:n] = data[offset : offset + n]
+            offset += n
+        return offset
+
+    def writev(self, buffers: list[memoryview]) -> int:
+        if self.fail_write is not None:
+            raise self.fail_write
+        self.buffer_counts.append(len(buffers))
+        data = b"".join(bytes(b) for b in buffers)
+        self.sent.append(data)
+        return len(data)
+
+    def set_offload(self, flags: int) -> None:
+        self.offload = flags
+
+
+@pytest.fixture
+def mem():
+    with GuestMemory([(0, 0x80_0000)]) as memory:
+        yield memory
+
+
+class Guest:
+    """A VirtioNet in a transport, brought up with an RX and a TX driver."""
+
+    def __init__(self, mem, *, features: int = BASIC, size: int = 16, backend=None) -> None:
+        self.mem = mem
+        self.backend = backend or FakeBackend()
+        self.irq = CountingIrq()
+        self.net = VirtioNet(self.backend, MAC)
+        self.mmio = MmioTransport(self.net, self.irq, mem)
+        self.rx = MockDriver(mem, size, desc_table=0x10_000)
+        self.tx = MockDriver(mem, size, desc_table=0x20_000)
+        self.tx._data = 0x400_000  # keep the two drivers' buffers apart
+        self.rx_used = self.tx_used = 0
+        self.bring_up(features, size)
+
+    def rd(self, offset: int) -> int:
+        buf = bytearray(4)
+        self.mmio.read(offset, memoryview(buf))
+        return int.from_bytes(buf, "little")
+
+    def wr(self, offset: int, value: int) -> None:
+        self.mmio.write(offset, memoryview(value.to_bytes(4, "little")))
+
+    def device_features(self) -> int:
+        value = 0
+        for sel in (0, 1):
+            self.wr(Reg.DEVICE_FEATURES_SEL, sel)
+            value |= self.rd(Reg.DEVICE_FEATURES) << (32 * sel)
+        return value
+
+    def bring_up(self, features: int, size: int) -> None:
+        self.wr(Reg.STATUS, 0)
+        self.wr(Reg.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        assert features & ~self.device_features() == 0
+        for sel in (0, 1):
+            self.wr(Reg.DRIVER_FEATURES_SEL, sel)
+            self.wr(Reg.DRIVER_FEATURES, features >> (32 * sel) & 0xFFFF_FFFF)
+        self.wr(Reg.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
+        for index, driver in enumerate((self.rx, self.tx)):
+            self.wr(Reg.QUEUE_SEL, index)
+            assert self.rd(Reg.QUEUE_NUM_MAX) == NET_QUEUE_SIZE
+            self.wr(Reg.QUEUE_NUM, size)
+            for low, addr in (
+                (Reg.QUEUE_DESC_LOW, driver.desc_table),
+                (Reg.QUEUE_DRIVER_LOW, driver.avail_ring),
+                (Reg.QUEUE_DEVICE_LOW, driver.used_ring),
+            ):
+                self.wr(low, addr & 0xFFFF_FFFF)
+                self.wr(low + 4, addr >> 32)
+            self.wr(Reg.QUEUE_READY, 1)
+        self.wr(Reg.STATUS, self.rd(Reg.STATUS) | STATUS_DRIVER_OK)
+        assert self.rd(Reg.STATUS) & STATUS_DRIVER_OK
+
+    def config(self) -> tuple:
+        raw = bytearray()
+        for offset in range(0, 12, 4):
+            raw += self.rd(Reg.CONFIG + offset).to_bytes(4, "little")
+        return CONFIG.unpack(bytes(raw[: CONFIG.size]))
+
+    # --- traffic ------------------------------------------------------------------------
+    def send(self, buffers) -> tuple[int, int]:
+        """Post one TX chain, kick queue 1, return its used element."""
+        head = self.tx.send(buffers)
+        self.wr(Reg.QUEUE_NOTIFY, 1)
+        assert self.tx.used_idx() == self.tx_used + 1
+        elem = self.tx.used_elem(self.tx_used)
+        self.tx_used += 1
+        assert elem[0] == head
+        return elem
+
+    def post_rx(self, *lengths: int, kick: bool = True) -> list[tuple[int, list]]:
+        """Post one RX chain per entry (an int or a list of buffer sizes)."""
+        posted = []
+        for spec in lengths:
+            sizes = spec if isinstance(spec, list) else [spec]
+            bufs = [self.rx.writable(n) for n in sizes]
+            posted.append((self.rx.send(bufs), bufs))
+        if kick:
+            self.wr(Reg.QUEUE_NOTIFY, 0)
+        return posted
+
+    def rx_completions(self) -> list[tuple[int, int]]:
+        out = []
+        while self.rx_used != self.rx.used_idx():
+            out.append(self.rx.used_elem(self.rx_used))
+            self.rx_used = (self.rx_used + 1) & 0xFFFF
+        return out
+
+    def read_chain(self, bufs, length: int) -> bytes:
+        data = b"".join(self.mem.read(b.addr, b.length) for b in bufs)
+        return data[:length]
+
+
+def test_identity_features_and_config(mem):
+    g = Guest(mem)
+    assert g.rd(Reg.DEVICE_ID) == VIRTIO_ID_NET
+    offered = g.device_features()
+    for bit in (
+        VIRTIO_NET_F_MAC,
+        VIRTIO_NET_F_STATUS,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_F_VERSION_1,
+    ):
+        assert offered >> bit & 1, bit
+    mac, status, pairs = g.config()
+    assert (mac, status, pairs) == (MAC, VIRTIO_NET_S_LINK_UP, 1)
+    # Byte-wise config reads, as the Linux driver does for the MAC.
+    buf = bytearray(1)
+    g.mmio.read(Reg.CONFIG + 5, memoryview(buf))
+    assert buf[0] == MAC[5]
+
+
+def test_no_offloads_without_vnet_header(mem):
+    g = Guest(mem, backend=FakeBackend(vnet_hdr=False))
+    offered = g.device_features()
+    assert not offered >> VIRTIO_NET_F_CSUM & 1
+    assert not offered >> VIRTIO_NET_F_GUEST_TSO4 & 1
+    assert offered >> VIRTIO_NET_F_MRG_RXBUF & 1
+    assert g.backend.offload is None
+
+
+def test_offloads_follow_acked_features(mem):
+    guest_rx = (
+        1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_TSO6
+    )
+    g = Guest(mem, features=BASIC | guest_rx | 1 << VIRTIO_NET_F_CSUM)
+    assert g.backend.offload == TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+    g = Guest(mem, features=BASIC | 1 << VIRTIO_NET_F_GUEST_CSUM)
+    assert g.backend.offload == TUN_F_CSUM
+    g = Guest(mem, features=BASIC)
+    assert g.backend.offload == 0
+
+
+def test_tx_frame_passes_header_and_frame_zero_copy(mem):
+    g = Guest(mem)
+    payload = frame(1500)
+    # Header and frame in separate descriptors, frame split in two, as Linux may.
+    _head, length = g.send(
+        [g.tx.readable(HDR), g.tx.readable(payload[:600]), g.tx.readable(payload[600:])]
+    )
+    assert length == 0
+    assert g.backend.sent == [HDR + payload]
+    assert g.backend.buffer_counts == [3]  # one writev, the guest's own buffers
+    assert g.irq.count >= 1
+    assert (g.net.stats.tx_frames, g.net.stats.tx_bytes) == (1, 1500)
+
+
+def test_tx_without_vnet_header_strips_it(mem):
+    g = Guest(mem, backend=FakeBackend(vnet_hdr=False))
+    payload = frame(100)
+    g.send([g.tx.readable(HDR[:4]), g.tx.readable(HDR[4:] + payload)])
+    assert g.backend.sent == [payload]
+
+
+def test_tx_oversized_or_malformed_frames_are_dropped(mem):
+    g = Guest(mem)
+    assert g.send([g.tx.readable(HDR + frame(MAX_FRAME_SIZE + 1))])[1] == 0
+    assert g.send([g.tx.readable(HDR[:8])])[1] == 0  # shorter than the header
+    assert g.send([g.tx.readable(HDR + frame(60)), g.tx.writable(16)])[1] == 0
+    assert g.backend.sent == []
+    assert g.net.stats.tx_drops == 3
+    # The largest legal frame still goes through, and so does the next one.
+    g.send([g.tx.readable(HDR + frame(MAX_FRAME_SIZE))])
+    assert len(g.backend.sent[0]) == VNET_HDR_SIZE + MAX_FRAME_SIZE
+    assert not g.rd(Reg.STATUS) & STATUS_DEVICE_NEEDS_RESET
+
+
+def test_tx_host_error_drops_the_frame_only(mem):
+    g = Guest(mem)
+    g.backend.fail_write = OSError(5, "EIO")
+    assert g.send([g.tx.readable(HDR + frame(60))])[1] == 0
+    assert g.net.stats.tx_drops == 1
+    g.backend.fail_write = None
+    g.send([g.tx.readable(HDR + frame(60))])
+    assert len(g.backend.sent) == 1
+
+
+def test_rx_into_one_chain(mem):
+    g = Guest(mem)
+    payload = frame(1000, 7)
+    g.backend.incoming.append(bytes(VNET_HDR_SIZE) + payload)
+    ((head, bufs),) = g.post_rx([VNET_HDR_SIZE, 1514])  # header and data separately
+    assert g.rx_completions() == [(head, VNET_HDR_SIZE + 1000)]
+    data = g.read_chain(bufs, VNET_HDR_SIZE + 1000)
+    assert struct.unpack_from("<H", data, 10)[0] == 1  # num_buffers
+    assert data[VNET_HDR_SIZE:] == payload
+    assert (g.net.stats.rx_frames, g.net.stats.rx_bytes) == (1, 1000)
+    assert g.irq.count >= 1
+
+
+def test_rx_mergeable_across_two_chains(mem):
+    g = Guest(mem, features=BASIC | MRG)
+    payload = frame(2000, 3)
+    g.backend.incoming.append(bytes(VNET_HDR_SIZE) + payload)
+    posted = g.post_rx(1536, 1536, 1536)
+    (h1, b1), (h2, b2), _ = posted
+    total = VNET_HDR_SIZE + 2000
+    assert g.rx_completions() == [(h1, 1536), (h2, total - 1536)]
+    data = g.read_chain(b1, 1536) + g.read_chain(b2, total - 1536)
+    assert struct.unpack_from("<H", data, 10)[0] == 2
+    assert data[VNET_HDR_SIZE:] == payload
+    # The third chain is still there for the next frame.
+    g.backend.incoming.append(bytes(VNET_HDR_SIZE) + frame(50))
+    g.net.process_rx()
+    assert g.rx_completions() == [(posted[2][0], VNET_HDR_SIZE + 50)]
+
+
+def test_rx_waits_for_buffers(mem):
+    g = Guest(mem, features=BASIC | MRG)
+    payload = frame(3000, 9)
+    g.backend.incoming.extend([bytes(VNET_HDR_SIZE) + payload, bytes(VNET_HDR_SIZE) + frame(40)])
+    g.mmio.process_queue(0)  # the TAP fd became readable: no buffers yet
+    assert g.net.pending_len == VNET_HDR_SIZE + 3000
+    assert g.rx_completions() == []
+    # One buffer is not enough for the frame: it is taken back, nothing is returned.
+    g.post_rx(1536)
+    assert g.rx_completions() == []
+    assert g.net.pending_len == VNET_HDR_SIZE + 3000
+    # Two more: the pending frame fills the first two chains (num_buffers 2),
+    # the frame queued behind it the third.
+    g.post_rx(1536, 1536)
+    done = g.rx_completions()
+    total = VNET_HDR_SIZE + 3000
+    assert [length for _h, length in done] == [1536, total - 1536, VNET_HDR_SIZE + 40]
+    assert g.net.pending_len == 0
+    assert g.net.stats.rx_frames == 2
+
+
+def test_rx_without_mrg_needs_one_big_enough_chain(mem):
+    g = Guest(mem)
+    g.backend.incoming.extend(
+        [bytes(VNET_HDR_SIZE) + frame(2000), bytes(VNET_HDR_SIZE) + frame(100)]
+    )
+    ((head, _bufs),) = g.post_rx(1536)
+    # 2000 bytes never fit a 1536-byte chain: that frame is dropped, the chain kept.
+    assert g.rx_completions() == [(head, VNET_HDR_SIZE + 100)]
+    assert g.net.stats.rx_drops == 1
+
+
+def test_rx_chain_too_small_for_header_is_returned_empty(mem):
+    g = Guest(mem, features=BASIC | MRG)
+    g.backend.incoming.append(bytes(VNET_HDR_SIZE) + frame(100))
+    (bad, _), (good, _) = g.post_rx(4, 1536)
+    assert g.rx_completions() == [(bad, 0), (good, VNET_HDR_SIZE + 100)]
+    assert g.net.stats.errors == 1
+
+
+def test_rx_without_vnet_header_prepends_a_zero_header(mem):
+    g = Guest(mem, backend=FakeBackend(vnet_hdr=False))
+    payload = frame(64, 1)
+    g.backend.incoming.append(payload)
+    ((head, bufs),) = g.post_rx(1536)
+    assert g.rx_completions() == [(head, VNET_HDR_SIZE + 64)]
+    data = g.read_chain(bufs, VNET_HDR_SIZE + 64)
+    assert data == bytes(10) + b"\x01\x00" + payload
+
+
+def test_rx_batch_signals_once(mem):
+    g = Guest(mem)
+    g.post_rx(1536, 1536, 1536, kick=False)
+    before = g.irq.count
+    g.backend.incoming.extend(bytes(VNET_HDR_SIZE) + frame(60, i) for i in range(3))
+    g.mmio.process_queue(0)
+    assert len(g.rx_completions()) == 3
+    assert g.irq.count == before + 1
+
+
+def test_rx_with_event_idx_rearms_the_kick(mem):
+    g = Guest(mem)
+    queue = g.net.queues[0]
+    queue.event_idx = True
+    g.backend.incoming.append(bytes(VNET_HDR_SIZE) + frame(60))
+    g.net.process_rx()
+    # No buffers: the device asked to be kicked at the next avail entry.
+    assert g.rx.avail_event() == g.rx.avail_idx
+
+
+def test_save_restore_round_trip(mem):
+    g = Guest(mem)
+    g.send([g.tx.readable(HDR + frame(60))])
+    g.backend.incoming.append(bytes(VNET_HDR_SIZE) + frame(60))
+    g.net.process_rx()
+    assert g.net.pending_len
+    state = g.net.save()
+    assert g.net.pending_len == 0  # the pending frame is dropped, not saved
+    assert isinstance(state, VirtioNetState)
+    other = VirtioNet(FakeBackend(), MAC)
+    other.restore(state)
+    assert other.stats == g.net.stats
+    assert other.stats.rx_drops == 1 and other.stats.tx_frames == 1
+    with pytest.raises(ValueError):
+        VirtioNet(FakeBackend(), bytes(6)).restore(state)
+    with pytest.raises(ValueError):
+        other.restore(VirtioNetState(MAC, {"bogus": 1}))
+    assert NetStats() == VirtioNet(FakeBackend(), MAC).stats
+
+
+def test_reset_forgets_pending_frame(mem):
+    g = Guest(mem)
+    g.backend.incoming.append(bytes(VNET_HDR_SIZE) + frame(60))
+    g.net.process_rx()
+    g.wr(Reg.STATUS, 0)
+    assert g.net.pending_len == 0 and not g.net.activated
