@@ -66,6 +66,12 @@ def main() -> None:
     help="A virtio-blk disk: path=IMG[,ro][,root][,bw=10M/1s][,ops=1000/1s] "
     "(repeatable; root adds root=/dev/vdX; bw/ops rate-limit it).",
 )
+@click.option(
+    "--net",
+    "nets",
+    multiple=True,
+    help="A virtio-net interface on a host TAP device: tap=NAME[,mac=MAC] (repeatable).",
+)
 @click.option("--rng", is_flag=True, help="Add a virtio-rng device (entropy from the host).")
 @click.option(
     "--log-level",
@@ -83,12 +89,19 @@ def run(
     timeout: float | None,
     cpu_template: str,
     drives: tuple[str, ...],
+    nets: tuple[str, ...],
     rng: bool,
     log_level: str,
 ) -> None:
     """Boot a kernel; the serial console is on stdin/stdout (Ctrl-A X quits)."""
     _setup_logging(log_level)
-    from pyvmm.config import DEFAULT_LINUX_CMDLINE, MachineConfig, parse_drive, parse_memory_size
+    from pyvmm.config import (
+        DEFAULT_LINUX_CMDLINE,
+        MachineConfig,
+        parse_drive,
+        parse_memory_size,
+        parse_net,
+    )
 
     try:
         if kernel is None:
@@ -106,6 +119,7 @@ def run(
             cpu_template=cpu_template,
             rng=rng,
             drives=tuple(parse_drive(drive) for drive in drives),
+            nets=tuple(parse_net(net) for net in nets),
         )
         config.validate()
     except (ConfigError, HostError) as error:

@@ -6,6 +6,7 @@ exists, and reported as a one-line :class:`ConfigError`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -76,6 +77,46 @@ def parse_drive(text: str) -> DriveConfig:
     return DriveConfig(Path(path), read_only, root, ",".join(limits) or None)
 
 
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """A virtio-net device backed by a host TAP device."""
+
+    tap: str
+    mac: str | None = None  # default: derived from the TAP name, locally administered
+
+    def mac_bytes(self) -> bytes:
+        if self.mac is not None:
+            return bytes(int(part, 16) for part in self.mac.split(":"))
+        digest = hashlib.sha256(self.tap.encode()).digest()
+        return bytes([0x02, *digest[:5]])  # unicast, locally administered
+
+
+def parse_net(text: str) -> NetConfig:
+    """``tap=NAME[,mac=AA:BB:CC:DD:EE:FF]``."""
+    tap: str | None = None
+    mac: str | None = None
+    for item in (part.strip() for part in text.split(",")):
+        key, _, value = item.partition("=")
+        if key == "tap" and value:
+            tap = value
+        elif key == "mac" and value:
+            if not _MAC_RE.match(value):
+                raise ConfigError(
+                    f"MAC address {value!r} is not six hex bytes like 02:00:00:00:00:01"
+                )
+            if int(value[:2], 16) & 1:
+                raise ConfigError(f"MAC address {value} is a multicast address")
+            mac = value
+        else:
+            raise ConfigError(f"network option {item!r} is not one of tap=NAME, mac=MAC")
+    if not tap:
+        raise ConfigError(f"network interface {text!r} has no tap=NAME")
+    return NetConfig(tap, mac)
+
+
 @dataclass(frozen=True)
 class MachineConfig:
     """What to boot and with how much hardware."""
@@ -89,6 +130,7 @@ class MachineConfig:
     cpu_template: str = "auto"  # "auto": "pvm" on PVM hosts, else "none"
     rng: bool = False  # a virtio-rng device fed by os.getrandom
     drives: tuple[DriveConfig, ...] = ()
+    nets: tuple[NetConfig, ...] = ()
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for the first problem found."""

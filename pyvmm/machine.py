@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from pyvmm.kvm import Kvm, Vcpu, Vm
 from pyvmm.kvm._kvm_cffi import lib
 from pyvmm.kvm.signals import install_kick_handler
 from pyvmm.memory import GuestMemory
+from pyvmm.net.tap import Tap
 from pyvmm.rate_limiter import parse_rate_limit
 from pyvmm.serial_console import SerialConsoleInput
 from pyvmm.serial_tail import SerialTail
@@ -44,6 +46,7 @@ from pyvmm.virtio.block import VirtioBlock
 from pyvmm.virtio.block_io import BlockFile
 from pyvmm.virtio.device import VirtioDevice
 from pyvmm.virtio.mmio import MmioTransport
+from pyvmm.virtio.net import VirtioNet
 from pyvmm.virtio.rng import VirtioRng
 
 log = logging.getLogger(__name__)
@@ -108,6 +111,7 @@ class Machine:
         self.virtio_transports: list[MmioTransport] = []
         self._notify_fds: list[int] = []
         self._block_files: list[BlockFile] = []
+        self._taps: list[Tap] = []
         self.boot: BootSetup | None = None
         self.serial_tail: SerialTail | None = None
         self.start_ns = 0
@@ -186,6 +190,9 @@ class Machine:
         for backend in self._block_files:
             backend.close()
         self._block_files.clear()
+        for tap in self._taps:
+            tap.close()
+        self._taps.clear()
         if self.memory is not None:
             self.memory.close()
         if self._kvm is not None:
@@ -310,6 +317,10 @@ class Machine:
             limiter = parse_rate_limit(drive.rate_limit) if drive.rate_limit else None
             serial = f"pyvmm-vd{chr(ord('a') + index)}"
             devices.append(VirtioBlock(backend, serial=serial, rate_limiter=limiter))
+        for net in self.config.nets:
+            tap = Tap.open(net.tap)
+            self._taps.append(tap)
+            devices.append(VirtioNet(tap, net.mac_bytes()))
         if self.config.rng:
             devices.append(VirtioRng())
         if len(devices) > layout.MAX_VIRTIO_DEVICES:
@@ -333,6 +344,16 @@ class Machine:
             vm.register_ioeventfd(notify, base + layout.VIRTIO_MMIO_NOTIFY_OFFSET, 4, index)
             self._loop.add_reader(
                 notify, _queue_kick_handler(self._loop, notify, transport, device, index)
+            )
+        if isinstance(device, VirtioNet):
+            # Frames from the host: edge-triggered, since a frame waiting for
+            # guest buffers keeps the fd readable; the guest's next RX kick
+            # drains the TAP.
+            backend = device.backend
+            self._loop.add_reader(
+                backend.fd,
+                lambda events: transport.process_queue(0),
+                select.EPOLLIN | select.EPOLLET,
             )
         self.virtio_transports.append(transport)
 

@@ -82,3 +82,21 @@ def test_drive_checks(tmp_path: Path) -> None:
     two_roots = (DriveConfig(image, root=True), DriveConfig(image, root=True))
     with pytest.raises(ConfigError, match="only one drive can be the root"):
         MachineConfig(kernel=Path("k"), drives=two_roots).validate()
+
+
+def test_parse_net() -> None:
+    from pyvmm.config import NetConfig, parse_net
+
+    assert parse_net("tap=tap0") == NetConfig("tap0")
+    net = parse_net("tap=tap0,mac=02:00:00:00:00:2a")
+    assert net.mac_bytes() == bytes([2, 0, 0, 0, 0, 0x2A])
+    derived = NetConfig("tap1").mac_bytes()
+    assert len(derived) == 6 and derived[0] == 0x02
+    for bad, message in [
+        ("mac=02:00:00:00:00:01", "has no tap=NAME"),
+        ("tap=t,mac=zz", "not six hex bytes"),
+        ("tap=t,mac=01:00:00:00:00:01", "multicast"),
+        ("tap=t,speed=10", "'speed=10' is not one of"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_net(bad)

@@ -299,3 +299,56 @@ def test_root_filesystem_on_virtio_blk(linux_host, linux_guest: LinuxGuest, tmp_
     assert command_status(result.stdout) == 0
     assert result.returncode == 0, result.stderr
     assert debugfs_cat(image, "hello.txt") == "from-root\n"
+
+
+def test_virtio_net_ping_and_tcp_transfer(
+    linux_host, linux_guest: LinuxGuest, tmp_path: Path
+) -> None:
+    """The guest pings the host over a TAP and sends it 64 MiB over TCP; both
+    sides compute the SHA-256 of the data."""
+    from pyvmm.guestkit.debian import fetch_kernel
+    from pyvmm.guestkit.initramfs import build_initramfs
+
+    initramfs = build_initramfs(fetch_kernel("cloud"), ["virtio_mmio", "virtio_net"])
+    received = tmp_path / "received.sha256"
+    guest_script = (
+        "ip link set eth0 up && ip addr add 172.30.0.2/24 dev eth0\n"
+        "ping -c 3 -W 5 172.30.0.1 | grep 'packets received' | sed 's/^/PING /'\n"
+        "head -c 67108864 /dev/urandom > /tmp/data\n"
+        "echo guest-sha=$(sha256sum /tmp/data | cut -d' ' -f1)\n"
+        "nc 172.30.0.1 5555 < /tmp/data && echo sent\n"
+    )
+    cmdline = f"console=ttyS0 reboot=k panic=-1 pci=off quiet {command_arg(guest_script)}"
+    receiver = (
+        "import hashlib, socket, sys\n"
+        "s = socket.create_server(('172.30.0.1', 5555)); s.settimeout(600)\n"
+        "c, _ = s.accept(); h = hashlib.sha256(); n = 0\n"
+        "while chunk := c.recv(1 << 16):\n"
+        "    h.update(chunk); n += len(chunk)\n"
+        "open(sys.argv[1], 'w').write(f'{n} {h.hexdigest()}')\n"
+    )
+    (tmp_path / "receiver.py").write_text(receiver)
+    host_script = f"""
+set -e
+ip tuntap add dev pyvmmt0 mode tap
+ip addr add 172.30.0.1/24 dev pyvmmt0
+ip link set pyvmmt0 up
+{sys.executable} {tmp_path / "receiver.py"} {received} &
+sleep 1
+set +e
+{sys.executable} -m pyvmm run --kernel {linux_guest.vmlinux} --initrd {initramfs} \\
+    --memory 512 --timeout 900 --net tap=pyvmmt0 --cmdline '{cmdline}'
+rc=$?
+wait
+ip link del pyvmmt0
+exit $rc
+"""
+    result = linux_host.run(host_script, timeout=900 + BOOT_TIMEOUT)
+    lines = guest_lines(result.stdout)
+    assert "PING 3 packets transmitted, 3 packets received, 0% packet loss" in lines, (
+        result.stdout[-3000:] + result.stderr[-2000:]
+    )
+    assert "sent" in lines
+    guest_sha = next(line.split("=", 1)[1] for line in lines if line.startswith("guest-sha="))
+    assert received.read_text() == f"{64 << 20} {guest_sha}"
+    assert result.returncode == 0, result.stderr

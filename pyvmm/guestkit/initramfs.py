@@ -139,6 +139,11 @@ APPLETS: tuple[str, ...] = (
     "uniq",
     "wc",
     "xxd",
+    # networking, for tests over virtio-net
+    "md5sum",
+    "nc",
+    "ping",
+    "sha256sum",
 )
 
 MODULES_LOAD_ORDER = "etc/modules-load.order"
