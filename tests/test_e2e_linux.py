@@ -69,7 +69,21 @@ def boot(
         argv += ["--initrd", str(initramfs)]
     argv += flags
     result = linux_host.run(argv, timeout=timeout + BOOT_TIMEOUT)
+    if initramfs is not None and early_crash(result.stdout):
+        # Under QEMU-TCG's emulated SVM, L1's KVM occasionally corrupts guest
+        # FPU state (L1 logs a WARNING in kvm_put_guest_fpu) and the guest
+        # kernel dies before /init. That is the nested host, not pyvmm:
+        # boot once more, and say so.
+        print(f"guest crashed before /init (nested host flake); retrying:\n{result.stdout[-1500:]}")
+        result = linux_host.run(argv, timeout=timeout + BOOT_TIMEOUT)
     return result
+
+
+def early_crash(stdout: str) -> bool:
+    """The guest kernel oopsed or panicked before its /init printed anything."""
+    reached_init = MARKER_INIT_OK in stdout or "PYVMM-ROOTFS-OK" in stdout
+    crashed = any(sign in stdout for sign in ("BUG: ", "Oops", "Kernel panic"))
+    return crashed and not reached_init
 
 
 def guest_lines(stdout: str) -> list[str]:
