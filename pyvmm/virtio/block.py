@@ -370,38 +370,16 @@ class VirtioBlock(VirtioDevice):
         """Serve every available request; raises only QueueError for a broken ring."""
         if self.mem is None or self.interrupt is None or index != 0:
             return
-        mem = self.mem
-        queue = self.queues[0]
-        served = False
         self.throttled = False
-        while True:
-            progress = False
-            while True:
-                try:
-                    chain = queue.pop(mem)
-                except QueueError as exc:
-                    if exc.head_index is None:
-                        raise
-                    _logger.debug("virtio-blk: dropping malformed chain: %s", exc)
-                    self.stats.errors += 1
-                    queue.add_used(mem, exc.head_index, 0)
-                    progress = served = True
-                    continue
-                if chain is None:
-                    break
-                if not self._admit(chain):
-                    # Leave the chain in the ring until the budget refills.
-                    queue.next_avail = (queue.next_avail - 1) & 0xFFFF
-                    break
-                queue.add_used(mem, chain.head_index, self.handle(chain))
-                progress = served = True
-            if not progress or self.throttled:
-                break
-            # Ask to be kicked for the next request, then look once more for one
-            # published before the driver could see that request.
-            queue.set_notification(mem, True)
-        if served and queue.needs_notification(mem):
-            self.interrupt.signal_used_queue()
+        self.serve_queue(0, self._serve, self._drop_malformed)
+
+    def _serve(self, chain: DescriptorChain) -> int | None:
+        """The used length, or None while the rate limiter holds the request back."""
+        return self.handle(chain) if self._admit(chain) else None
+
+    def _drop_malformed(self, exc: QueueError) -> None:
+        _logger.debug("virtio-blk: dropping malformed chain: %s", exc)
+        self.stats.errors += 1
 
     def _admit(self, chain: DescriptorChain) -> bool:
         """Charge one request to the rate limiter (bytes: its data, not header/status)."""

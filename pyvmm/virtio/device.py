@@ -17,14 +17,16 @@ handler on the event loop in the VMM).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pyvmm.devices.base import IrqTrigger
+from pyvmm.virtio.queue import QueueError
 
 if TYPE_CHECKING:
     from pyvmm.memory import GuestMemory
-    from pyvmm.virtio.queue import Queue
+    from pyvmm.virtio.queue import DescriptorChain, Queue
 
 # --- device types (virtio 1.2, section 5) ------------------------------------
 VIRTIO_ID_NET = 1
@@ -167,6 +169,57 @@ class VirtioDevice:
         device in DEVICE_NEEDS_RESET.
         """
         raise NotImplementedError
+
+    def serve_queue(
+        self,
+        index: int,
+        handle: Callable[[DescriptorChain], int | None],
+        on_malformed: Callable[[QueueError], None] | None = None,
+    ) -> bool:
+        """Hand every available chain of queue ``index`` to ``handle``; the loop
+        every request queue shares.
+
+        ``handle`` returns the used length, or None to leave the chain in the
+        ring for later (a rate limiter ran dry): serving stops there and this
+        returns True. A malformed chain that still has a head goes to
+        ``on_malformed`` and back to the driver with length 0; without
+        ``on_malformed`` (or with no head to return) the QueueError propagates
+        and the transport marks the device as needing a reset. When the ring
+        is empty, notifications are re-enabled and the ring checked once more
+        for a chain published before the driver could see that. One interrupt
+        per call, if the driver wants it.
+        """
+        mem, interrupt = self.mem, self.interrupt
+        assert mem is not None and interrupt is not None
+        queue = self.queues[index]
+        served = deferred = False
+        while True:
+            progress = False
+            while True:
+                try:
+                    chain = queue.pop(mem)
+                except QueueError as exc:
+                    if exc.head_index is None or on_malformed is None:
+                        raise
+                    on_malformed(exc)
+                    queue.add_used(mem, exc.head_index, 0)
+                    progress = served = True
+                    continue
+                if chain is None:
+                    break
+                length = handle(chain)
+                if length is None:
+                    queue.next_avail = (queue.next_avail - 1) & 0xFFFF
+                    deferred = True
+                    break
+                queue.add_used(mem, chain.head_index, length)
+                progress = served = True
+            if deferred or not progress:
+                break
+            queue.set_notification(mem, True)
+        if served and queue.needs_notification(mem):
+            interrupt.signal_used_queue()
+        return deferred
 
     def reset(self) -> None:
         """Back to inactive: forget memory, queues and interrupt (the driver wrote 0)."""

@@ -215,37 +215,17 @@ class VirtioNet(VirtioDevice):
             self.process_rx()
 
     def _process_tx(self) -> None:
-        mem = self.mem
-        interrupt = self.interrupt
-        assert mem is not None and interrupt is not None
-        queue = self.queues[TX_QUEUE]
-        served = False
-        while True:
-            progress = False
-            while True:
-                try:
-                    chain = queue.pop(mem)
-                except QueueError as exc:
-                    if exc.head_index is None:
-                        raise
-                    _logger.debug("virtio-net: dropping malformed TX chain: %s", exc)
-                    self.stats.errors += 1
-                    self.stats.tx_drops += 1
-                    queue.add_used(mem, exc.head_index, 0)
-                    progress = served = True
-                    continue
-                if chain is None:
-                    break
-                self._transmit(mem, chain)
-                queue.add_used(mem, chain.head_index, 0)
-                progress = served = True
-            if not progress:
-                break
-            # Ask to be kicked for the next frame, then look once more for one
-            # published before the driver could see that request.
-            queue.set_notification(mem, True)
-        if served and queue.needs_notification(mem):
-            interrupt.signal_used_queue()
+        self.serve_queue(TX_QUEUE, self._send, self._drop_malformed_tx)
+
+    def _send(self, chain: DescriptorChain) -> int:
+        assert self.mem is not None
+        self._transmit(self.mem, chain)
+        return 0  # TX buffers are device-readable only
+
+    def _drop_malformed_tx(self, exc: QueueError) -> None:
+        _logger.debug("virtio-net: dropping malformed TX chain: %s", exc)
+        self.stats.errors += 1
+        self.stats.tx_drops += 1
 
     def _transmit(self, mem: GuestMemory, chain: DescriptorChain) -> None:
         stats = self.stats

@@ -60,27 +60,8 @@ class VirtioRng(VirtioDevice):
         """Serve every available chain of queue ``index`` (0); may raise QueueError."""
         if self.mem is None or self.interrupt is None or index != 0:
             return
-        mem = self.mem
-        queue = self.queues[0]
-        self.throttled = False
-        served = False
-        while True:
-            progress = False
-            while (chain := queue.pop(mem)) is not None:
-                length = self._fill(chain)
-                if length is None:  # out of budget: leave the chain in the ring
-                    queue.next_avail = (queue.next_avail - 1) & 0xFFFF
-                    self.throttled = True
-                    break
-                queue.add_used(mem, chain.head_index, length)
-                progress = served = True
-            if self.throttled or not progress:
-                break
-            # Ask to be kicked for the next buffer, then look once more for one
-            # published before the driver could see that request.
-            queue.set_notification(mem, True)
-        if served and queue.needs_notification(mem):
-            self.interrupt.signal_used_queue()
+        # _fill returns None when the budget is empty: the chain stays in the ring.
+        self.throttled = self.serve_queue(0, self._fill)
 
     def _fill(self, chain: DescriptorChain) -> int | None:
         """Write entropy into the chain's writable buffers; None if the budget is empty."""
