@@ -48,7 +48,7 @@ from pyvmm.virtio.mmio import (
     Reg,
 )
 from tests.device_harness import CountingIrq
-from tests.virtio_driver import Buffer, MockDriver, bring_up
+from tests.virtio_driver import Buffer, MockDriver, TransportAccess, bring_up
 
 VERSION_1 = 1 << VIRTIO_F_VERSION_1
 SECTORS = 128  # 64 KiB image
@@ -82,7 +82,7 @@ def image(tmp_path):
     return make_image(tmp_path / "disk.img")
 
 
-class Guest:
+class Guest(TransportAccess):
     """A transport around a VirtioBlock, brought up through the registers, and a driver."""
 
     def __init__(self, mem, backend, *, size=16, **kwargs) -> None:
@@ -94,24 +94,9 @@ class Guest:
         self.used = 0
         self.bring_up(size)
 
-    def rd(self, offset: int) -> int:
-        buf = bytearray(4)
-        self.mmio.read(offset, memoryview(buf))
-        return int.from_bytes(buf, "little")
-
-    def wr(self, offset: int, value: int) -> None:
-        self.mmio.write(offset, memoryview(value.to_bytes(4, "little")))
-
-    def features(self) -> int:
-        value = 0
-        for sel in (0, 1):
-            self.wr(Reg.DEVICE_FEATURES_SEL, sel)
-            value |= self.rd(Reg.DEVICE_FEATURES) << (32 * sel)
-        return value
-
     def bring_up(self, size: int) -> None:
-        features = self.features() & ~(1 << 29)  # everything but EVENT_IDX
-        bring_up(self.mmio, self.driver, features, size, BLOCK_QUEUE_SIZE)
+        features = self.device_features() & ~(1 << 29)  # everything but EVENT_IDX
+        bring_up(self.mmio, [self.driver], features, size, BLOCK_QUEUE_SIZE)
 
     def config(self) -> tuple:
         raw = bytearray()
@@ -162,7 +147,7 @@ def guest(mem, image):
 # --- identity and configuration ---------------------------------------------------------
 def test_identity_features_and_config(guest):
     assert guest.rd(Reg.DEVICE_ID) == VIRTIO_ID_BLOCK
-    features = guest.features()
+    features = guest.device_features()
     for bit in (VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH):
         assert features >> bit & 1
     assert features >> VIRTIO_BLK_F_WRITE_ZEROES & 1
@@ -180,7 +165,7 @@ def test_identity_features_and_config(guest):
 def test_read_only_advertises_ro_and_no_discard(mem, image):
     with BlockFile(image, read_only=True) as backend:
         g = Guest(mem, backend)
-        features = g.features()
+        features = g.device_features()
         assert features >> VIRTIO_BLK_F_RO & 1
         assert not features >> VIRTIO_BLK_F_DISCARD & 1
         assert not features >> VIRTIO_BLK_F_WRITE_ZEROES & 1

@@ -11,11 +11,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE
 from pyvmm.virtio.device import VIRTIO_ID_NET
 from pyvmm.virtio.mmio import (
-    STATUS_ACKNOWLEDGE,
     STATUS_DEVICE_NEEDS_RESET,
-    STATUS_DRIVER,
-    STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK,
     VIRTIO_F_VERSION_1,
     MmioTransport,
     Reg,
@@ -39,7 +35,7 @@ from pyvmm.virtio.net import (
     VirtioNetState,
 )
 from tests.device_harness import CountingIrq
-from tests.virtio_driver import MockDriver
+from tests.virtio_driver import MockDriver, TransportAccess, bring_up
 
 MAC = bytes.fromhex("52540012345a")
 VERSION_1 = 1 << VIRTIO_F_VERSION_1
@@ -92,7 +88,7 @@ def mem():
         yield memory
 
 
-class Guest:
+class Guest(TransportAccess):
     """A VirtioNet in a transport, brought up with an RX and a TX driver."""
 
     def __init__(self, mem, *, features: int = BASIC, size: int = 16, backend=None) -> None:
@@ -107,43 +103,9 @@ class Guest:
         self.rx_used = self.tx_used = 0
         self.bring_up(features, size)
 
-    def rd(self, offset: int) -> int:
-        buf = bytearray(4)
-        self.mmio.read(offset, memoryview(buf))
-        return int.from_bytes(buf, "little")
-
-    def wr(self, offset: int, value: int) -> None:
-        self.mmio.write(offset, memoryview(value.to_bytes(4, "little")))
-
-    def device_features(self) -> int:
-        value = 0
-        for sel in (0, 1):
-            self.wr(Reg.DEVICE_FEATURES_SEL, sel)
-            value |= self.rd(Reg.DEVICE_FEATURES) << (32 * sel)
-        return value
-
     def bring_up(self, features: int, size: int) -> None:
-        self.wr(Reg.STATUS, 0)
-        self.wr(Reg.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
         assert features & ~self.device_features() == 0
-        for sel in (0, 1):
-            self.wr(Reg.DRIVER_FEATURES_SEL, sel)
-            self.wr(Reg.DRIVER_FEATURES, features >> (32 * sel) & 0xFFFF_FFFF)
-        self.wr(Reg.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
-        for index, driver in enumerate((self.rx, self.tx)):
-            self.wr(Reg.QUEUE_SEL, index)
-            assert self.rd(Reg.QUEUE_NUM_MAX) == NET_QUEUE_SIZE
-            self.wr(Reg.QUEUE_NUM, size)
-            for low, addr in (
-                (Reg.QUEUE_DESC_LOW, driver.desc_table),
-                (Reg.QUEUE_DRIVER_LOW, driver.avail_ring),
-                (Reg.QUEUE_DEVICE_LOW, driver.used_ring),
-            ):
-                self.wr(low, addr & 0xFFFF_FFFF)
-                self.wr(low + 4, addr >> 32)
-            self.wr(Reg.QUEUE_READY, 1)
-        self.wr(Reg.STATUS, self.rd(Reg.STATUS) | STATUS_DRIVER_OK)
-        assert self.rd(Reg.STATUS) & STATUS_DRIVER_OK
+        bring_up(self.mmio, [self.rx, self.tx], features, size, NET_QUEUE_SIZE)
 
     def config(self) -> tuple:
         raw = bytearray()

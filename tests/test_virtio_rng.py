@@ -16,7 +16,7 @@ from pyvmm.virtio.mmio import (
 from pyvmm.virtio.queue import VIRTQ_AVAIL_F_NO_INTERRUPT
 from pyvmm.virtio.rng import MAX_BYTES_PER_CHAIN, RNG_QUEUE_SIZE, VirtioRng, VirtioRngState
 from tests.device_harness import CountingIrq
-from tests.virtio_driver import MockDriver, bring_up
+from tests.virtio_driver import MockDriver, TransportAccess, bring_up
 
 VERSION_1 = 1 << VIRTIO_F_VERSION_1
 EVENT_IDX = 1 << VIRTIO_RING_F_EVENT_IDX
@@ -48,7 +48,7 @@ def mem():
         yield memory
 
 
-class Guest:
+class Guest(TransportAccess):
     """A transport around a VirtioRng, and a driver that brought it up through registers."""
 
     def __init__(
@@ -62,16 +62,8 @@ class Guest:
         self.driver = MockDriver(mem, size)
         self.bring_up(features, size)
 
-    def rd(self, offset: int) -> int:
-        buf = bytearray(4)
-        self.mmio.read(offset, memoryview(buf))
-        return int.from_bytes(buf, "little")
-
-    def wr(self, offset: int, value: int) -> None:
-        self.mmio.write(offset, memoryview(value.to_bytes(4, "little")))
-
     def bring_up(self, features: int, size: int) -> None:
-        bring_up(self.mmio, self.driver, features, size, RNG_QUEUE_SIZE)
+        bring_up(self.mmio, [self.driver], features, size, RNG_QUEUE_SIZE)
 
     def notify(self) -> None:
         self.wr(Reg.QUEUE_NOTIFY, 0)

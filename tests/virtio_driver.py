@@ -168,10 +168,47 @@ class MockDriver:
         return self.mem.read_struct(U16, self.used_ring + 4 + 8 * self.size)[0]
 
 
-def bring_up(transport, driver: MockDriver, features: int, size: int, queue_max: int) -> None:
-    """Initialise a virtio-mmio device as a driver does (spec 3.1.1), queue 0 only.
+def read_reg(transport, offset: int) -> int:
+    """A 32-bit register read, as the driver's readl()."""
+    buf = bytearray(4)
+    transport.read(offset, memoryview(buf))
+    return int.from_bytes(buf, "little")
 
-    ``features`` is what the driver acks; the queue is ``driver``'s rings.
+
+def write_reg(transport, offset: int, value: int) -> None:
+    transport.write(offset, memoryview(value.to_bytes(4, "little")))
+
+
+def device_features(transport) -> int:
+    """The 64 feature bits the device offers (both DeviceFeaturesSel pages)."""
+    from pyvmm.virtio.mmio import Reg
+
+    value = 0
+    for sel in (0, 1):
+        write_reg(transport, Reg.DEVICE_FEATURES_SEL, sel)
+        value |= read_reg(transport, Reg.DEVICE_FEATURES) << (32 * sel)
+    return value
+
+
+class TransportAccess:
+    """Register access on ``self.mmio`` for the test guests of each device."""
+
+    mmio: object
+
+    def rd(self, offset: int) -> int:
+        return read_reg(self.mmio, offset)
+
+    def wr(self, offset: int, value: int) -> None:
+        write_reg(self.mmio, offset, value)
+
+    def device_features(self) -> int:
+        return device_features(self.mmio)
+
+
+def bring_up(transport, drivers, features: int, size: int, queue_max: int) -> None:
+    """Initialise a virtio-mmio device as a driver does (spec 3.1.1).
+
+    ``features`` is what the driver acks; queue n uses ``drivers[n]``'s rings.
     """
     from pyvmm.virtio.mmio import (
         STATUS_ACKNOWLEDGE,
@@ -182,12 +219,10 @@ def bring_up(transport, driver: MockDriver, features: int, size: int, queue_max:
     )
 
     def rd(offset: int) -> int:
-        buf = bytearray(4)
-        transport.read(offset, memoryview(buf))
-        return int.from_bytes(buf, "little")
+        return read_reg(transport, offset)
 
     def wr(offset: int, value: int) -> None:
-        transport.write(offset, memoryview(value.to_bytes(4, "little")))
+        write_reg(transport, offset, value)
 
     wr(Reg.STATUS, 0)
     wr(Reg.STATUS, STATUS_ACKNOWLEDGE)
@@ -197,16 +232,17 @@ def bring_up(transport, driver: MockDriver, features: int, size: int, queue_max:
         wr(Reg.DRIVER_FEATURES, features >> (32 * sel) & 0xFFFF_FFFF)
     wr(Reg.STATUS, rd(Reg.STATUS) | STATUS_FEATURES_OK)
     assert rd(Reg.STATUS) & STATUS_FEATURES_OK
-    wr(Reg.QUEUE_SEL, 0)
-    assert rd(Reg.QUEUE_NUM_MAX) == queue_max
-    wr(Reg.QUEUE_NUM, size)
-    for low, addr in (
-        (Reg.QUEUE_DESC_LOW, driver.desc_table),
-        (Reg.QUEUE_DRIVER_LOW, driver.avail_ring),
-        (Reg.QUEUE_DEVICE_LOW, driver.used_ring),
-    ):
-        wr(low, addr & 0xFFFF_FFFF)
-        wr(low + 4, addr >> 32)
-    wr(Reg.QUEUE_READY, 1)
+    for index, driver in enumerate(drivers):
+        wr(Reg.QUEUE_SEL, index)
+        assert rd(Reg.QUEUE_NUM_MAX) == queue_max
+        wr(Reg.QUEUE_NUM, size)
+        for low, addr in (
+            (Reg.QUEUE_DESC_LOW, driver.desc_table),
+            (Reg.QUEUE_DRIVER_LOW, driver.avail_ring),
+            (Reg.QUEUE_DEVICE_LOW, driver.used_ring),
+        ):
+            wr(low, addr & 0xFFFF_FFFF)
+            wr(low + 4, addr >> 32)
+        wr(Reg.QUEUE_READY, 1)
     wr(Reg.STATUS, rd(Reg.STATUS) | STATUS_DRIVER_OK)
     assert rd(Reg.STATUS) & STATUS_DRIVER_OK
