@@ -424,7 +424,7 @@ def _queue_kick_handler(
     def serve() -> None:
         nonlocal retry_pending
         transport.process_queue(index)
-        if getattr(device, "throttled", False) and not retry_pending:
+        if device.throttled and not retry_pending:
             retry_pending = True
             loop.call_later(device.retry_after, retry)
 

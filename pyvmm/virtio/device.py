@@ -122,6 +122,11 @@ class VirtioDevice:
     device_type: int = 0
     queue_max_sizes: tuple[int, ...] = ()
     avail_features: int = 0
+    # A rate-limited device sets ``throttled`` when it left requests in the
+    # ring, and ``retry_after`` (seconds) for when its owner should process
+    # the queue again.
+    throttled: bool = False
+    retry_after: float = 0.0
 
     def __init__(self) -> None:
         self.mem: GuestMemory | None = None

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from pyvmm.virtio.queue import DescriptorChain
 
 RNG_QUEUE_SIZE = 256
+#: The budget callable cannot say when it refills: poll it this often.
+BUDGET_RETRY_S = 0.01
 MAX_BYTES_PER_CHAIN = 64 * 1024
 
 
@@ -62,6 +64,7 @@ class VirtioRng(VirtioDevice):
             return
         # _fill returns None when the budget is empty: the chain stays in the ring.
         self.throttled = self.serve_queue(0, self._fill)
+        self.retry_after = BUDGET_RETRY_S if self.throttled else 0.0
 
     def _fill(self, chain: DescriptorChain) -> int | None:
         """Write entropy into the chain's writable buffers; None if the budget is empty."""
