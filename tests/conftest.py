@@ -33,3 +33,18 @@ def probe_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     cache = os.environ.get("PYVMM_CACHE")
     return build_probe(Path(cache) if cache else tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def group():
+    """A bare ``guest`` command group with the guest kit's commands registered."""
+    import click
+
+    from pyvmm.guestkit import commands
+
+    @click.group()
+    def guest() -> None:
+        pass
+
+    commands.register(guest)
+    return guest

@@ -10,18 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from pyvmm.errors import HostError
-from pyvmm.guestkit import commands, debian, initramfs, vmlinux
+from pyvmm.guestkit import debian, initramfs, vmlinux
 from pyvmm.guestkit.debian import KernelPackage
-
-
-@pytest.fixture
-def group() -> click.Group:
-    @click.group()
-    def guest() -> None:
-        pass
-
-    commands.register(guest)
-    return guest
 
 
 def _pkg(tmp_path: Path) -> KernelPackage:

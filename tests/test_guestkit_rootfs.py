@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from pyvmm.errors import ConfigError, HostError
-from pyvmm.guestkit import commands, rootfs
+from pyvmm.guestkit import rootfs
 from pyvmm.guestkit.initramfs import APPLETS, MARKER_CMD_BEGIN, MARKER_CMD_EXIT
 from pyvmm.guestkit.rootfs import (
     MARKER_ROOTFS_OK,
@@ -355,16 +355,6 @@ def test_old_mkfs_is_a_host_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 # --- the command -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def group() -> click.Group:
-    @click.group()
-    def guest() -> None:
-        pass
-
-    commands.register(guest)
-    return guest
 
 
 def test_rootfs_command_prints_the_path(

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pyvmm.errors import GuestError
 from pyvmm.rate_limiter import RateLimiter
-from pyvmm.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
+from pyvmm.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, copy_config
 from pyvmm.virtio.queue import QueueError
 
 if TYPE_CHECKING:
@@ -362,8 +362,7 @@ class VirtioBlock(VirtioDevice):
 
     # --- config space -------------------------------------------------------------------
     def read_config(self, offset: int, data: memoryview) -> None:
-        chunk = self._config[offset : offset + len(data)] if offset >= 0 else b""
-        data[:] = chunk.ljust(len(data), b"\0")
+        copy_config(self._config, offset, data)
 
     # --- requests -----------------------------------------------------------------------
     def process_queue(self, index: int) -> None:

@@ -106,6 +106,12 @@ class VirtioInterrupt:
             self._config_generation = state.config_generation & 0xFFFF_FFFF
 
 
+def copy_config(config: bytes, offset: int, data: memoryview) -> None:
+    """Fill ``data`` from config-space bytes at ``offset``; beyond the end reads 0."""
+    chunk = config[offset : offset + len(data)] if offset >= 0 else b""
+    data[:] = chunk.ljust(len(data), b"\0")
+
+
 class VirtioDevice:
     """Base class of the virtio device models; subclasses set the class attributes.
 

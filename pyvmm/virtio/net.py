@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from pyvmm.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE
-from pyvmm.virtio.device import VIRTIO_ID_NET, VirtioDevice
+from pyvmm.virtio.device import VIRTIO_ID_NET, VirtioDevice, copy_config
 from pyvmm.virtio.queue import QueueError
 
 if TYPE_CHECKING:
@@ -160,6 +160,7 @@ class VirtioNet(VirtioDevice):
             raise ValueError(f"MAC address must be 6 bytes, not {len(mac)}")
         self.backend = backend
         self.mac = bytes(mac)
+        self._config = CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1)
         self.vnet_hdr = bool(getattr(backend, "vnet_hdr", True))
         # Instance attribute: what this device offers depends on the back end.
         self.avail_features = BASE_FEATURES | (OFFLOAD_FEATURES if self.vnet_hdr else 0)
@@ -171,9 +172,7 @@ class VirtioNet(VirtioDevice):
 
     # --- config space -------------------------------------------------------------
     def read_config(self, offset: int, data: memoryview) -> None:
-        config = CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1)
-        chunk = config[offset : offset + len(data)] if offset >= 0 else b""
-        data[:] = chunk.ljust(len(data), b"\0")
+        copy_config(self._config, offset, data)
 
     # --- lifecycle ------------------------------------------------------------------
     def activate(
