@@ -109,6 +109,17 @@ class GuestMemory:
                 return True
         return False
 
+    def locate(self, addr: int, length: int) -> tuple[mmap.mmap, int]:
+        """The host buffer holding ``[addr, addr+length)`` and the offset in it.
+
+        For hot paths that ``unpack_from``/``pack_into`` the same guest
+        structure over and over (the virtqueue rings): check the bounds once
+        here, then index the buffer directly. The buffer is only valid until
+        :meth:`close`; holding it creates no export, so close still works.
+        """
+        region, offset = self._locate(addr, length)
+        return region.mapping, offset
+
     def view(self, addr: int, length: int) -> memoryview:
         """A zero-copy, writable view of guest RAM (must not span regions)."""
         region, offset = self._locate(addr, length)

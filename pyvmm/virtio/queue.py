@@ -34,6 +34,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm.errors import GuestError, GuestMemoryError
 from pyvmm.memory import GuestMemory
@@ -64,6 +65,11 @@ DESC = struct.Struct("<QIHH")
 #: struct virtq_used_elem { le32 id; le32 len; }
 USED_ELEM = struct.Struct("<II")
 U16 = struct.Struct("<H")
+# Bound methods for the hot paths (one attribute lookup fewer per access).
+_DESC_FROM = DESC.unpack_from
+_U16_FROM = U16.unpack_from
+_U16_INTO = U16.pack_into
+_USED_ELEM_INTO = USED_ELEM.pack_into
 
 # Offsets inside the rings. avail: flags, idx, ring[size], used_event.
 # used: flags, idx, ring[size] of USED_ELEM, avail_event.
@@ -121,9 +127,12 @@ class QueueError(GuestError):
         self.head_index = head_index
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
-    """One guest buffer: ``length`` bytes at guest-physical ``addr``."""
+class Descriptor(NamedTuple):
+    """One guest buffer: ``length`` bytes at guest-physical ``addr``.
+
+    A named tuple, not a dataclass: one is built per buffer of every request,
+    and a tuple costs a third of a frozen dataclass to create.
+    """
 
     addr: int
     length: int
@@ -188,6 +197,14 @@ class Queue:
     """
 
     __slots__ = (
+        "_avail_buf",
+        "_avail_off",
+        "_bound_layout",
+        "_bound_mem",
+        "_desc_buf",
+        "_desc_off",
+        "_used_buf",
+        "_used_off",
         "avail_ring",
         "desc_table",
         "event_idx",
@@ -220,6 +237,42 @@ class Queue:
         # used.idx when needs_notification() last answered; not valid until then.
         self.signalled_used = 0
         self.signalled_used_valid = False
+        self._unbind()
+
+    def _unbind(self) -> None:
+        self._bound_mem: GuestMemory | None = None
+        self._bound_layout: tuple[int, int, int, int] | None = None
+        self._desc_buf = self._avail_buf = self._used_buf = None
+        self._desc_off = self._avail_off = self._used_off = 0
+
+    def _bind(self, mem: GuestMemory) -> None:
+        """Find the three rings' host buffers once per (memory, ring layout).
+
+        The hot paths then ``unpack_from``/``pack_into`` those buffers at
+        offsets they range-check themselves, instead of bounds-checking guest
+        addresses on every access. Rebinds whenever the driver moved a ring
+        or resized the queue.
+        """
+        size = self.size
+        layout = (size, self.desc_table, self.avail_ring, self.used_ring)
+        if mem is self._bound_mem and layout == self._bound_layout:
+            return
+        try:
+            desc_buf, desc_off = mem.locate(self.desc_table, desc_table_bytes(size))
+        except GuestMemoryError as exc:
+            raise QueueError(f"descriptor table is outside guest RAM: {exc}") from exc
+        try:
+            avail_buf, avail_off = mem.locate(self.avail_ring, avail_ring_bytes(size))
+        except GuestMemoryError as exc:
+            raise QueueError(f"avail ring is outside guest RAM: {exc}") from exc
+        try:
+            used_buf, used_off = mem.locate(self.used_ring, used_ring_bytes(size))
+        except GuestMemoryError as exc:
+            raise QueueError(f"used ring is outside guest RAM: {exc}") from exc
+        self._desc_buf, self._desc_off = desc_buf, desc_off
+        self._avail_buf, self._avail_off = avail_buf, avail_off
+        self._used_buf, self._used_off = used_buf, used_off
+        self._bound_mem, self._bound_layout = mem, layout
 
     # --- configuration ---------------------------------------------------------
     def is_valid(self, mem: GuestMemory) -> bool:
@@ -259,21 +312,19 @@ class Queue:
         size = self.size
         if not 0 < size <= self.max_size or size & (size - 1):
             raise QueueError(f"queue size {size} is not a power of two <= {self.max_size}")
-        try:
-            avail_idx = mem.read_struct(U16, self.avail_ring + _RING_IDX)[0]
-            next_avail = self.next_avail
-            pending = (avail_idx - next_avail) & 0xFFFF
-            if pending == 0:
-                return None
-            if pending > size:
-                raise QueueError(
-                    f"avail.idx {avail_idx} is {pending} entries ahead of {next_avail}, "
-                    f"more than the queue size {size}"
-                )
-            slot = next_avail & (size - 1)
-            head = mem.read_struct(U16, self.avail_ring + _RING_ENTRIES + 2 * slot)[0]
-        except GuestMemoryError as exc:
-            raise QueueError(f"avail ring is outside guest RAM: {exc}") from exc
+        self._bind(mem)
+        avail_buf, avail_off = self._avail_buf, self._avail_off
+        avail_idx = _U16_FROM(avail_buf, avail_off + _RING_IDX)[0]
+        next_avail = self.next_avail
+        pending = (avail_idx - next_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > size:
+            raise QueueError(
+                f"avail.idx {avail_idx} is {pending} entries ahead of {next_avail}, "
+                f"more than the queue size {size}"
+            )
+        head = _U16_FROM(avail_buf, avail_off + _RING_ENTRIES + 2 * (next_avail & (size - 1)))[0]
         self.next_avail = (next_avail + 1) & 0xFFFF
         if head >= size:
             raise QueueError(f"avail ring head {head} is >= queue size {size}")
@@ -282,23 +333,22 @@ class Queue:
         except QueueError as exc:
             exc.head_index = head
             raise
-        except GuestMemoryError as exc:
-            raise QueueError(f"descriptor table is outside guest RAM: {exc}", head) from exc
 
     def _walk(self, mem: GuestMemory, head: int, size: int) -> list[Descriptor]:
         """The flattened chain starting at ``head`` (already checked ``< size``)."""
         descriptors: list[Descriptor] = []
-        table = self.desc_table
+        table, base = self._desc_buf, self._desc_off
         index = head
         limit = size  # hops left in the current table
         in_indirect = False
         seen_writable = False
         readable_bytes = writable_bytes = 0
+        is_valid = mem.is_valid
         while True:
             if limit == 0:
                 raise QueueError(f"descriptor chain at head {head} is longer than its table")
             limit -= 1
-            addr, length, flags, next_index = mem.read_struct(DESC, table + 16 * index)
+            addr, length, flags, next_index = _DESC_FROM(table, base + 16 * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
                     raise QueueError("nested indirect descriptor table")
@@ -311,13 +361,17 @@ class Queue:
                     raise QueueError(
                         f"indirect table of {entries} entries exceeds {MAX_INDIRECT_DESCRIPTORS}"
                     )
-                if not mem.is_valid(addr, length):
-                    raise QueueError(f"indirect table {addr:#x}+{length:#x} outside guest RAM")
+                try:
+                    table, base = mem.locate(addr, length)
+                except GuestMemoryError:
+                    raise QueueError(
+                        f"indirect table {addr:#x}+{length:#x} outside guest RAM"
+                    ) from None
                 # The table's own WRITE flag is ignored (spec 2.7.5.3.2);
                 # its chain starts at entry 0.
-                table, index, size, limit, in_indirect = addr, 0, entries, entries, True
+                index, size, limit, in_indirect = 0, entries, entries, True
                 continue
-            if not mem.is_valid(addr, length):
+            if not is_valid(addr, length):
                 raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM")
             if flags & VIRTQ_DESC_F_WRITE:
                 seen_writable = True
@@ -347,16 +401,14 @@ class Queue:
             raise QueueError(f"used head {head_index} is not below queue size {size}")
         if not 0 <= length <= MAX_CHAIN_BYTES:
             raise ValueError(f"used length {length} does not fit a u32")
+        self._bind(mem)
+        used_buf, used_off = self._used_buf, self._used_off
         next_used = self.next_used
-        used_ring = self.used_ring
-        try:
-            mem.write_struct(
-                USED_ELEM, used_ring + _RING_ENTRIES + 8 * (next_used % size), head_index, length
-            )
-            next_used = (next_used + 1) & 0xFFFF
-            mem.write_struct(U16, used_ring + _RING_IDX, next_used)
-        except GuestMemoryError as exc:
-            raise QueueError(f"used ring is outside guest RAM: {exc}") from exc
+        _USED_ELEM_INTO(
+            used_buf, used_off + _RING_ENTRIES + 8 * (next_used % size), head_index, length
+        )
+        next_used = (next_used + 1) & 0xFFFF
+        _U16_INTO(used_buf, used_off + _RING_IDX, next_used)
         self.next_used = next_used
 
     # --- notification suppression (spec 2.7.7, 2.7.10) -----------------------------
@@ -377,14 +429,11 @@ class Queue:
         if valid and new == old:
             return False
         _full_barrier()  # our used.idx store before reading the driver's fields
-        try:
-            if self.event_idx:
-                used_event_addr = self.avail_ring + _RING_ENTRIES + 2 * self.size
-                used_event = mem.read_struct(U16, used_event_addr)[0]
-                return not valid or vring_need_event(used_event, new, old)
-            flags = mem.read_struct(U16, self.avail_ring + _RING_FLAGS)[0]
-        except GuestMemoryError as exc:
-            raise QueueError(f"avail ring is outside guest RAM: {exc}") from exc
+        self._bind(mem)
+        if self.event_idx:
+            used_event = _U16_FROM(self._avail_buf, self._avail_off + _RING_ENTRIES + 2 * self.size)
+            return not valid or vring_need_event(used_event[0], new, old)
+        flags = _U16_FROM(self._avail_buf, self._avail_off + _RING_FLAGS)[0]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def set_notification(self, mem: GuestMemory, enabled: bool) -> None:
@@ -397,21 +446,18 @@ class Queue:
         enabling, the device must pop once more: a buffer published just
         before the driver saw the change would otherwise never be kicked.
         """
-        try:
-            if self.event_idx:
-                if enabled:
-                    avail_event_addr = self.used_ring + _RING_ENTRIES + 8 * self.size
-                    mem.write_struct(U16, avail_event_addr, self.next_avail)
+        self._bind(mem)
+        used_buf, used_off = self._used_buf, self._used_off
+        if self.event_idx:
+            if enabled:
+                _U16_INTO(used_buf, used_off + _RING_ENTRIES + 8 * self.size, self.next_avail)
+        else:
+            flags = _U16_FROM(used_buf, used_off + _RING_FLAGS)[0]
+            if enabled:
+                flags &= ~VIRTQ_USED_F_NO_NOTIFY
             else:
-                flags_addr = self.used_ring + _RING_FLAGS
-                flags = mem.read_struct(U16, flags_addr)[0]
-                if enabled:
-                    flags &= ~VIRTQ_USED_F_NO_NOTIFY
-                else:
-                    flags |= VIRTQ_USED_F_NO_NOTIFY
-                mem.write_struct(U16, flags_addr, flags)
-        except GuestMemoryError as exc:
-            raise QueueError(f"used ring is outside guest RAM: {exc}") from exc
+                flags |= VIRTQ_USED_F_NO_NOTIFY
+            _U16_INTO(used_buf, used_off + _RING_FLAGS, flags)
         _full_barrier()  # our store before the caller re-reads avail.idx
 
     # --- persistence -------------------------------------------------------------
