@@ -31,6 +31,7 @@ stores not with stores):
 
 from __future__ import annotations
 
+import mmap
 import struct
 import threading
 from dataclasses import dataclass
@@ -68,7 +69,6 @@ U16 = struct.Struct("<H")
 # Bound methods for the hot paths (one attribute lookup fewer per access).
 _DESC_FROM = DESC.unpack_from
 _U16_FROM = U16.unpack_from
-_U16_INTO = U16.pack_into
 _USED_ELEM_INTO = USED_ELEM.pack_into
 
 # Offsets inside the rings. avail: flags, idx, ring[size], used_event.
@@ -87,6 +87,16 @@ _BARRIER = threading.Lock()
 def _full_barrier() -> None:
     with _BARRIER:
         pass
+
+
+def _store_u16(buffer: mmap.mmap, offset: int, value: int) -> None:
+    """Store a ring field the driver may read at any moment, in one 2-byte write.
+
+    Not ``struct.pack_into``: it zeroes its target before packing, so a
+    driver polling ``used.idx`` (or reading ``avail_event``) could see a
+    transient 0 and consume stale entries or skip a notification.
+    """
+    buffer[offset : offset + 2] = value.to_bytes(2, "little")
 
 
 def desc_table_bytes(size: int) -> int:
@@ -408,7 +418,7 @@ class Queue:
             used_buf, used_off + _RING_ENTRIES + 8 * (next_used % size), head_index, length
         )
         next_used = (next_used + 1) & 0xFFFF
-        _U16_INTO(used_buf, used_off + _RING_IDX, next_used)
+        _store_u16(used_buf, used_off + _RING_IDX, next_used)
         self.next_used = next_used
 
     # --- notification suppression (spec 2.7.7, 2.7.10) -----------------------------
@@ -450,14 +460,14 @@ class Queue:
         used_buf, used_off = self._used_buf, self._used_off
         if self.event_idx:
             if enabled:
-                _U16_INTO(used_buf, used_off + _RING_ENTRIES + 8 * self.size, self.next_avail)
+                _store_u16(used_buf, used_off + _RING_ENTRIES + 8 * self.size, self.next_avail)
         else:
             flags = _U16_FROM(used_buf, used_off + _RING_FLAGS)[0]
             if enabled:
                 flags &= ~VIRTQ_USED_F_NO_NOTIFY
             else:
                 flags |= VIRTQ_USED_F_NO_NOTIFY
-            _U16_INTO(used_buf, used_off + _RING_FLAGS, flags)
+            _store_u16(used_buf, used_off + _RING_FLAGS, flags)
         _full_barrier()  # our store before the caller re-reads avail.idx
 
     # --- persistence -------------------------------------------------------------
