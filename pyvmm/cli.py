@@ -70,9 +70,17 @@ def main() -> None:
     "--net",
     "nets",
     multiple=True,
-    help="A virtio-net interface on a host TAP device: tap=NAME[,mac=MAC] (repeatable).",
+    help="A virtio-net interface on a host TAP device: tap=NAME[,mac=MAC]"
+    "[,rx_bw=10M/1s][,rx_ops=1000/1s][,tx_bw=RATE][,tx_ops=RATE] (repeatable; "
+    "rx_*/tx_* rate-limit the bytes and frames the guest receives/sends).",
 )
 @click.option("--rng", is_flag=True, help="Add a virtio-rng device (entropy from the host).")
+@click.option(
+    "--rng-rate",
+    default=None,
+    metavar="bw=RATE[,ops=RATE]",
+    help="Rate-limit the virtio-rng device's entropy, e.g. bw=1K/1s,ops=100/1s (implies --rng).",
+)
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -91,6 +99,7 @@ def run(
     drives: tuple[str, ...],
     nets: tuple[str, ...],
     rng: bool,
+    rng_rate: str | None,
     log_level: str,
 ) -> None:
     """Boot a kernel; the serial console is on stdin/stdout (Ctrl-A X quits)."""
@@ -117,7 +126,8 @@ def run(
             mem_size=parse_memory_size(memory),
             serial_out=Path(serial_out) if serial_out else None,
             cpu_template=cpu_template,
-            rng=rng,
+            rng=rng or rng_rate is not None,
+            rng_rate_limit=rng_rate,
             drives=tuple(parse_drive(drive) for drive in drives),
             nets=tuple(parse_net(net) for net in nets),
         )

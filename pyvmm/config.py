@@ -82,10 +82,18 @@ _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 @dataclass(frozen=True)
 class NetConfig:
-    """A virtio-net device backed by a host TAP device."""
+    """A virtio-net device backed by a host TAP device.
+
+    The rate limits use the drive grammar (``"bw=10M/1s,ops=1000/1s"``, see
+    ``pyvmm.rate_limiter.parse_rate_limit``): bytes and frames the guest may
+    receive (rx) and send (tx), as Firecracker's ``rx_rate_limiter`` and
+    ``tx_rate_limiter``.
+    """
 
     tap: str
     mac: str | None = None  # default: derived from the TAP name, locally administered
+    rx_rate_limit: str | None = None
+    tx_rate_limit: str | None = None
 
     def mac_bytes(self) -> bytes:
         if self.mac is not None:
@@ -93,11 +101,40 @@ class NetConfig:
         digest = hashlib.sha256(self.tap.encode()).digest()
         return bytes([0x02, *digest[:5]])  # unicast, locally administered
 
+    def validate(self) -> None:
+        """Check the rate limits, naming the option (``rx_bw`` ...) that is wrong."""
+        from pyvmm.rate_limiter import parse_rate_limit
+
+        for direction, spec in (("rx", self.rx_rate_limit), ("tx", self.tx_rate_limit)):
+            if spec is None:
+                continue
+            for item in spec.split(","):
+                key, _, value = item.strip().partition("=")
+                try:
+                    parse_rate_limit(item)
+                except ConfigError as exc:
+                    raise ConfigError(
+                        f"network {self.tap} option {direction}_{key}={value!r}: {exc}"
+                    ) from None
+            try:
+                parse_rate_limit(spec)  # the whole: a key given twice
+            except ConfigError as exc:
+                raise ConfigError(f"network {self.tap} {direction} rate limit: {exc}") from None
+
+
+_NET_RATE_KEYS = ("rx_bw", "rx_ops", "tx_bw", "tx_ops")
+
 
 def parse_net(text: str) -> NetConfig:
-    """``tap=NAME[,mac=AA:BB:CC:DD:EE:FF]``."""
+    """``tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,rx_bw=RATE][,rx_ops=RATE][,tx_bw=RATE][,tx_ops=RATE]``.
+
+    RATE is ``AMOUNT[/TIME]`` as in drives (``10M/1s``, ``1000/100ms``);
+    :meth:`NetConfig.validate` checks it.
+    """
     tap: str | None = None
     mac: str | None = None
+    rates: dict[str, list[str]] = {"rx": [], "tx": []}  # direction -> ["bw=10M/1s", ...]
+    seen: set[str] = set()
     for item in (part.strip() for part in text.split(",")):
         key, _, value = item.partition("=")
         if key == "tap" and value:
@@ -110,11 +147,20 @@ def parse_net(text: str) -> NetConfig:
             if int(value[:2], 16) & 1:
                 raise ConfigError(f"MAC address {value} is a multicast address")
             mac = value
+        elif key in _NET_RATE_KEYS and value:
+            if key in seen:
+                raise ConfigError(f"network option {key}= is given twice")
+            seen.add(key)
+            direction, kind = key.split("_")
+            rates[direction].append(f"{kind}={value}")
         else:
-            raise ConfigError(f"network option {item!r} is not one of tap=NAME, mac=MAC")
+            raise ConfigError(
+                f"network option {item!r} is not one of tap=NAME, mac=MAC, "
+                "rx_bw=RATE, rx_ops=RATE, tx_bw=RATE, tx_ops=RATE"
+            )
     if not tap:
         raise ConfigError(f"network interface {text!r} has no tap=NAME")
-    return NetConfig(tap, mac)
+    return NetConfig(tap, mac, ",".join(rates["rx"]) or None, ",".join(rates["tx"]) or None)
 
 
 @dataclass(frozen=True)
@@ -129,6 +175,7 @@ class MachineConfig:
     serial_out: Path | None = None
     cpu_template: str = "auto"  # "auto": "pvm" on PVM hosts, else "none"
     rng: bool = False  # a virtio-rng device fed by os.getrandom
+    rng_rate_limit: str | None = None  # entropy bytes/requests: "bw=1K/1s,ops=100/1s"
     drives: tuple[DriveConfig, ...] = ()
     nets: tuple[NetConfig, ...] = ()
 
@@ -166,5 +213,16 @@ class MachineConfig:
                 from pyvmm.rate_limiter import parse_rate_limit
 
                 parse_rate_limit(drive.rate_limit)
+        for net in self.nets:
+            net.validate()
+        if self.rng_rate_limit is not None:
+            from pyvmm.rate_limiter import parse_rate_limit
+
+            if not self.rng:
+                raise ConfigError("an rng rate limit needs the rng device")
+            try:
+                parse_rate_limit(self.rng_rate_limit)
+            except ConfigError as exc:
+                raise ConfigError(f"rng rate {self.rng_rate_limit!r}: {exc}") from None
         if self.serial_out is not None and self.serial_out.is_dir():
             raise ConfigError(f"serial output {self.serial_out} is a directory")

@@ -21,6 +21,10 @@ class KernelImageError(ConfigError):
     """The kernel or initrd file cannot be booted."""
 
 
+class VmStateError(ConfigError):
+    """The request does not fit the VM's state (pause a VM that is not running, ...)."""
+
+
 class HostError(PyvmmError):
     """The host refused something we need (permissions, missing features)."""
 

@@ -37,6 +37,9 @@ class EventLoop:
         self._pending: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._stopping = False
+        self._paused = False
+        self._pause_request: threading.Event | None = None
+        self._pause_cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -67,9 +70,45 @@ class EventLoop:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
+    def pause(self, timeout: float = 5.0) -> None:
+        """Park the loop thread between two rounds; returns once it is parked.
+
+        While paused no callback runs, so no device touches guest memory;
+        fd readiness and wake-ups wait in the kernel until :meth:`resume`.
+        Raises TimeoutError if a callback keeps the loop busy past ``timeout``.
+        """
+        if self._thread is None or self._thread is threading.current_thread():
+            return
+        parked = threading.Event()
+
+        def park() -> None:
+            with self._pause_cond:
+                if self._pause_request is not parked:
+                    return  # a pause that timed out: nothing to wait for
+                parked.set()
+                while self._paused and not self._stopping:
+                    self._pause_cond.wait()
+
+        with self._pause_cond:
+            self._paused = True
+            self._pause_request = parked
+        self.call_soon(park)
+        if not parked.wait(timeout):
+            self.resume()
+            raise TimeoutError(f"the event loop did not pause within {timeout:g} s")
+
+    def resume(self) -> None:
+        """Let a paused loop run again."""
+        with self._pause_cond:
+            self._paused = False
+            self._pause_request = None
+            self._pause_cond.notify_all()
+
     def stop(self) -> None:
         """Stop the loop thread and wait for it; idempotent."""
         self._stopping = True
+        with self._pause_cond:
+            self._pause_cond.notify_all()
         if self._wake_fd >= 0:
             os.eventfd_write(self._wake_fd, 1)
         if self._thread is not None and self._thread is not threading.current_thread():

@@ -10,6 +10,7 @@ one process.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import select
@@ -28,7 +29,7 @@ from pyvmm.devices.acpi_pm import AcpiPm, PvPanic
 from pyvmm.devices.boot_timer import BootTimer
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.serial import Serial
-from pyvmm.errors import ConfigError, HostError
+from pyvmm.errors import ConfigError, HostError, VmStateError
 from pyvmm.event_loop import EventLoop
 from pyvmm.interrupts import EventFdIrq
 from pyvmm.kvm import Kvm, Vcpu, Vm
@@ -46,7 +47,7 @@ from pyvmm.virtio.block import VirtioBlock
 from pyvmm.virtio.block_io import BlockFile
 from pyvmm.virtio.device import VirtioDevice
 from pyvmm.virtio.mmio import MmioTransport
-from pyvmm.virtio.net import VirtioNet
+from pyvmm.virtio.net import RX_QUEUE, VirtioNet
 from pyvmm.virtio.rng import VirtioRng
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,16 @@ _REQUIRED_CAPS = {
     "KVM_CAP_IMMEDIATE_EXIT": lib.KVM_CAP_IMMEDIATE_EXIT,
 }
 _JOIN_TIMEOUT = 10.0
+_PAUSE_TIMEOUT = 5.0
+
+
+class VmState(enum.Enum):
+    """Where a machine is in its lifecycle (Firecracker's names, for its API)."""
+
+    NOT_STARTED = "Not started"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    STOPPED = "Stopped"
 
 
 def host_is_pvm() -> bool:
@@ -92,6 +103,9 @@ class Machine:
         self._console_escape = console_escape
         self._template = resolve_template(config.cpu_template)
         self._stop_lock = threading.Lock()
+        self._lifecycle_lock = threading.Lock()
+        self._state = VmState.NOT_STARTED
+        self._paused_clock: bytes | None = None
         self._stopped = threading.Event()
         self._stop_reason: StopReason | None = None
         self._closed = False
@@ -120,16 +134,76 @@ class Machine:
     # --- lifecycle ------------------------------------------------------
     def start(self) -> None:
         """Build everything and start the vCPUs; on failure nothing is left open."""
-        self.start_ns = time.monotonic_ns()
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        self._loop.start()
+        with self._lifecycle_lock:
+            if self._state is not VmState.NOT_STARTED or self._closed:
+                raise VmStateError(f"the VM cannot start: it is {self.state.value.lower()}")
+            self.start_ns = time.monotonic_ns()
+            try:
+                self._build()
+            except BaseException:
+                self.close()
+                raise
+            self._loop.start()
+            for thread in self._threads:
+                thread.start()
+            self.first_run_ns = time.monotonic_ns()
+            self._state = VmState.RUNNING
+
+    @property
+    def state(self) -> VmState:
+        if self._stopped.is_set():
+            return VmState.STOPPED
+        return self._state
+
+    def pause(self) -> None:
+        """Park every vCPU out of ``KVM_RUN`` and the device loop; the guest's clock stops.
+
+        Returns once nothing runs guest code or touches guest memory. The
+        kvmclock value is saved here and restored by :meth:`resume`, so the
+        guest sees no jump in its time (QEMU does the same); each vCPU also
+        tells its guest it was stopped (``KVM_KVMCLOCK_CTRL``).
+        """
+        with self._lifecycle_lock:
+            if self.state is not VmState.RUNNING:
+                raise VmStateError(f"the VM cannot pause: it is {self.state.value.lower()}")
+            for thread in self._threads:
+                thread.request_pause()
+            deadline = time.monotonic() + _PAUSE_TIMEOUT
+            for thread in self._threads:
+                while not thread.parked.wait(0.05):
+                    if not thread.alive or self._stopped.is_set():
+                        self._resume_threads()
+                        raise VmStateError("the VM stopped while pausing")
+                    if time.monotonic() > deadline:
+                        self._resume_threads()
+                        raise HostError(
+                            f"vcpu{thread.vcpu.id} did not pause within {_PAUSE_TIMEOUT:g} s"
+                        )
+            try:
+                self._loop.pause(_PAUSE_TIMEOUT)
+            except TimeoutError as exc:
+                self._resume_threads()
+                raise HostError(str(exc)) from None
+            self._paused_clock = self._vm.get_clock()
+            self._state = VmState.PAUSED
+            log.debug("paused")
+
+    def resume(self) -> None:
+        """Continue a paused guest where it stopped, its clock where it was."""
+        with self._lifecycle_lock:
+            if self.state is not VmState.PAUSED:
+                raise VmStateError(f"the VM cannot resume: it is {self.state.value.lower()}")
+            if self._paused_clock is not None:
+                self._vm.set_clock(self._paused_clock)
+                self._paused_clock = None
+            self._loop.resume()
+            self._resume_threads()
+            self._state = VmState.RUNNING
+            log.debug("resumed")
+
+    def _resume_threads(self) -> None:
         for thread in self._threads:
-            thread.start()
-        self.first_run_ns = time.monotonic_ns()
+            thread.resume()
 
     def wait(self, timeout: float | None = None) -> StopReason | None:
         """Block until the VM stops (or ``timeout`` passes: then None)."""
@@ -320,9 +394,12 @@ class Machine:
         for net in self.config.nets:
             tap = Tap.open(net.tap)
             self._taps.append(tap)
-            devices.append(VirtioNet(tap, net.mac_bytes()))
+            rx_limiter = parse_rate_limit(net.rx_rate_limit) if net.rx_rate_limit else None
+            tx_limiter = parse_rate_limit(net.tx_rate_limit) if net.tx_rate_limit else None
+            devices.append(VirtioNet(tap, net.mac_bytes(), rx_limiter, tx_limiter))
         if self.config.rng:
-            devices.append(VirtioRng())
+            rng_rate = self.config.rng_rate_limit
+            devices.append(VirtioRng(rate_limiter=parse_rate_limit(rng_rate) if rng_rate else None))
         if len(devices) > layout.MAX_VIRTIO_DEVICES:
             raise ConfigError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices are supported")
         return devices
@@ -338,23 +415,14 @@ class Machine:
         """
         transport = MmioTransport(device, self._irq(vm, gsi), self.memory)
         self.mmio_bus.add(base, size, transport, f"virtio-mmio@{base:#x}")
+        serve = _queue_server(self._loop, transport, device)
         for index in range(len(device.queue_max_sizes)):
             notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._notify_fds.append(notify)
             vm.register_ioeventfd(notify, base + layout.VIRTIO_MMIO_NOTIFY_OFFSET, 4, index)
-            self._loop.add_reader(
-                notify, _queue_kick_handler(self._loop, notify, transport, device, index)
-            )
+            self._loop.add_reader(notify, _queue_kick_handler(notify, serve, index))
         if isinstance(device, VirtioNet):
-            # Frames from the host: edge-triggered, since a frame waiting for
-            # guest buffers keeps the fd readable; the guest's next RX kick
-            # drains the TAP.
-            backend = device.backend
-            self._loop.add_reader(
-                backend.fd,
-                lambda events: transport.process_queue(0),
-                select.EPOLLIN | select.EPOLLET,
-            )
+            _watch_net_backend(self._loop, device, serve)
         self.virtio_transports.append(transport)
 
     def _make_serial_writer(self) -> Callable[[bytes], object]:
@@ -411,33 +479,59 @@ class Machine:
         self._stopped.set()
 
 
-def _queue_kick_handler(
-    loop: EventLoop, notify: int, transport: MmioTransport, device: VirtioDevice, index: int
+def _queue_server(
+    loop: EventLoop, transport: MmioTransport, device: VirtioDevice
 ) -> Callable[[int], None]:
-    """Event-loop callback: drain the kick eventfd, then process the queue.
+    """``serve(index)``: process one queue of ``transport`` on the event loop thread.
 
-    A device held back by its rate limiter sets ``throttled`` and
-    ``retry_after``; one timer at a time then processes the queue again.
+    Every reason to process a queue goes through it: a driver kick (see
+    :func:`_queue_kick_handler`), a back end becoming ready (the TAP fd of
+    virtio-net, for queue 0), and the retry timer below.
+
+    Right after ``process_queue(index)`` a rate-limited device reports, for
+    that queue, ``throttled`` (it left work undone) and ``retry_after``
+    (seconds until its limiter has tokens); one timer per queue then serves
+    the queue again. A device that is no longer active (reset meanwhile) is
+    not retried: its next activation starts afresh.
     """
-    retry_pending = False
+    retry_pending: set[int] = set()
 
-    def serve() -> None:
-        nonlocal retry_pending
+    def serve(index: int) -> None:
         transport.process_queue(index)
-        if device.throttled and not retry_pending:
-            retry_pending = True
-            loop.call_later(device.retry_after, retry)
+        if device.activated and device.throttled and index not in retry_pending:
+            retry_pending.add(index)
+            loop.call_later(device.retry_after, lambda: retry(index))
 
-    def retry() -> None:
-        nonlocal retry_pending
-        retry_pending = False
-        serve()
+    def retry(index: int) -> None:
+        retry_pending.discard(index)
+        serve(index)
+
+    return serve
+
+
+def _watch_net_backend(loop: EventLoop, device: VirtioNet, serve: Callable[[int], None]) -> None:
+    """Serve virtio-net's RX queue whenever its back end (the TAP) has frames.
+
+    Edge-triggered, since a frame waiting for guest buffers keeps the fd
+    readable; the guest's next RX kick drains the TAP. Through ``serve``, so
+    a throttled RX side is retried by its timer: the TAP gives no new edge
+    for frames already queued.
+    """
+    loop.add_reader(
+        device.backend.fd, lambda events: serve(RX_QUEUE), select.EPOLLIN | select.EPOLLET
+    )
+
+
+def _queue_kick_handler(
+    notify: int, serve: Callable[[int], None], index: int
+) -> Callable[[int], None]:
+    """Event-loop callback for a queue's kick eventfd: drain it, then ``serve(index)``."""
 
     def on_kick(events: int) -> None:
         try:
             os.eventfd_read(notify)
         except BlockingIOError:
             return
-        serve()
+        serve(index)
 
     return on_kick

@@ -2,9 +2,14 @@
 
 Each vCPU runs in its own thread. :func:`handle_exit` is a pure dispatcher
 from a decoded exit to the buses; it returns a :class:`StopReason` when the
-exit ends the VM. Stopping is cooperative: :meth:`VcpuThread.kick` sets
+exit ends the VM. Stopping and pausing are cooperative: :meth:`VcpuThread.kick` sets
 ``immediate_exit`` and sends the kick signal, so a thread inside
-``KVM_RUN`` (or about to enter it) returns promptly and sees its stop flag.
+``KVM_RUN`` (or about to enter it) returns promptly and sees its flags.
+
+A pause takes effect only on an *interrupted* exit: KVM completes a pending
+port or MMIO read into the guest's registers on the ``KVM_RUN`` that returns
+EINTR, so a parked vCPU never has an instruction half done, and its state
+can be saved.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable
 from pyvmm.bus import Bus
 from pyvmm.kvm import exits
 from pyvmm.kvm._kvm_cffi import lib
+from pyvmm.kvm.ioctl import KvmIoctlError
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.stop_reason import StopKind, StopReason
 
@@ -91,6 +97,10 @@ class VcpuThread:
         self._on_stop = on_stop
         self._kick_signal = kick_signal
         self._stop_requested = False
+        self._pause_requested = False
+        self._wake = threading.Condition()
+        #: Set while the thread is parked by :meth:`request_pause`.
+        self.parked = threading.Event()
         self.exit_count = 0
         self._thread = threading.Thread(target=self._run, name=f"vcpu{vcpu.id}", daemon=True)
 
@@ -100,7 +110,24 @@ class VcpuThread:
     def request_stop(self) -> None:
         """Ask the thread to leave ``KVM_RUN`` and end (any thread may call)."""
         self._stop_requested = True
+        with self._wake:
+            self._wake.notify_all()
         self.kick()
+
+    def request_pause(self) -> None:
+        """Ask the thread to leave ``KVM_RUN`` and park; :attr:`parked` says when it has."""
+        self._pause_requested = True
+        self.kick()
+
+    def resume(self) -> None:
+        """Let a parked (or parking) thread enter the guest again."""
+        with self._wake:
+            self._pause_requested = False
+            self._wake.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def kick(self) -> None:
         self.vcpu.set_immediate_exit(True)
@@ -121,6 +148,7 @@ class VcpuThread:
         run, pio_write, pio_read = vcpu.run, pio_bus.write, pio_bus.read
         mmio_write, mmio_read = mmio_bus.write, mmio_bus.read
         io_out, io_in, mmio_out, mmio_in = exits.IoOut, exits.IoIn, exits.MmioWrite, exits.MmioRead
+        interrupted = exits.Interrupted
         count = 0
         log.debug("vcpu%d: entering the guest", vcpu.id)  # boot benchmarks time this line
         try:
@@ -138,6 +166,9 @@ class VcpuThread:
                     mmio_write(exit.addr, exit.data)
                 elif kind is mmio_in:
                     mmio_read(exit.addr, exit.data)
+                elif kind is interrupted:
+                    if self._pause_requested and not self._stop_requested:
+                        self._park()
                 else:
                     reason = handle_exit(exit, pio_bus, mmio_bus)
                     if reason is not None:
@@ -148,3 +179,27 @@ class VcpuThread:
             self._on_stop(StopReason(StopKind.VMM_ERROR, f"vcpu{vcpu.id}: {error}"))
         finally:
             self.exit_count = count
+
+    def _park(self) -> None:
+        """Wait, out of ``KVM_RUN``, until resumed or stopped.
+
+        ``immediate_exit`` is cleared only after waking, and the pause flag
+        read again after that: a pause requested in between has either
+        already set the flag (we park again) or will set ``immediate_exit``
+        after our clear (the next ``KVM_RUN`` returns at once).
+        """
+        vcpu = self.vcpu
+        while True:
+            # The guest's kvmclock learns it was stopped, so its soft-lockup
+            # watchdog does not fire on resume; a guest without kvmclock
+            # (the probe) makes KVM answer EINVAL, which is fine.
+            with contextlib.suppress(KvmIoctlError):
+                vcpu.kvmclock_ctrl()
+            self.parked.set()
+            with self._wake:
+                while self._pause_requested and not self._stop_requested:
+                    self._wake.wait()
+            self.parked.clear()
+            vcpu.set_immediate_exit(False)
+            if self._stop_requested or not self._pause_requested:
+                return

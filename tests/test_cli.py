@@ -150,3 +150,37 @@ def test_help_lists_commands() -> None:
     assert result.returncode == 0
     for command in ("run", "doctor", "guest"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--net", "tap=x,rx_bw=abc"], ("rx_bw='abc'", "expected SIZE")),
+        (["--net", "tap=x,tx_ops=1/1h"], ("tx_ops='1/1h'",)),
+        (["--net", "tap=x,rx_speed=1"], ("rx_speed=1", "rx_bw=RATE")),
+        (["--net", "tap=x,tx_bw=1K,tx_bw=2K"], ("tx_bw= is given twice",)),
+        (["--rng-rate", "bw=abc"], ("rng rate", "expected SIZE")),
+        (["--rng", "--rng-rate", "ops=0"], ("rng rate", "must be positive")),
+    ],
+)
+def test_bad_rate_limit_flags(tmp_path: Path, flags: list[str], needles: tuple[str, ...]) -> None:
+    assert_one_line_error(pyvmm("run", "--kernel", str(tmp_path / "k"), *flags), *needles)
+
+
+def test_good_rate_limit_flags_pass_validation(tmp_path: Path) -> None:
+    """Valid limits get past the config check: what fails is the missing kernel (or,
+    without root, opening the TAP, which comes first)."""
+    result = pyvmm(
+        "run",
+        "--kernel",
+        str(tmp_path / "k"),
+        "--net",
+        f"tap=pyvc{os.getpid() % 100000},rx_bw=10M/1s,rx_ops=1000/100ms,tx_bw=1G,tx_ops=10K",
+        "--rng-rate",
+        "bw=1K/1s,ops=100",
+    )
+    assert_one_line_error(result)
+    assert str(tmp_path / "k") in result.stderr or "TAP" in result.stderr
+    assert "rate limit" not in result.stderr and "option" not in result.stderr
+    help_text = pyvmm("run", "--help").stdout
+    assert "--rng-rate" in help_text and "rx_bw" in help_text

@@ -100,3 +100,48 @@ def test_parse_net() -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_net(bad)
+
+
+def test_parse_net_rate_limits() -> None:
+    from pyvmm.config import NetConfig, parse_net
+
+    net = parse_net("tap=t0,rx_bw=10M/1s,tx_ops=1000/100ms,rx_ops=500,tx_bw=1G")
+    assert net == NetConfig(
+        "t0", None, rx_rate_limit="bw=10M/1s,ops=500", tx_rate_limit="ops=1000/100ms,bw=1G"
+    )
+    net.validate()
+    MachineConfig(kernel=Path("k"), nets=(net,)).validate()
+    assert parse_net("tap=t0,tx_bw=1K").rx_rate_limit is None
+    for bad, message in [
+        ("tap=t,rx_bw=1K,rx_bw=2K", "rx_bw= is given twice"),
+        ("tap=t,rx_bw=", "'rx_bw=' is not one of"),
+        ("tap=t,rx_speed=1", "'rx_speed=1' is not one of tap=NAME, mac=MAC, rx_bw=RATE"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_net(bad)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("rx_bw=abc", r"network t option rx_bw='abc': .*expected SIZE like 10M"),
+        ("rx_ops=10/1h", r"network t option rx_ops='10/1h': .*should be like 100ms or 1s"),
+        ("tx_bw=0", r"network t option tx_bw='0': .*must be positive"),
+        ("tx_ops=5MB", r"network t option tx_ops='5MB': .*a count like 1000"),
+    ],
+)
+def test_net_rate_limits_are_validated(option: str, message: str) -> None:
+    from pyvmm.config import parse_net
+
+    config = MachineConfig(kernel=Path("k"), nets=(parse_net(f"tap=t,{option}"),))
+    with pytest.raises(ConfigError, match=message) as info:
+        config.validate()
+    assert "\n" not in str(info.value)
+
+
+def test_rng_rate_limit() -> None:
+    MachineConfig(kernel=Path("k"), rng=True, rng_rate_limit="bw=1K/1s,ops=10").validate()
+    with pytest.raises(ConfigError, match=r"rng rate 'bw=x': .*expected SIZE"):
+        MachineConfig(kernel=Path("k"), rng=True, rng_rate_limit="bw=x").validate()
+    with pytest.raises(ConfigError, match="needs the rng device"):
+        MachineConfig(kernel=Path("k"), rng_rate_limit="bw=1K").validate()

@@ -50,3 +50,47 @@ def test_stop_is_idempotent() -> None:
     loop.stop()
     loop.stop()
     loop.close()
+
+
+def test_pause_holds_callbacks_until_resume() -> None:
+    loop = EventLoop()
+    read_fd, write_fd = os.pipe()
+    seen: list[bytes] = []
+    got = threading.Event()
+
+    def on_readable(events: int) -> None:
+        seen.append(os.read(read_fd, 100))
+        got.set()
+
+    loop.add_reader(read_fd, on_readable)
+    loop.start()
+    loop.pause()
+    os.write(write_fd, b"while paused")
+    loop.call_soon(lambda: seen.append(b"soon"))
+    assert not got.wait(0.2)
+    assert seen == []
+    loop.resume()
+    assert got.wait(5)
+    loop.close()
+    os.close(read_fd)
+    os.close(write_fd)
+    assert b"while paused" in seen and b"soon" in seen
+
+
+def test_pause_times_out_on_a_busy_callback_and_close_wakes_a_paused_loop() -> None:
+    loop = EventLoop()
+    release = threading.Event()
+    loop.start()
+    loop.call_soon(lambda: release.wait(5))
+    try:
+        loop.pause(timeout=0.1)
+    except TimeoutError as exc:
+        assert "did not pause within 0.1 s" in str(exc)
+    else:
+        raise AssertionError("pause returned while a callback was busy")
+    release.set()
+    loop.pause()
+    closer = threading.Thread(target=loop.close)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive()

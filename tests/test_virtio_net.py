@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import struct
+import threading
+import time
 from collections import deque
 
 import pytest
 
+from pyvmm.event_loop import EventLoop
+from pyvmm.machine import _queue_server
 from pyvmm.memory import GuestMemory
 from pyvmm.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE
+from pyvmm.rate_limiter import parse_rate_limit
 from pyvmm.virtio.device import VIRTIO_ID_NET
 from pyvmm.virtio.mmio import (
     STATUS_DEVICE_NEEDS_RESET,
@@ -91,11 +96,20 @@ def mem():
 class Guest(TransportAccess):
     """A VirtioNet in a transport, brought up with an RX and a TX driver."""
 
-    def __init__(self, mem, *, features: int = BASIC, size: int = 16, backend=None) -> None:
+    def __init__(
+        self,
+        mem,
+        *,
+        features: int = BASIC,
+        size: int = 16,
+        backend=None,
+        rx_limiter=None,
+        tx_limiter=None,
+    ) -> None:
         self.mem = mem
         self.backend = backend or FakeBackend()
         self.irq = CountingIrq()
-        self.net = VirtioNet(self.backend, MAC)
+        self.net = VirtioNet(self.backend, MAC, rx_limiter, tx_limiter)
         self.mmio = MmioTransport(self.net, self.irq, mem)
         self.rx = MockDriver(mem, size, desc_table=0x10_000)
         self.tx = MockDriver(mem, size, desc_table=0x20_000)
@@ -363,3 +377,211 @@ def test_reset_forgets_pending_frame(mem):
     g.net.process_rx()
     g.wr(Reg.STATUS, 0)
     assert g.net.pending_len == 0 and not g.net.activated
+
+
+# --- rate limiting -------------------------------------------------------------------------
+MS = 1_000_000
+
+
+class FakeClock:
+    """A nanosecond clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance_ms(self, ms: float) -> None:
+        self.now += int(ms * MS)
+
+
+def post_tx(g: Guest, *frames: bytes) -> None:
+    """Post one TX chain per frame and kick queue 1 once."""
+    for data in frames:
+        g.tx.send([g.tx.readable(HDR + data)])
+    g.wr(Reg.QUEUE_NOTIFY, 1)
+
+
+def test_tx_limiter_leaves_frames_in_the_ring(mem):
+    clock = FakeClock()
+    g = Guest(mem, tx_limiter=parse_rate_limit("ops=2/100ms", clock))
+    post_tx(g, frame(60, 1), frame(60, 2), frame(60, 3))
+    assert g.backend.sent == [HDR + frame(60, 1), HDR + frame(60, 2)]
+    assert g.tx.used_idx() == 2  # the third chain is still the driver's, in the ring
+    assert g.net.throttled and g.net.tx_throttled
+    assert g.net.retry_after == pytest.approx(0.05)  # one op per 50 ms
+    assert g.net.stats.tx_throttled == 1
+    # A kick before the tokens are back changes nothing and is not a new stall.
+    g.wr(Reg.QUEUE_NOTIFY, 1)
+    assert len(g.backend.sent) == 2 and g.net.stats.tx_throttled == 1
+    clock.advance_ms(50)
+    g.mmio.process_queue(1)  # what the owner's retry timer does
+    assert g.backend.sent[2] == HDR + frame(60, 3)
+    assert g.tx.used_idx() == 3
+    assert not g.net.throttled
+    assert (g.net.stats.tx_frames, g.net.stats.tx_drops) == (3, 0)
+
+
+def test_tx_bandwidth_counts_frame_bytes_without_the_header(mem):
+    clock = FakeClock()
+    g = Guest(mem, tx_limiter=parse_rate_limit("bw=1000/1s", clock))
+    post_tx(g, frame(600), frame(400), frame(100))
+    assert len(g.backend.sent) == 2  # 600 + 400 bytes: the bucket is empty
+    assert g.net.retry_after == pytest.approx(0.1)  # 100 bytes at 1000/s
+    clock.advance_ms(100)
+    g.mmio.process_queue(1)
+    assert len(g.backend.sent) == 3 and g.net.stats.tx_bytes == 1100
+
+
+def test_tx_limiter_charges_nothing_for_dropped_chains(mem):
+    clock = FakeClock()
+    limiter = parse_rate_limit("ops=1/1s", clock)
+    g = Guest(mem, tx_limiter=limiter)
+    assert g.send([g.tx.readable(HDR[:8])])[1] == 0  # shorter than the header: dropped
+    assert g.net.stats.tx_drops == 1
+    assert limiter.ops.budget == 1
+    g.send([g.tx.readable(HDR + frame(60))])
+    assert len(g.backend.sent) == 1 and limiter.ops.budget == 0
+
+
+def test_rx_limiter_holds_one_frame_and_reads_no_more(mem):
+    clock = FakeClock()
+    g = Guest(mem, rx_limiter=parse_rate_limit("ops=2/100ms", clock))
+    g.post_rx(1536, 1536, 1536, 1536, 1536, 1536, kick=False)
+    g.backend.incoming.extend(bytes(VNET_HDR_SIZE) + frame(60, i) for i in range(5))
+    g.mmio.process_queue(0)  # the TAP fd became readable
+    assert [length for _h, length in g.rx_completions()] == [VNET_HDR_SIZE + 60] * 2
+    # The third frame waits in the scratch buffer; the last two stay in the back end.
+    assert g.net.pending_len == VNET_HDR_SIZE + 60
+    assert len(g.backend.incoming) == 2
+    assert g.net.throttled and g.net.rx_throttled
+    assert g.net.retry_after == pytest.approx(0.05)
+    assert g.net.stats.rx_throttled == 1
+    # More TAP edges or RX kicks before the tokens are back: nothing moves.
+    g.mmio.process_queue(0)
+    g.wr(Reg.QUEUE_NOTIFY, 0)
+    assert g.rx_completions() == [] and len(g.backend.incoming) == 2
+    assert g.net.stats.rx_throttled == 1
+    clock.advance_ms(50)  # one token: the pending frame goes, the next one waits
+    g.mmio.process_queue(0)
+    assert len(g.rx_completions()) == 1
+    assert len(g.backend.incoming) == 1 and g.net.pending_len
+    clock.advance_ms(100)
+    g.mmio.process_queue(0)
+    done = g.rx_completions()
+    assert len(done) == 2 and g.net.pending_len == 0 and not g.backend.incoming
+    assert not g.net.throttled
+    assert g.net.stats.rx_frames == 5
+
+
+def test_rx_limiter_delivers_the_frames_in_order(mem):
+    clock = FakeClock()
+    g = Guest(mem, rx_limiter=parse_rate_limit("bw=100/1s", clock))
+    posted = g.post_rx(1536, 1536, 1536, kick=False)
+    g.backend.incoming.extend(bytes(VNET_HDR_SIZE) + frame(60, i) for i in range(3))
+    g.net.process_rx()
+    assert len(g.rx_completions()) == 1  # 60 of 100 bytes; 60 more do not fit
+    assert g.net.rx_retry_after == pytest.approx(0.2)  # 20 bytes short at 100/s
+    for _ in range(2):
+        clock.advance_ms(600)
+        g.net.process_rx()
+    assert len(g.rx_completions()) == 2
+    for i, (_head, bufs) in enumerate(posted):
+        data = g.read_chain(bufs, VNET_HDR_SIZE + 60)
+        assert data[VNET_HDR_SIZE:] == frame(60, i)
+
+
+def test_rx_frame_waiting_for_buffers_keeps_its_tokens_in_the_bucket(mem):
+    clock = FakeClock()
+    limiter = parse_rate_limit("ops=1/1s", clock)
+    g = Guest(mem, rx_limiter=limiter)
+    g.backend.incoming.extend(bytes(VNET_HDR_SIZE) + frame(60, i) for i in range(2))
+    g.mmio.process_queue(0)  # no RX buffers: pending, but not throttled
+    assert g.net.pending_len and not g.net.throttled
+    assert limiter.ops.budget == 1  # charged only once the frame goes
+    g.post_rx(1536, 1536)
+    assert len(g.rx_completions()) == 1
+    assert limiter.ops.budget == 0
+    assert g.net.throttled and g.net.pending_len  # the second frame waits for a token
+    assert len(g.backend.incoming) == 0
+
+
+def test_reset_clears_throttling(mem):
+    clock = FakeClock()
+    g = Guest(mem, tx_limiter=parse_rate_limit("ops=1/1s", clock))
+    post_tx(g, frame(60), frame(60))
+    assert g.net.throttled
+    g.wr(Reg.STATUS, 0)
+    assert not g.net.throttled and not g.net.tx_throttled
+    g.net.process_queue(1)  # inactive: nothing to do, nothing to retry
+    assert not g.net.throttled
+
+
+def test_stats_round_trip_with_throttle_counters(mem):
+    clock = FakeClock()
+    g = Guest(mem, tx_limiter=parse_rate_limit("ops=1/1s", clock))
+    post_tx(g, frame(60), frame(60))
+    other = VirtioNet(FakeBackend(), MAC)
+    other.restore(g.net.save())
+    assert other.stats.tx_throttled == 1
+    # A state saved before the counters existed still loads.
+    old = {k: v for k, v in g.net.save().stats.items() if not k.endswith("_throttled")}
+    other.restore(VirtioNetState(MAC, old))
+    assert other.stats.tx_throttled == 0
+
+
+# --- the event-loop retry (machine._queue_server) ------------------------------------------
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
+
+
+def run_on_loop(loop: EventLoop, callback) -> None:
+    done = threading.Event()
+
+    def call() -> None:
+        callback()
+        done.set()
+
+    loop.call_soon(call)
+    assert done.wait(5)
+
+
+def test_retry_timer_drains_a_throttled_rx_side(mem):
+    """One TAP edge, five queued frames: the timer (not another edge) delivers the rest."""
+    g = Guest(mem, rx_limiter=parse_rate_limit("ops=1/20ms"))
+    g.post_rx(*[1536] * 6, kick=False)
+    g.backend.incoming.extend(bytes(VNET_HDR_SIZE) + frame(60, i) for i in range(5))
+    loop = EventLoop()
+    loop.start()
+    try:
+        serve = _queue_server(loop, g.mmio, g.net)
+        start = time.monotonic()
+        run_on_loop(loop, lambda: serve(0))  # the single edge
+        assert wait_for(lambda: g.rx.used_idx() == 5)
+        elapsed = time.monotonic() - start
+    finally:
+        loop.close()
+    assert elapsed >= 0.07  # four waits of 20 ms after the first (full-bucket) frame
+    assert g.net.stats.rx_frames == 5 and g.net.stats.rx_throttled >= 1
+
+
+def test_retry_timer_drains_a_throttled_tx_ring(mem):
+    g = Guest(mem, tx_limiter=parse_rate_limit("ops=1/20ms"))
+    for i in range(4):
+        g.tx.send([g.tx.readable(HDR + frame(60, i))])
+    loop = EventLoop()
+    loop.start()
+    try:
+        serve = _queue_server(loop, g.mmio, g.net)
+        run_on_loop(loop, lambda: serve(1))  # one kick
+        assert wait_for(lambda: len(g.backend.sent) == 4)
+    finally:
+        loop.close()
+    assert [data[VNET_HDR_SIZE:] for data in g.backend.sent] == [frame(60, i) for i in range(4)]
+    assert g.tx.used_idx() == 4 and not g.net.throttled

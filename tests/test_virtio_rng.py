@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pyvmm.memory import GuestMemory
+from pyvmm.rate_limiter import parse_rate_limit
 from pyvmm.virtio.device import VIRTIO_ID_RNG, VIRTIO_MMIO_INT_VRING
 from pyvmm.virtio.mmio import (
     STATUS_DEVICE_NEEDS_RESET,
@@ -14,7 +15,13 @@ from pyvmm.virtio.mmio import (
     Reg,
 )
 from pyvmm.virtio.queue import VIRTQ_AVAIL_F_NO_INTERRUPT
-from pyvmm.virtio.rng import MAX_BYTES_PER_CHAIN, RNG_QUEUE_SIZE, VirtioRng, VirtioRngState
+from pyvmm.virtio.rng import (
+    BUDGET_RETRY_S,
+    MAX_BYTES_PER_CHAIN,
+    RNG_QUEUE_SIZE,
+    VirtioRng,
+    VirtioRngState,
+)
 from tests.device_harness import CountingIrq
 from tests.virtio_driver import MockDriver, TransportAccess, bring_up
 
@@ -52,12 +59,20 @@ class Guest(TransportAccess):
     """A transport around a VirtioRng, and a driver that brought it up through registers."""
 
     def __init__(
-        self, mem, *, entropy=None, budget=None, features=VERSION_1, size=16, rng=None
+        self,
+        mem,
+        *,
+        entropy=None,
+        budget=None,
+        rate_limiter=None,
+        features=VERSION_1,
+        size=16,
+        rng=None,
     ) -> None:
         self.mem = mem
         self.irq = CountingIrq()
         self.entropy = entropy or Entropy()
-        self.rng = rng or VirtioRng(entropy=self.entropy, budget=budget)
+        self.rng = rng or VirtioRng(entropy=self.entropy, budget=budget, rate_limiter=rate_limiter)
         self.mmio = MmioTransport(self.rng, self.irq, mem)
         self.driver = MockDriver(mem, size)
         self.bring_up(features, size)
@@ -180,6 +195,8 @@ def test_budget_limits_and_throttles(mem):
     assert g.rng.throttled
     assert g.irq.count == 1
 
+    assert g.rng.retry_after == BUDGET_RETRY_S  # a budget cannot say when: poll
+
     allowance[0] = 100
     g.mmio.process_queue(0)  # the owner retries once the budget refills
     assert not g.rng.throttled
@@ -225,3 +242,87 @@ def test_save_restore(mem):
     assert irq.count == 1
     with pytest.raises(ValueError):
         rng.restore(VirtioRngState(bytes_served=-1))
+
+
+# --- the rate limiter -----------------------------------------------------------------
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance_ms(self, ms: float) -> None:
+        self.now += int(ms * 1_000_000)
+
+
+def test_rate_limiter_bandwidth_with_its_own_retry_time(mem):
+    clock = FakeClock()
+    g = Guest(mem, rate_limiter=parse_rate_limit("bw=8/100ms", clock))
+    heads = [g.driver.send([g.driver.writable(4)]) for _ in range(3)]
+    g.notify()
+    assert g.driver.used_idx() == 2
+    assert g.rng.throttled
+    assert g.rng.retry_after == pytest.approx(0.05)  # 4 bytes at 80 bytes/s
+    assert g.rng.bytes_served == 8
+    clock.advance_ms(49)
+    g.mmio.process_queue(0)
+    assert g.driver.used_idx() == 2 and g.rng.throttled
+    clock.advance_ms(1)
+    g.mmio.process_queue(0)
+    assert g.driver.used_elem(2) == (heads[2], 4)
+    assert not g.rng.throttled and g.rng.retry_after == 0.0
+
+
+def test_rate_limiter_ops(mem):
+    clock = FakeClock()
+    g = Guest(mem, rate_limiter=parse_rate_limit("ops=1/1s", clock))
+    g.driver.send([g.driver.writable(16)])
+    g.driver.send([g.driver.writable(16)])
+    g.notify()
+    assert g.driver.used_idx() == 1 and g.rng.retry_after == pytest.approx(1.0)
+    clock.advance_ms(1000)
+    g.mmio.process_queue(0)
+    assert g.driver.used_idx() == 2
+
+
+def test_rate_limiter_chain_without_writable_buffers_is_free(mem):
+    clock = FakeClock()
+    limiter = parse_rate_limit("ops=1/1s", clock)
+    g = Guest(mem, rate_limiter=limiter)
+    g.driver.send([g.driver.readable(b"abc")])
+    g.driver.send([g.driver.writable(4)])
+    g.notify()
+    assert g.driver.used_idx() == 2 and not g.rng.throttled
+    assert limiter.ops.budget == 0
+
+
+def test_rate_limiter_chain_larger_than_the_bucket(mem):
+    """All or nothing, as Firecracker: a full bucket lets it through, in debt."""
+    clock = FakeClock()
+    limiter = parse_rate_limit("bw=16/1s", clock)
+    g = Guest(mem, rate_limiter=limiter)
+    head = g.driver.send([g.driver.writable(64)])
+    g.driver.send([g.driver.writable(4)])
+    g.notify()
+    assert g.driver.used_elem(0) == (head, 64)
+    assert g.driver.used_idx() == 1 and g.rng.throttled
+    assert g.rng.retry_after == pytest.approx(3.25)  # 48 bytes of debt + 4 at 16/s
+    clock.advance_ms(3250)
+    g.mmio.process_queue(0)
+    assert g.driver.used_idx() == 2
+
+
+def test_rate_limiter_charges_only_the_bytes_written(mem):
+    clock = FakeClock()
+    limiter = parse_rate_limit("bw=100/1s", clock)
+    g = Guest(mem, entropy=Entropy(short_by=3), rate_limiter=limiter)
+    g.driver.send([g.driver.writable(10)])
+    g.notify()
+    assert g.driver.used_elem(0)[1] == 7
+    assert limiter.bandwidth.budget == 93
+
+
+def test_budget_and_rate_limiter_are_exclusive():
+    with pytest.raises(ValueError, match="not both"):
+        VirtioRng(budget=lambda n: n, rate_limiter=parse_rate_limit("bw=1K"))

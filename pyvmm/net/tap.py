@@ -71,8 +71,12 @@ def _ifreq(name: str, flags: int) -> bytearray:
     return bytearray(IFREQ.pack(name.encode("ascii"), flags))
 
 
-def check_name(name: str) -> None:
-    """Reject a name the kernel would refuse, with a clear message."""
+def check_name(name: str, kind: str = "TAP") -> None:
+    """Reject an interface name the kernel would refuse, with a clear message.
+
+    ``""`` passes (the kernel picks a TAP name); ``kind`` names the interface
+    in the message ("TAP", "veth").
+    """
     if not name:
         return
     if (
@@ -83,7 +87,7 @@ def check_name(name: str) -> None:
         or any(c.isspace() for c in name)
     ):
         raise HostError(
-            f"TAP name {name!r} is invalid (ASCII, at most {IFNAMSIZ - 1} characters, "
+            f"{kind} name {name!r} is invalid (ASCII, at most {IFNAMSIZ - 1} characters, "
             "no '/', ':' or spaces)"
         )
 
@@ -174,22 +178,35 @@ def _setiff_message(name: str, exc: OSError) -> str:
     return f"cannot create TAP {shown}: TUNSETIFF: {exc.strerror}"
 
 
-def _ip(*args: str) -> None:
+_NOT_PERMITTED = ("Operation not permitted", "Permission denied")
+
+
+def run_ip(*args: str) -> str:
+    """Run ``ip ARGS...`` (iproute2) and return its stdout.
+
+    Failures are one-line :class:`HostError`: ``ip`` missing, or ``ip ARGS:
+    <its first error line>``, with the capability hint when the kernel said
+    "not permitted".
+    """
     ip = shutil.which("ip")
     if ip is None:
         raise HostError("the 'ip' command (iproute2) is not installed")
     result = subprocess.run([ip, *args], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        detail = result.stderr.strip() or f"exit status {result.returncode}"
+        lines = result.stderr.strip().splitlines()
+        detail = lines[0].strip() if lines else f"exit status {result.returncode}"
+        if any(text in detail for text in _NOT_PERMITTED):
+            detail += " (needs CAP_NET_ADMIN: run as root)"
         raise HostError(f"ip {' '.join(args)}: {detail}")
+    return result.stdout
 
 
 def create_tap_with_address(name: str, cidr: str, vnet_hdr: bool = True) -> Tap:
     """Open TAP ``name``, give it ``cidr`` (e.g. ``"10.0.0.1/24"``) and bring it up."""
     tap = Tap.open(name, vnet_hdr)
     try:
-        _ip("addr", "add", cidr, "dev", tap.name)
-        _ip("link", "set", tap.name, "up")
+        run_ip("addr", "add", cidr, "dev", tap.name)
+        run_ip("link", "set", tap.name, "up")
     except BaseException:
         tap.close()
         raise

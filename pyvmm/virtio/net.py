@@ -35,13 +35,35 @@ DEVICE_NEEDS_RESET. Host ``OSError`` is logged at debug level, counted, and
 never propagates.
 
 Owner's duty: call ``transport.process_queue(0)`` (which takes the transport
-lock) whenever the back end's fd becomes readable. Register the fd
-edge-triggered: while a frame is pending for lack of guest buffers the fd
+lock) whenever the back end's fd becomes readable, and again after
+``retry_after`` while the device reports ``throttled`` (below). Register the
+fd edge-triggered: while a frame is pending for lack of guest buffers the fd
 stays readable, and the next ``process_queue(0)`` after a driver kick
 drains it anyway.
 
-Persistence: :meth:`VirtioNet.save` keeps the MAC and the counters. A
-pending RX frame is not saved: it is dropped, as a real NIC may drop frames.
+Rate limiting (Firecracker's ``rx_rate_limiter``/``tx_rate_limiter``): each
+direction may have a :class:`~pyvmm.rate_limiter.RateLimiter` charged, per
+frame, the frame's length without the virtio header (bandwidth bucket) and
+one op (ops bucket). A TX frame without tokens stays in the TX ring. An RX
+frame without tokens stays *pending* in the scratch buffer, and nothing more
+is read from the back end until it is delivered: at most one frame is ever
+held, whatever the limiter says (the rest waits in the TAP's own queue).
+Tokens are charged when a frame goes to the guest or the TAP; an RX frame
+kept pending for lack of guest buffers gets its tokens back until it goes. A
+malformed TX chain is dropped free of charge; an RX frame too big for the
+ring is charged like any other frame (it was read before it could be judged).
+
+After ``process_queue(i)`` returns, :attr:`VirtioNet.throttled` and
+:attr:`VirtioNet.retry_after` describe queue ``i`` (per direction:
+``rx_throttled``/``tx_throttled``): when throttled, the owner must call
+``process_queue(i)`` again after ``retry_after`` seconds. For RX that timer is
+essential: the TAP fd is edge-triggered and gives no new edge for frames
+already queued. :class:`NetStats` counts how often each direction became
+throttled.
+
+Persistence: :meth:`VirtioNet.save` keeps the MAC and the counters (not the
+limiters' buckets: a restored device starts with full buckets). A pending RX
+frame is not saved: it is dropped, as a real NIC may drop frames.
 """
 
 from __future__ import annotations
@@ -52,6 +74,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from pyvmm.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE
+from pyvmm.rate_limiter import RateLimiter
 from pyvmm.virtio.device import VIRTIO_ID_NET, VirtioDevice, copy_config
 from pyvmm.virtio.queue import QueueError
 
@@ -130,15 +153,19 @@ class NetStats:
     """Counters for metrics.
 
     ``*_drops`` are frames lost (too big, host error, restore); ``errors``
-    counts malformed chains the guest posted.
+    counts malformed chains the guest posted; ``*_throttled`` counts how often
+    that direction's rate limiter ran dry with a frame waiting (once per
+    stall, however many retries the stall takes).
     """
 
     rx_frames: int = 0
     rx_bytes: int = 0
     rx_drops: int = 0
+    rx_throttled: int = 0
     tx_frames: int = 0
     tx_bytes: int = 0
     tx_drops: int = 0
+    tx_throttled: int = 0
     errors: int = 0
 
 
@@ -154,7 +181,13 @@ class VirtioNet(VirtioDevice):
     device_type = VIRTIO_ID_NET
     queue_max_sizes = (NET_QUEUE_SIZE, NET_QUEUE_SIZE)
 
-    def __init__(self, backend: NetBackend, mac: bytes) -> None:
+    def __init__(
+        self,
+        backend: NetBackend,
+        mac: bytes,
+        rx_rate_limiter: RateLimiter | None = None,
+        tx_rate_limiter: RateLimiter | None = None,
+    ) -> None:
         super().__init__()
         if len(mac) != 6:
             raise ValueError(f"MAC address must be 6 bytes, not {len(mac)}")
@@ -169,6 +202,15 @@ class VirtioNet(VirtioDevice):
         self._scratch_view = memoryview(self._scratch)
         #: Length (header included) of the frame waiting in the scratch buffer; 0: none.
         self.pending_len = 0
+        self.rx_rate_limiter = rx_rate_limiter
+        self.tx_rate_limiter = tx_rate_limiter
+        # Per direction: a frame waits for tokens; call process_queue again after
+        # *_retry_after seconds. ``throttled``/``retry_after`` mirror the queue
+        # processed last (see the module docstring).
+        self.rx_throttled = self.tx_throttled = False
+        self.rx_retry_after = self.tx_retry_after = 0.0
+        self.throttled = False
+        self.retry_after = 0.0
 
     # --- config space -------------------------------------------------------------
     def read_config(self, offset: int, data: memoryview) -> None:
@@ -198,6 +240,7 @@ class VirtioNet(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self.pending_len = 0
+        self.rx_throttled = self.tx_throttled = self.throttled = False
 
     @property
     def mrg_rxbuf(self) -> bool:
@@ -205,29 +248,46 @@ class VirtioNet(VirtioDevice):
 
     # --- queues -----------------------------------------------------------------------
     def process_queue(self, index: int) -> None:
-        """TX for queue 1; for queue 0 (the driver added RX buffers) deliver frames."""
+        """TX for queue 1; for queue 0 (the driver added RX buffers) deliver frames.
+
+        Afterwards ``throttled``/``retry_after`` describe queue ``index``.
+        """
+        self.throttled = False
         if self.mem is None or self.interrupt is None:
             return
         if index == TX_QUEUE:
             self._process_tx()
+            self.throttled, self.retry_after = self.tx_throttled, self.tx_retry_after
         elif index == RX_QUEUE:
             self.process_rx()
+            self.throttled, self.retry_after = self.rx_throttled, self.rx_retry_after
 
     def _process_tx(self) -> None:
-        self.serve_queue(TX_QUEUE, self._send, self._drop_malformed_tx)
+        was_throttled = self.tx_throttled
+        self.tx_throttled = self.serve_queue(TX_QUEUE, self._send, self._drop_malformed_tx)
+        if self.tx_throttled and not was_throttled:
+            self.stats.tx_throttled += 1
 
-    def _send(self, chain: DescriptorChain) -> int:
+    def _send(self, chain: DescriptorChain) -> int | None:
+        """Used length 0 (TX buffers are device-readable only), or None: no tokens yet."""
         assert self.mem is not None
-        self._transmit(self.mem, chain)
-        return 0  # TX buffers are device-readable only
+        frame_len = self._tx_frame_len(chain)
+        if frame_len is None:
+            return 0
+        limiter = self.tx_rate_limiter
+        if limiter is not None and not limiter.consume(frame_len, 1):
+            self.tx_retry_after = limiter.retry_after(frame_len, 1)
+            return None
+        self._transmit(self.mem, chain, frame_len)
+        return 0
 
     def _drop_malformed_tx(self, exc: QueueError) -> None:
         _logger.debug("virtio-net: dropping malformed TX chain: %s", exc)
         self.stats.errors += 1
         self.stats.tx_drops += 1
 
-    def _transmit(self, mem: GuestMemory, chain: DescriptorChain) -> None:
-        stats = self.stats
+    def _tx_frame_len(self, chain: DescriptorChain) -> int | None:
+        """The frame's length without the header, or None (counted) if the chain is bad."""
         length = chain.readable_length()
         frame_len = length - VNET_HDR_SIZE
         if chain.writable() or frame_len < 0 or frame_len > MAX_FRAME_SIZE:
@@ -237,9 +297,13 @@ class VirtioNet(VirtioDevice):
                 length,
                 chain.writable_length(),
             )
-            stats.errors += 1
-            stats.tx_drops += 1
-            return
+            self.stats.errors += 1
+            self.stats.tx_drops += 1
+            return None
+        return frame_len
+
+    def _transmit(self, mem: GuestMemory, chain: DescriptorChain, frame_len: int) -> None:
+        stats = self.stats
         views = [mem.view(d.addr, d.length) for d in chain.readable() if d.length]
         try:
             buffers = views if self.vnet_hdr else _skip(views, VNET_HDR_SIZE)
@@ -256,10 +320,12 @@ class VirtioNet(VirtioDevice):
 
     # --- receive --------------------------------------------------------------------------
     def process_rx(self) -> None:
-        """Move frames from the back end into RX buffers until either runs out.
+        """Move frames from the back end into RX buffers until either runs out,
+        or the RX rate limiter does (then ``rx_throttled`` is set).
 
         Call it with the transport lock held (``transport.process_queue(0)``).
         """
+        was_throttled, self.rx_throttled = self.rx_throttled, False
         mem = self.mem
         interrupt = self.interrupt
         if mem is None or interrupt is None:
@@ -270,9 +336,22 @@ class VirtioNet(VirtioDevice):
         used_before = queue.next_used
         try:
             while True:
-                if not self.pending_len and not self._read_frame():
+                if not self.pending_len:
+                    if not self._read_frame():
+                        break
+                    if not self.pending_len:
+                        continue  # a runt, dropped
+                frame_len = self.pending_len - VNET_HDR_SIZE
+                limiter = self.rx_rate_limiter
+                if limiter is not None and not limiter.consume(frame_len, 1):
+                    self.rx_throttled = True
+                    self.rx_retry_after = limiter.retry_after(frame_len, 1)
+                    if not was_throttled:
+                        self.stats.rx_throttled += 1
                     break
                 if not self._deliver(mem, queue):
+                    if limiter is not None:
+                        limiter.replenish(frame_len, 1)  # still pending: charged when it goes
                     break
         finally:
             if queue.next_used != used_before and queue.needs_notification(mem):

@@ -7,11 +7,21 @@ is no config space and there are no device feature bits.
 
 Host resources stay bounded: each chain gets at most
 ``MAX_BYTES_PER_CHAIN`` bytes (the driver reads the used length and simply
-asks again), and an optional ``budget(n) -> granted`` rate limiter can give
-fewer bytes or none. When it grants nothing, the chain stays in the avail
-ring, :attr:`VirtioRng.throttled` is set, and the owner calls
-:meth:`VirtioRng.process_queue` again once the budget refills (through the
-transport's ``process_queue``, for example from a timer on the event loop).
+asks again), and one of two optional limits applies:
+
+* ``rate_limiter`` (a :class:`~pyvmm.rate_limiter.RateLimiter`, as
+  Firecracker's entropy device ``rate_limiter``): each chain costs the bytes
+  it will get (bandwidth bucket) and one op, all or nothing; a chain larger
+  than the bucket goes through once the bucket is full and leaves it in debt.
+  ``retry_after`` is the limiter's own answer.
+* ``budget(n) -> granted``, a callable that may give fewer bytes or none; it
+  cannot say when it refills, so ``retry_after`` is :data:`BUDGET_RETRY_S`.
+
+When the limit gives nothing, the chain stays in the avail ring,
+:attr:`VirtioRng.throttled` is set, and the owner calls
+:meth:`VirtioRng.process_queue` again after :attr:`VirtioRng.retry_after`
+seconds (through the transport's ``process_queue``, for example from a timer
+on the event loop). Chains without writable buffers cost nothing.
 
 ``entropy(n)`` is injected (default ``os.getrandom``) and may return fewer
 than ``n`` bytes; the device writes what it got and reports that length.
@@ -24,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pyvmm.rate_limiter import RateLimiter
 from pyvmm.virtio.device import VIRTIO_ID_RNG, VirtioDevice
 
 if TYPE_CHECKING:
@@ -51,28 +62,41 @@ class VirtioRng(VirtioDevice):
         self,
         entropy: Callable[[int], bytes] = os.getrandom,
         budget: Callable[[int], int] | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         super().__init__()
+        if budget is not None and rate_limiter is not None:
+            raise ValueError("give virtio-rng a budget or a rate_limiter, not both")
         self._entropy = entropy
         self._budget = budget
+        self.rate_limiter = rate_limiter
         self.bytes_served = 0
         self.throttled = False
+        self.retry_after = 0.0
 
     def process_queue(self, index: int) -> None:
         """Serve every available chain of queue ``index`` (0); may raise QueueError."""
+        self.throttled = False
         if self.mem is None or self.interrupt is None or index != 0:
             return
-        # _fill returns None when the budget is empty: the chain stays in the ring.
+        # _fill returns None when the limit is reached: the chain stays in the ring
+        # (and _fill has set retry_after).
         self.throttled = self.serve_queue(0, self._fill)
-        self.retry_after = BUDGET_RETRY_S if self.throttled else 0.0
+        if not self.throttled:
+            self.retry_after = 0.0
 
     def _fill(self, chain: DescriptorChain) -> int | None:
-        """Write entropy into the chain's writable buffers; None if the budget is empty."""
+        """Write entropy into the chain's writable buffers; None if the limit is reached."""
         wanted = min(chain.writable_length(), MAX_BYTES_PER_CHAIN)
         if wanted and self._budget is not None:
             wanted = max(0, min(wanted, self._budget(wanted)))
             if wanted == 0:
+                self.retry_after = BUDGET_RETRY_S
                 return None
+        limiter = self.rate_limiter
+        if wanted and limiter is not None and not limiter.consume(wanted, 1):
+            self.retry_after = limiter.retry_after(wanted, 1)
+            return None
         mem = self.mem
         assert mem is not None
         written = 0
@@ -85,6 +109,8 @@ class VirtioRng(VirtioDevice):
             written += len(data)
             if len(data) < want:
                 break
+        if limiter is not None and written < wanted:
+            limiter.replenish(wanted - written, 0)  # charge only what the guest got
         self.bytes_served += written
         return written
 
