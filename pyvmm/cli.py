@@ -74,6 +74,14 @@ def main() -> None:
     "[,rx_bw=10M/1s][,rx_ops=1000/1s][,tx_bw=RATE][,tx_ops=RATE] (repeatable; "
     "rx_*/tx_* rate-limit the bytes and frames the guest receives/sends).",
 )
+@click.option(
+    "--vsock",
+    default=None,
+    metavar="cid=N,uds=PATH",
+    help="A virtio-vsock device with guest CID N; host programs reach guest port P by "
+    "connecting to PATH and sending 'CONNECT P\\n', guest connections to host port P "
+    "go to PATH_P.",
+)
 @click.option("--rng", is_flag=True, help="Add a virtio-rng device (entropy from the host).")
 @click.option(
     "--rng-rate",
@@ -98,6 +106,7 @@ def run(
     cpu_template: str,
     drives: tuple[str, ...],
     nets: tuple[str, ...],
+    vsock: str | None,
     rng: bool,
     rng_rate: str | None,
     log_level: str,
@@ -110,6 +119,7 @@ def run(
         parse_drive,
         parse_memory_size,
         parse_net,
+        parse_vsock,
     )
 
     try:
@@ -130,6 +140,7 @@ def run(
             rng_rate_limit=rng_rate,
             drives=tuple(parse_drive(drive) for drive in drives),
             nets=tuple(parse_net(net) for net in nets),
+            vsock=parse_vsock(vsock) if vsock is not None else None,
         )
         config.validate()
     except (ConfigError, HostError) as error:

@@ -164,6 +164,47 @@ def parse_net(text: str) -> NetConfig:
 
 
 @dataclass(frozen=True)
+class VsockConfig:
+    """A virtio-vsock device whose host side is Unix sockets (Firecracker's convention).
+
+    Host programs connect to ``uds_path`` and send ``CONNECT <port>\\n``;
+    guest connections to host port P go to ``<uds_path>_P``.
+    """
+
+    guest_cid: int
+    uds_path: Path
+
+    def validate(self) -> None:
+        from pyvmm.virtio.vsock import check_guest_cid
+        from pyvmm.vsock_uds import check_uds_path
+
+        check_guest_cid(self.guest_cid)
+        check_uds_path(self.uds_path)
+
+
+def parse_vsock(text: str) -> VsockConfig:
+    """``cid=N,uds=PATH`` (``uds_path=`` is accepted too, as Firecracker names it)."""
+    cid: int | None = None
+    uds: str | None = None
+    for item in (part.strip() for part in text.split(",")):
+        key, _, value = item.partition("=")
+        if key == "cid" and value:
+            try:
+                cid = int(value, 0)
+            except ValueError:
+                raise ConfigError(f"vsock cid={value!r} is not a number") from None
+        elif key in ("uds", "uds_path") and value:
+            uds = value
+        else:
+            raise ConfigError(f"vsock option {item!r} is not one of cid=N, uds=PATH")
+    if cid is None:
+        raise ConfigError(f"vsock {text!r} has no cid=N")
+    if uds is None:
+        raise ConfigError(f"vsock {text!r} has no uds=PATH")
+    return VsockConfig(cid, Path(uds))
+
+
+@dataclass(frozen=True)
 class MachineConfig:
     """What to boot and with how much hardware."""
 
@@ -178,6 +219,7 @@ class MachineConfig:
     rng_rate_limit: str | None = None  # entropy bytes/requests: "bw=1K/1s,ops=100/1s"
     drives: tuple[DriveConfig, ...] = ()
     nets: tuple[NetConfig, ...] = ()
+    vsock: VsockConfig | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for the first problem found."""
@@ -224,5 +266,7 @@ class MachineConfig:
                 parse_rate_limit(self.rng_rate_limit)
             except ConfigError as exc:
                 raise ConfigError(f"rng rate {self.rng_rate_limit!r}: {exc}") from None
+        if self.vsock is not None:
+            self.vsock.validate()
         if self.serial_out is not None and self.serial_out.is_dir():
             raise ConfigError(f"serial output {self.serial_out} is a directory")

@@ -49,6 +49,8 @@ from pyvmm.virtio.device import VirtioDevice
 from pyvmm.virtio.mmio import MmioTransport
 from pyvmm.virtio.net import RX_QUEUE, VirtioNet
 from pyvmm.virtio.rng import VirtioRng
+from pyvmm.virtio.vsock import VirtioVsock
+from pyvmm.vsock_uds import VsockUds
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ class Machine:
         self._notify_fds: list[int] = []
         self._block_files: list[BlockFile] = []
         self._taps: list[Tap] = []
+        self._vsock_backends: list[VsockUds] = []
         self.boot: BootSetup | None = None
         self.serial_tail: SerialTail | None = None
         self.start_ns = 0
@@ -251,6 +254,11 @@ class Machine:
             if not thread.join(_JOIN_TIMEOUT):
                 log.error("vcpu%d did not stop within %g s", thread.vcpu.id, _JOIN_TIMEOUT)
         if self._loop is not None:
+            self._loop.stop()  # no callback runs from here on
+        for backend in self._vsock_backends:
+            backend.close()
+        self._vsock_backends.clear()
+        if self._loop is not None:
             self._loop.close()
         for vcpu in self._vcpus:
             vcpu.close()
@@ -285,6 +293,7 @@ class Machine:
     def _build(self) -> None:
         config = self.config
         self.memory = GuestMemory.with_size(config.mem_size)
+        self._loop = EventLoop()  # host back ends (vsock) subscribe while being built
         virtio_devices = self._virtio_devices()
         slots = [
             (
@@ -321,7 +330,6 @@ class Machine:
         vm.create_pit2()
         for slot, region in enumerate(self.memory):
             vm.set_user_memory_region(slot, region.guest_addr, region.mapping)
-        self._loop = EventLoop()
         self._add_devices(vm)
         for device, slot in zip(virtio_devices, slots, strict=True):
             self._add_virtio_device(vm, device, *slot)
@@ -400,6 +408,10 @@ class Machine:
         if self.config.rng:
             rng_rate = self.config.rng_rate_limit
             devices.append(VirtioRng(rate_limiter=parse_rate_limit(rng_rate) if rng_rate else None))
+        if self.config.vsock is not None:
+            backend = VsockUds(self._loop, self.config.vsock.uds_path)
+            self._vsock_backends.append(backend)
+            devices.append(VirtioVsock(self.config.vsock.guest_cid, backend))
         if len(devices) > layout.MAX_VIRTIO_DEVICES:
             raise ConfigError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices are supported")
         return devices
@@ -423,6 +435,9 @@ class Machine:
             self._loop.add_reader(notify, _queue_kick_handler(notify, serve, index))
         if isinstance(device, VirtioNet):
             _watch_net_backend(self._loop, device, serve)
+        elif isinstance(device, VirtioVsock):
+            # Host sockets with news: the device collects them on its RX queue.
+            device.backend.attach(lambda: serve(0))
         self.virtio_transports.append(transport)
 
     def _make_serial_writer(self) -> Callable[[bytes], object]:

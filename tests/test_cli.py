@@ -184,3 +184,27 @@ def test_good_rate_limit_flags_pass_validation(tmp_path: Path) -> None:
     assert "rate limit" not in result.stderr and "option" not in result.stderr
     help_text = pyvmm("run", "--help").stdout
     assert "--rng-rate" in help_text and "rx_bw" in help_text
+
+
+@pytest.mark.parametrize(
+    ("vsock", "needles"),
+    [
+        ("cid=3", ("has no uds=PATH",)),
+        ("uds=/tmp/x.sock", ("has no cid=N",)),
+        ("cid=two,uds=/tmp/x.sock", ("cid='two' is not a number",)),
+        ("cid=2,uds=/tmp/x.sock", ("guest CID 2 is out of range",)),
+        ("cid=3,uds=/no/such/dir/v.sock", ("directory", "missing")),
+        ("cid=3,uds=/tmp/" + "x" * 120, ("at most 107",)),
+        ("cid=3,port=5", ("'port=5' is not one of cid=N, uds=PATH",)),
+    ],
+)
+def test_bad_vsock_flags(tmp_path: Path, vsock: str, needles: tuple[str, ...]) -> None:
+    assert_one_line_error(pyvmm("run", "--kernel", str(tmp_path / "k"), "--vsock", vsock), *needles)
+
+
+def test_vsock_socket_path_that_exists_is_refused(tmp_path: Path) -> None:
+    taken = tmp_path / "taken.sock"
+    taken.write_text("")
+    result = pyvmm("run", "--kernel", str(tmp_path / "k"), "--vsock", f"cid=3,uds={taken}")
+    assert_one_line_error(result, "already exists")
+    assert taken.read_text() == ""

@@ -145,3 +145,12 @@ def test_rng_rate_limit() -> None:
         MachineConfig(kernel=Path("k"), rng=True, rng_rate_limit="bw=x").validate()
     with pytest.raises(ConfigError, match="needs the rng device"):
         MachineConfig(kernel=Path("k"), rng_rate_limit="bw=1K").validate()
+
+
+def test_parse_vsock() -> None:
+    from pyvmm.config import VsockConfig, parse_vsock
+
+    assert parse_vsock("cid=3,uds=/tmp/v.sock") == VsockConfig(3, Path("/tmp/v.sock"))
+    assert parse_vsock("uds_path=/tmp/v.sock, cid=0x10") == VsockConfig(16, Path("/tmp/v.sock"))
+    with pytest.raises(ConfigError, match="has no cid=N"):
+        parse_vsock("uds=/tmp/v.sock")

@@ -9,6 +9,7 @@ the kernel command line, and checks the serial output and the exit status.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,3 +367,123 @@ exit $rc
     guest_sha = next(line.split("=", 1)[1] for line in lines if line.startswith("guest-sha="))
     assert received.read_text() == f"{64 << 20} {guest_sha}"
     assert result.returncode == 0, result.stderr
+
+
+VSOCK_HOST_DRIVER = r'''
+"""Runs in the nested host: pyvmm with --vsock, and the host side of both directions."""
+import hashlib, os, socket, subprocess, sys, threading, time
+
+uds, serial, *pyvmm_argv = sys.argv[1:]
+os.makedirs(os.path.dirname(uds), exist_ok=True)  # on the nested host's own disk, not 9p
+
+def echo(conn):
+    with conn:
+        while data := conn.recv(1 << 16):
+            conn.sendall(data)
+
+def echo_server(path):
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+threading.Thread(target=echo_server, args=(uds + "_6000",), daemon=True).start()
+vm = subprocess.Popen(pyvmm_argv)
+deadline = time.monotonic() + 600
+def guest_said(marker):
+    return os.path.exists(serial) and marker in open(serial, "rb").read()
+
+while not guest_said(b"VSOCK-LISTENING"):
+    if vm.poll() is not None or time.monotonic() > deadline:
+        sys.exit(f"the guest never listened (pyvmm exit {vm.poll()})")
+    time.sleep(0.5)
+
+# Host-initiated: CONNECT to the guest's echo server on port 5000.
+client = socket.socket(socket.AF_UNIX)
+client.settimeout(120)
+client.connect(uds)
+client.sendall(b"CONNECT 5000\n")
+line = b""
+while not line.endswith(b"\n"):
+    line += client.recv(1)
+print("host got", line.decode().strip())
+payload = os.urandom(4 << 20)
+def send():
+    client.sendall(payload)
+    client.shutdown(socket.SHUT_WR)
+sender = threading.Thread(target=send)
+sender.start()
+back = bytearray()
+while chunk := client.recv(1 << 16):
+    back += chunk
+sender.join()
+print("H2G", len(back), hashlib.sha256(back).hexdigest() == hashlib.sha256(payload).hexdigest())
+
+# A CONNECT to a port nobody listens on is closed without OK.
+refused = socket.socket(socket.AF_UNIX)
+refused.settimeout(60)
+refused.connect(uds)
+refused.sendall(b"CONNECT 5999\n")
+print("refused", refused.recv(100))
+
+# Tell the guest we are done: it polls host port 7000.
+done = socket.socket(socket.AF_UNIX)
+done.bind(uds + "_7000")
+done.listen()
+conn, _ = done.accept()
+conn.close()
+status = vm.wait(600)
+print("uds left behind:", os.path.exists(uds))
+sys.exit(status)
+'''
+
+
+def test_virtio_vsock_both_directions(linux_host, tmp_path: Path) -> None:
+    """The guest runs an echo server on vsock port 5000 and a client to host port
+    6000; the host checks both streams byte for byte (4 MiB and 1 MiB)."""
+    from pyvmm.guestkit.debian import fetch_kernel
+    from pyvmm.guestkit.initramfs import build_initramfs
+    from pyvmm.guestkit.vmlinux import kernel_vmlinux
+    from pyvmm.guestkit.vsock_tool import build_vsock_tool
+
+    package = fetch_kernel("cloud")
+    initramfs = build_initramfs(
+        package,
+        ["virtio_mmio", "vmw_vsock_virtio_transport"],
+        extra_files={"bin/pyvmm-vsock": build_vsock_tool().read_bytes()},
+    )
+    guest_script = (
+        "pyvmm-vsock listen 5000 &\n"
+        "sleep 1; echo VSOCK-LISTENING\n"
+        "head -c 1048576 /dev/urandom > /tmp/data\n"
+        "pyvmm-vsock connect 2 6000 < /tmp/data > /tmp/back\n"
+        "echo G2H $(wc -c < /tmp/back) $(sha256sum < /tmp/data | cut -c1-64)"
+        " $(sha256sum < /tmp/back | cut -c1-64)\n"
+        "until pyvmm-vsock connect 2 7000 < /dev/null; do sleep 1; done\n"
+        "echo VSOCK-DONE\n"
+    )
+    cmdline = f"console=ttyS0 reboot=k panic=-1 pci=off quiet {command_arg(guest_script)}"
+    uds = f"/run/pyvmm-vsock-e2e-{os.getpid()}/v.sock"  # an L1 tmpfs: no sockets on 9p
+    serial = tmp_path / "serial.txt"
+    driver = tmp_path / "driver.py"
+    driver.write_text(VSOCK_HOST_DRIVER)
+    argv = [
+        sys.executable, str(driver), str(uds), str(serial),
+        sys.executable, "-m", "pyvmm", "run", "--kernel", str(kernel_vmlinux(package)),
+        "--initrd", str(initramfs), "--memory", "256", "--timeout", "900",
+        "--vsock", f"cid=3,uds={uds}", "--serial-out", str(serial), "--cmdline", cmdline,
+    ]  # fmt: skip
+    result = linux_host.run(argv, timeout=900 + BOOT_TIMEOUT)
+    guest = guest_lines(serial.read_text(errors="replace")) if serial.exists() else []
+    context = "\n".join(guest[-40:]) + result.stdout[-2000:] + result.stderr[-2000:]
+    host = result.stdout.splitlines()
+    assert any(line.startswith("host got OK ") for line in host), context
+    assert f"H2G {4 << 20} True" in host, context
+    assert "refused b''" in host, context
+    g2h = next((line.split() for line in guest if line.startswith("G2H ")), None)
+    assert g2h is not None and g2h[1] == str(1 << 20) and g2h[2] == g2h[3], context
+    assert "VSOCK-DONE" in guest, context
+    assert result.returncode == 0, context
+    assert "uds left behind: False" in host, context

@@ -1,0 +1,68 @@
+"""The virtio-vsock packet header (virtio 1.2, section 5.10.6), declared once.
+
+Every packet on the rx and tx queues starts with a 44-byte, packed,
+little-endian ``struct virtio_vsock_hdr``; a VIRTIO_VSOCK_OP_RW packet is
+followed by ``len`` bytes of payload, every other op has none. :data:`HDR`
+is the precompiled layout; :class:`Header` names its fields.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+#: struct virtio_vsock_hdr { le64 src_cid; le64 dst_cid; le32 src_port; le32 dst_port;
+#: le32 len; le16 type; le16 op; le32 flags; le32 buf_alloc; le32 fwd_cnt; }
+HDR = struct.Struct("<QQIIIHHIII")
+HDR_SIZE = HDR.size  # 44
+
+#: struct virtio_vsock_config { le64 guest_cid; }
+CONFIG = struct.Struct("<Q")
+#: struct virtio_vsock_event { le32 id; }
+EVENT = struct.Struct("<I")
+
+# --- well-known CIDs -------------------------------------------------------------------
+VSOCK_HOST_CID = 2
+#: Guest CIDs must be >= this (0 hypervisor, 1 local, 2 host) ...
+MIN_GUEST_CID = 3
+#: ... and below this (U32_MAX is VMADDR_CID_ANY).
+GUEST_CID_LIMIT = 0xFFFF_FFFF
+
+# --- type ---------------------------------------------------------------------------------
+VIRTIO_VSOCK_TYPE_STREAM = 1
+
+# --- op -----------------------------------------------------------------------------------
+VIRTIO_VSOCK_OP_INVALID = 0
+VIRTIO_VSOCK_OP_REQUEST = 1
+VIRTIO_VSOCK_OP_RESPONSE = 2
+VIRTIO_VSOCK_OP_RST = 3
+VIRTIO_VSOCK_OP_SHUTDOWN = 4
+VIRTIO_VSOCK_OP_RW = 5
+VIRTIO_VSOCK_OP_CREDIT_UPDATE = 6
+VIRTIO_VSOCK_OP_CREDIT_REQUEST = 7
+
+# --- SHUTDOWN flags: what the sender will no longer do ------------------------------------
+VIRTIO_VSOCK_SHUTDOWN_RCV = 1
+VIRTIO_VSOCK_SHUTDOWN_SEND = 2
+
+# --- event ids ------------------------------------------------------------------------------
+VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0
+
+#: The largest payload either side puts in one packet (Linux's
+#: VIRTIO_VSOCK_MAX_PKT_BUF_SIZE); a longer guest packet is refused.
+MAX_PKT_PAYLOAD = 64 * 1024
+
+
+class Header(NamedTuple):
+    """The fields of one ``virtio_vsock_hdr``, in layout order."""
+
+    src_cid: int
+    dst_cid: int
+    src_port: int
+    dst_port: int
+    len: int
+    type: int
+    op: int
+    flags: int
+    buf_alloc: int
+    fwd_cnt: int
