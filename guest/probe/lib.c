@@ -253,9 +253,58 @@ static void cpuid(uint32_t leaf, uint32_t *a, uint32_t *b, uint32_t *c, uint32_t
 
 /*
  * TSC frequency: the KVM/VMware timing leaf, else CPUID 0x15, else 0x16,
- * else a guess. Only used for time budgets (timeouts, IPI delays), so an
- * error of a factor 2 is harmless.
+ * else a measurement against the PIT, else a guess. On the PVM host CPUID
+ * in CPL3 is not intercepted (AMD has no CPUID faulting): the probe sees the
+ * host's own CPUID, without the VMM's timing leaf, so the PIT it is. Time
+ * budgets shrug off errors; the throughput programs print times from it,
+ * so tsc_khz_source() says where it came from (`tsc` program).
  */
+static const char *khz_source = "guess";
+
+#define PIT_HZ 1193182
+#define PIT_CH0 0x40
+#define PIT_CMD 0x43
+#define PIT_CALIBRATION_TICKS (PIT_HZ / 20) /* 50 ms */
+
+static uint16_t pit_read(void)
+{
+	outb(PIT_CMD, 0x00); /* latch channel 0 */
+	uint8_t lo = inb(PIT_CH0);
+
+	return (uint16_t)(lo | inb(PIT_CH0) << 8);
+}
+
+/*
+ * Channel 0 as a free-running rate generator (mode 2, reload 65535; IRQ 0
+ * is masked at both 8259s and the IOAPIC). Each TSC read comes right before
+ * a counter latch, so the exit latency cancels out. 0 if the counter does
+ * not move (no PIT).
+ */
+static uint64_t pit_calibrate(void)
+{
+	uint64_t ticks = 0, t0, t1;
+	uint16_t prev, now;
+	int stuck = 0;
+
+	outb(PIT_CMD, 0x34); /* channel 0, lo/hi byte, mode 2, binary */
+	outb(PIT_CH0, 0xFF);
+	outb(PIT_CH0, 0xFF);
+	t0 = rdtsc();
+	prev = pit_read();
+	do {
+		t1 = rdtsc();
+		now = pit_read();
+		if (now == prev && ++stuck > 1000)
+			return 0;
+		ticks += now <= prev ? prev - now : prev + 0xFFFF - now;
+		prev = now;
+	} while (ticks < PIT_CALIBRATION_TICKS);
+	outb(PIT_CMD, 0x30); /* back to mode 0: one interrupt, then quiet */
+	outb(PIT_CH0, 0xFF);
+	outb(PIT_CH0, 0xFF);
+	return (t1 - t0) * PIT_HZ / ticks / 1000;
+}
+
 uint64_t tsc_khz(void)
 {
 	static uint64_t khz;
@@ -269,6 +318,7 @@ uint64_t tsc_khz(void)
 		cpuid(0x40000010, &a, &b, &c, &d);
 		if (a >= 100000 && a < 20000000) {
 			khz = a;
+			khz_source = "cpuid 0x40000010";
 			return khz;
 		}
 	}
@@ -279,15 +329,36 @@ uint64_t tsc_khz(void)
 		cpuid(0x15, &a, &b, &c, &d);
 		if (a && b && c) {
 			khz = (uint64_t)c * b / a / 1000;
+			khz_source = "cpuid 0x15";
 			return khz;
 		}
 	}
 	if (max >= 0x16) {
 		cpuid(0x16, &a, &b, &c, &d);
-		if (a >= 100 && a < 20000)
+		if (a >= 100 && a < 20000) {
 			khz = (uint64_t)a * 1000;
+			khz_source = "cpuid 0x16";
+			return khz;
+		}
+	}
+	uint64_t measured = pit_calibrate();
+
+	if (measured >= 100000 && measured < 20000000) {
+		khz = measured;
+		khz_source = "pit";
 	}
 	return khz;
+}
+
+const char *tsc_khz_source(void)
+{
+	tsc_khz();
+	return khz_source;
+}
+
+uint64_t tsc_to_us(uint64_t cycles)
+{
+	return cycles / tsc_khz() * 1000 + cycles % tsc_khz() * 1000 / tsc_khz();
 }
 
 uint64_t deadline_us(uint64_t us)

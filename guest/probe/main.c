@@ -8,28 +8,61 @@
 #define MAX_WORDS 64
 
 static char cmdline[CMDLINE_MAX];
+static char raw_cmdline[CMDLINE_MAX];
 static char fail_reason[200];
+
+unsigned opt_qd = 1;
+unsigned opt_len = 1514;
 
 struct program {
 	const char *name;
 	bool needs_arg; /* name=N (true) or plain name (false) */
 	int (*run)(uint64_t arg);
+	uint64_t min_arg, max_arg; /* checked at parse time when max_arg != 0 */
 };
 
+static int set_qd(uint64_t arg)
+{
+	opt_qd = (unsigned)arg;
+	return 0;
+}
+
+static int set_len(uint64_t arg)
+{
+	opt_len = (unsigned)arg;
+	return 0;
+}
+
 static const struct program programs[] = {
-	{ "hello", false, prog_hello },
-	{ "echo", false, prog_echo },
-	{ "cpus", false, prog_cpus },
-	{ "tables", false, prog_tables },
-	{ "irq", false, prog_irq },
-	{ "boottimer", false, prog_boottimer },
-	{ "pioloop", true, prog_pioloop },
-	{ "mmioloop", true, prog_mmioloop },
-	{ "spin0", true, prog_spin0 },
-	{ "spin3", true, prog_spin3 },
-	{ "fault", false, prog_fault },
-	{ "selftest", false, prog_selftest },
+	{ "hello", false, prog_hello, 0, 0 },
+	{ "echo", false, prog_echo, 0, 0 },
+	{ "cpus", false, prog_cpus, 0, 0 },
+	{ "tables", false, prog_tables, 0, 0 },
+	{ "irq", false, prog_irq, 0, 0 },
+	{ "boottimer", false, prog_boottimer, 0, 0 },
+	{ "pioloop", true, prog_pioloop, 0, 0 },
+	{ "mmioloop", true, prog_mmioloop, 0, 0 },
+	{ "spin0", true, prog_spin0, 0, 0 },
+	{ "spin3", true, prog_spin3, 0, 0 },
+	{ "fault", false, prog_fault, 0, 0 },
+	{ "tsc", false, prog_tsc, 0, 0 },
+	{ "virtio", false, prog_virtio, 0, 0 },
+	{ "qd", true, set_qd, 1, 32 },
+	{ "len", true, set_len, 60, 1514 },
+	{ "blkread", true, prog_blkread, 1, 1 << 20 },
+	{ "blkwrite", true, prog_blkwrite, 1, 1 << 20 },
+	{ "blkrand", true, prog_blkrand, 1, 1 << 30 },
+	{ "blkcheck", false, prog_blkcheck, 0, 0 },
+	{ "nettx", true, prog_nettx, 1, 1 << 30 },
+	{ "netrx", true, prog_netrx, 1, 1 << 30 },
+	{ "rngread", true, prog_rngread, 1, 1 << 30 },
+	{ "selftest", false, prog_selftest, 0, 0 }, /* last: the default */
 };
+
+const char *probe_cmdline(void)
+{
+	return raw_cmdline;
+}
 
 struct step {
 	const struct program *prog;
@@ -190,6 +223,8 @@ static int parse(char *s, struct step *steps, int max)
 			return fail("%s takes no argument", word);
 		if (arg && !parse_number(arg, &steps[n].arg))
 			return fail("%s: bad number '%s'", word, arg);
+		if (p->max_arg && (steps[n].arg < p->min_arg || steps[n].arg > p->max_arg))
+			return fail("%s=%s: out of range %lu..%lu", word, arg, p->min_arg, p->max_arg);
 		n++;
 	}
 }
@@ -210,6 +245,7 @@ NORETURN void probe_main(void)
 		for (i = 0; i + 1 < sizeof(cmdline) && src[i]; i++)
 			cmdline[i] = src[i];
 		cmdline[i] = '\0';
+		memcpy(raw_cmdline, cmdline, i + 1);
 	}
 	kprintf("probe: cmdline '%s'\n", cmdline);
 	if (!si) {

@@ -73,6 +73,23 @@ static inline void mmio_write8(uint64_t addr, uint8_t v)
 	*(volatile uint8_t *)addr = v;
 }
 
+static inline uint8_t mmio_read8(uint64_t addr)
+{
+	return *(volatile uint8_t *)addr;
+}
+
+/* Orders the compiler only: enough between loads (or between stores) on x86. */
+static inline void barrier(void)
+{
+	__asm__ volatile("" ::: "memory");
+}
+
+/* A full barrier: orders a store before a later load (x86 may reorder those). */
+static inline void mb(void)
+{
+	__asm__ volatile("mfence" ::: "memory");
+}
+
 static inline void cpu_relax(void)
 {
 	__asm__ volatile("pause" ::: "memory");
@@ -94,6 +111,8 @@ static inline uint64_t rdtsc(void)
 }
 
 uint64_t tsc_khz(void);
+const char *tsc_khz_source(void); /* where tsc_khz() came from: CPUID, PIT, guess */
+uint64_t tsc_to_us(uint64_t cycles);
 uint64_t deadline_us(uint64_t us); /* TSC value `us` microseconds from now */
 bool expired(uint64_t deadline);
 void delay_us(uint64_t us);
@@ -171,6 +190,14 @@ int platform_cpus(uint32_t *ids, int max, const char **source);
 int acpi_cpus(uint32_t *ids, int max);
 int mptable_cpus(uint32_t *ids, int max);
 
+/* --- the command line ----------------------------------------------------- */
+/* The command line as the VMM passed it (unsplit, NUL-terminated). */
+const char *probe_cmdline(void);
+
+/* --- options: words that set a value for the programs after them ---------- */
+extern unsigned opt_qd; /* qd=N: virtio-blk queue depth, 1..32 (default 1) */
+extern unsigned opt_len; /* len=N: Ethernet frame length for nettx, 60..1514 (default 1514) */
+
 /* --- programs ------------------------------------------------------------- */
 int prog_hello(uint64_t arg);
 int prog_echo(uint64_t arg);
@@ -184,5 +211,14 @@ int prog_spin0(uint64_t arg);
 int prog_spin3(uint64_t arg);
 int prog_fault(uint64_t arg);
 int prog_selftest(uint64_t arg);
+int prog_tsc(uint64_t arg);
+int prog_virtio(uint64_t arg);
+int prog_blkread(uint64_t arg);
+int prog_blkwrite(uint64_t arg);
+int prog_blkrand(uint64_t arg);
+int prog_blkcheck(uint64_t arg);
+int prog_nettx(uint64_t arg);
+int prog_netrx(uint64_t arg);
+int prog_rngread(uint64_t arg);
 
 #endif
