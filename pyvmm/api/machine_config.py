@@ -1,0 +1,106 @@
+"""The one mapping from the API's :class:`VmResources` to :class:`pyvmm.config.MachineConfig`.
+
+Kept apart so that it grows in one place as ``MachineConfig`` gains fields.
+
+Mapped:
+
+- ``boot-source``: ``kernel_image_path`` -> ``kernel``, ``initrd_path`` ->
+  ``initrd``, ``boot_args`` -> ``cmdline``. When ``boot_args`` is absent the
+  command line is :data:`pyvmm.config.DEFAULT_LINUX_CMDLINE` (pyvmm's
+  default: serial console on ttyS0), not Firecracker's default, which
+  silences the 8250 UART that pyvmm's users read the guest on.
+- ``machine-config``: ``vcpu_count`` -> ``vcpus``, ``mem_size_mib`` ->
+  ``mem_size`` (MiB to bytes); ``cpu_template`` is always "auto" (pyvmm
+  picks the filtering its host needs). ``smt``, ``track_dirty_pages`` and
+  ``huge_pages`` have no counterpart and change nothing.
+- ``drives`` -> ``drives``, root drive first (so it is ``/dev/vda``):
+  ``path_on_host``, ``is_read_only``, ``is_root_device``, and
+  ``rate_limiter`` as the ``bw=SIZE/TIMEms,ops=N/TIMEms`` shorthand. A root
+  drive with a ``partuuid`` is not flagged ``root``; instead
+  ``root=PARTUUID=<uuid> ro|rw`` goes on the command line, as Firecracker
+  does. ``cache_type`` changes nothing: pyvmm always honours guest flushes
+  (which is "Writeback"; "Unsafe" would only allow skipping them).
+- ``network-interfaces`` -> ``nets``: ``host_dev_name`` -> ``tap``,
+  ``guest_mac`` -> ``mac``.
+- ``entropy`` -> ``rng=True``.
+
+Refused with a :class:`~pyvmm.errors.ConfigError`, because ``MachineConfig``
+cannot express them and silently dropping them would run a different VM
+than the one configured: a ``vsock``; rate limiters on network interfaces
+or on the entropy device; a drive rate limiter with a ``one_time_burst``.
+
+Not part of the machine (the controller handles them): ``logger``,
+``metrics``, ``mmds-config`` and the MMDS data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyvmm.api.fields import show
+from pyvmm.api.models import RateLimiterConfig
+from pyvmm.api.vm_config import VmResources
+from pyvmm.config import DEFAULT_LINUX_CMDLINE, DriveConfig, MachineConfig, NetConfig
+from pyvmm.errors import ConfigError
+
+
+def to_machine_config(resources: VmResources) -> MachineConfig:
+    """The :class:`MachineConfig` that boots ``resources`` (not yet validated)."""
+    boot = resources.boot_source
+    if boot is None:
+        raise ConfigError("Cannot start microvm without kernel configuration (PUT /boot-source)")
+    if resources.vsock is not None:
+        raise ConfigError("vsock: pyvmm cannot attach a vsock device yet")
+    if resources.entropy is not None and resources.entropy.rate_limiter is not None:
+        raise ConfigError("entropy: pyvmm cannot rate-limit the entropy device yet")
+    cmdline = DEFAULT_LINUX_CMDLINE if boot.boot_args is None else boot.boot_args
+    drives = []
+    for drive in resources.drive_order():
+        root = drive.is_root_device
+        if root and drive.partuuid is not None:
+            mode = "ro" if drive.is_read_only else "rw"
+            cmdline = f"{cmdline} root=PARTUUID={drive.partuuid} {mode}".strip()
+            root = False
+        drives.append(
+            DriveConfig(
+                path=Path(drive.path_on_host),
+                read_only=drive.is_read_only,
+                root=root,
+                rate_limit=_rate_limit_shorthand(
+                    drive.rate_limiter, f"drive {show(drive.drive_id)}"
+                ),
+            )
+        )
+    nets = []
+    for net in resources.nets.values():
+        if net.rx_rate_limiter is not None or net.tx_rate_limiter is not None:
+            raise ConfigError(
+                f"network interface {show(net.iface_id)}: pyvmm cannot rate-limit "
+                "network interfaces from the API yet"
+            )
+        nets.append(NetConfig(tap=net.host_dev_name, mac=net.guest_mac))
+    return MachineConfig(
+        kernel=Path(boot.kernel_image_path),
+        initrd=Path(boot.initrd_path) if boot.initrd_path is not None else None,
+        cmdline=cmdline,
+        vcpus=resources.machine_config.vcpu_count,
+        mem_size=resources.machine_config.mem_size_mib << 20,
+        cpu_template="auto",
+        rng=resources.entropy is not None,
+        drives=tuple(drives),
+        nets=tuple(nets),
+    )
+
+
+def _rate_limit_shorthand(limiter: RateLimiterConfig | None, where: str) -> str | None:
+    """``bw=SIZE/TIMEms,ops=N/TIMEms`` (:func:`pyvmm.rate_limiter.parse_rate_limit`)."""
+    if limiter is None:
+        return None
+    items = []
+    for key, bucket in (("bw", limiter.bandwidth), ("ops", limiter.ops)):
+        if bucket is None or not bucket.enabled:
+            continue
+        if bucket.one_time_burst:
+            raise ConfigError(f"{where}: pyvmm drives cannot have a one_time_burst yet")
+        items.append(f"{key}={bucket.size}/{bucket.refill_time}ms")
+    return ",".join(items) or None

@@ -1,0 +1,820 @@
+"""Firecracker's API request bodies as typed dataclasses, and their parsers.
+
+One ``parse_*`` function per body shape of Firecracker's OpenAPI description
+(``src/firecracker/swagger/firecracker.yaml``). Each takes the decoded JSON
+value and a ``where`` prefix for its messages (the resource name by
+default; ``drives[1]`` and the like when reading a config file) and returns
+a frozen dataclass, or raises :class:`~pyvmm.errors.ConfigError` with one
+line naming the field and the problem. Unknown fields are refused, as
+Firecracker's ``deny_unknown_fields`` does; ``null`` means absent.
+
+What pyvmm cannot do is refused here, at the request, with a message that
+says so, rather than accepted and ignored: CPU templates other than
+``"None"``, huge pages, the ``Async`` io_engine, vhost-user drives
+(``socket``) and the net ``mtu``.
+
+Each dataclass's ``to_json()`` gives the object in the shape ``GET
+/vm/config`` prints (``null`` for unset options), which its parser reads
+back unchanged.
+
+Only shapes are checked here; rules that need the rest of the
+configuration (one root drive, unique MACs, files that exist) live in
+:mod:`pyvmm.api.vm_config`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pyvmm import layout
+from pyvmm.api.fields import Fields, is_valid_id, show
+from pyvmm.errors import ConfigError
+from pyvmm.rate_limiter import Clock, RateLimiter
+
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+
+MAX_VCPUS = layout.MAX_VCPUS
+MIN_MEM_SIZE_MIB = layout.MIN_MEMORY_SIZE >> 20
+MAX_MEM_SIZE_MIB = layout.MAX_MEMORY_SIZE >> 20
+DEFAULT_MEM_SIZE_MIB = 128
+
+#: The MMDS address when ``mmds-config`` gives none (Firecracker's default).
+DEFAULT_MMDS_IPV4 = "169.254.169.254"
+LOG_LEVELS = ("Off", "Trace", "Debug", "Info", "Warn", "Error")
+
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_PARTUUID_RE = re.compile(r"^[0-9A-Fa-f]+(-[0-9A-Fa-f]+)*$")
+_IFNAMSIZ = 16
+
+
+def _json_or_none(value: Any) -> Any:
+    return None if value is None else value.to_json()
+
+
+# --- rate limiters --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenBucketConfig:
+    """One token bucket: ``size`` tokens refilled every ``refill_time`` ms.
+
+    A bucket with ``size`` or ``refill_time`` 0 is *disabled* (Firecracker's
+    rule): in a PATCH it removes that limit.
+    """
+
+    size: int
+    refill_time: int
+    one_time_burst: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0 and self.refill_time > 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "one_time_burst": self.one_time_burst or None,
+            "refill_time": self.refill_time,
+        }
+
+
+@dataclass(frozen=True)
+class RateLimiterConfig:
+    """A ``rate_limiter`` object: a bandwidth (bytes) and an ops bucket.
+
+    In a device's configuration (PUT) an absent bucket means unlimited and
+    disabled buckets have been dropped by :meth:`enabled_only`. In a PATCH
+    body an absent bucket leaves the device's bucket as it is and a disabled
+    one removes it.
+    """
+
+    bandwidth: TokenBucketConfig | None = None
+    ops: TokenBucketConfig | None = None
+
+    def enabled_only(self) -> RateLimiterConfig | None:
+        """The same limiter without disabled buckets; None if nothing is left."""
+        bandwidth = self.bandwidth if self.bandwidth and self.bandwidth.enabled else None
+        ops = self.ops if self.ops and self.ops.enabled else None
+        if bandwidth is None and ops is None:
+            return None
+        return RateLimiterConfig(bandwidth, ops)
+
+    def build(self, clock: Clock = time.monotonic_ns) -> RateLimiter:
+        """A :class:`~pyvmm.rate_limiter.RateLimiter` with the enabled buckets."""
+        config = {
+            name: {
+                "size": bucket.size,
+                "refill_time": bucket.refill_time,
+                "one_time_burst": bucket.one_time_burst,
+            }
+            for name, bucket in (("bandwidth", self.bandwidth), ("ops", self.ops))
+            if bucket is not None and bucket.enabled
+        }
+        return RateLimiter.from_config(config, clock)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bandwidth": _json_or_none(self.bandwidth), "ops": _json_or_none(self.ops)}
+
+
+def merge_rate_limiter(
+    current: RateLimiterConfig | None, patch: RateLimiterConfig | None
+) -> RateLimiterConfig | None:
+    """``current`` after a PATCH: absent buckets kept, disabled ones removed."""
+    if patch is None:
+        return current
+    current = current or RateLimiterConfig()
+    merged = RateLimiterConfig(
+        bandwidth=current.bandwidth if patch.bandwidth is None else patch.bandwidth,
+        ops=current.ops if patch.ops is None else patch.ops,
+    )
+    return merged.enabled_only()
+
+
+def parse_token_bucket(value: Any, where: str) -> TokenBucketConfig:
+    fields = Fields(value, where, ("size", "one_time_burst", "refill_time"))
+    return TokenBucketConfig(
+        size=fields.required_integer("size", 0, U64_MAX),
+        refill_time=fields.required_integer("refill_time", 0, U64_MAX),
+        one_time_burst=fields.integer("one_time_burst", 0, U64_MAX, default=0) or 0,
+    )
+
+
+def parse_rate_limiter(value: Any, where: str) -> RateLimiterConfig | None:
+    """A ``rate_limiter`` object as given (disabled buckets kept), or None if null."""
+    if value is None:
+        return None
+    fields = Fields(value, where, ("bandwidth", "ops"))
+    bandwidth = fields.object("bandwidth")
+    ops = fields.object("ops")
+    return RateLimiterConfig(
+        parse_token_bucket(bandwidth, f"{where}.bandwidth") if bandwidth is not None else None,
+        parse_token_bucket(ops, f"{where}.ops") if ops is not None else None,
+    )
+
+
+def _device_rate_limiter(fields: Fields, name: str) -> RateLimiterConfig | None:
+    """A device's limiter: disabled buckets dropped, None when unlimited."""
+    limiter = parse_rate_limiter(fields.obj.get(name), f"{fields.where}: {name}")
+    return limiter.enabled_only() if limiter is not None else None
+
+
+# --- boot source and machine configuration --------------------------------------------
+
+
+@dataclass(frozen=True)
+class BootSource:
+    """``PUT /boot-source``: the kernel, its command line and an initrd.
+
+    ``boot_args`` None means "the default command line", which
+    :mod:`pyvmm.api.machine_config` chooses.
+    """
+
+    kernel_image_path: str
+    boot_args: str | None = None
+    initrd_path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kernel_image_path": self.kernel_image_path,
+            "initrd_path": self.initrd_path,
+            "boot_args": self.boot_args,
+        }
+
+
+def parse_boot_source(value: Any, where: str = "boot-source") -> BootSource:
+    fields = Fields(value, where, ("kernel_image_path", "boot_args", "initrd_path"))
+    return BootSource(
+        kernel_image_path=fields.required_string("kernel_image_path"),
+        boot_args=fields.string("boot_args", empty=True),
+        initrd_path=fields.string("initrd_path"),
+    )
+
+
+@dataclass(frozen=True)
+class MachineConfiguration:
+    """The vCPU count and memory size (``GET /machine-config``), with defaults.
+
+    ``smt`` and ``track_dirty_pages`` are recorded and reported; CPU
+    templates and huge pages other than "None" are refused at parse time.
+    """
+
+    vcpu_count: int = 1
+    mem_size_mib: int = DEFAULT_MEM_SIZE_MIB
+    smt: bool = False
+    track_dirty_pages: bool = False
+    huge_pages: str = "None"
+
+    def updated(
+        self, update: MachineConfigUpdate, where: str = "machine-config"
+    ) -> MachineConfiguration:
+        """This configuration with ``update`` applied, checked as a whole."""
+        merged = MachineConfiguration(
+            vcpu_count=_pick(update.vcpu_count, self.vcpu_count),
+            mem_size_mib=_pick(update.mem_size_mib, self.mem_size_mib),
+            smt=_pick(update.smt, self.smt),
+            track_dirty_pages=_pick(update.track_dirty_pages, self.track_dirty_pages),
+            huge_pages=_pick(update.huge_pages, self.huge_pages),
+        )
+        if merged.smt and merged.vcpu_count > 1 and merged.vcpu_count % 2:
+            raise ConfigError(
+                f"{where}: vcpu_count must be 1 or an even number when smt is enabled, "
+                f"not {merged.vcpu_count}"
+            )
+        return merged
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vcpu_count": self.vcpu_count,
+            "mem_size_mib": self.mem_size_mib,
+            "smt": self.smt,
+            "track_dirty_pages": self.track_dirty_pages,
+            "huge_pages": self.huge_pages,
+        }
+
+
+def _pick(new: Any, old: Any) -> Any:
+    return old if new is None else new
+
+
+@dataclass(frozen=True)
+class MachineConfigUpdate:
+    """A PUT or PATCH ``/machine-config`` body: the fields to change (None: keep).
+
+    ``cpu_template`` is only ever "None" (the one template pyvmm accepts);
+    it is kept so the router can flag the field as deprecated, as
+    Firecracker does.
+    """
+
+    vcpu_count: int | None = None
+    mem_size_mib: int | None = None
+    smt: bool | None = None
+    track_dirty_pages: bool | None = None
+    huge_pages: str | None = None
+    cpu_template: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self == MachineConfigUpdate()
+
+
+_MACHINE_FIELDS = (
+    "vcpu_count",
+    "mem_size_mib",
+    "smt",
+    "track_dirty_pages",
+    "cpu_template",
+    "huge_pages",
+)
+
+
+def _machine_fields(value: Any, where: str, *, full: bool) -> MachineConfigUpdate:
+    fields = Fields(
+        value,
+        where,
+        _MACHINE_FIELDS,
+        unsupported={"gdb_socket_path": "no GDB stub"},
+    )
+    # Firecracker accepts the static CPU templates C3, T2, T2S, T2CL, T2A, V1N1;
+    # pyvmm chooses its own CPUID filtering, so only "None" means anything here.
+    cpu_template = fields.string("cpu_template")
+    if cpu_template is not None and cpu_template != "None":
+        raise fields.error(
+            "cpu_template", f'{show(cpu_template)} is not supported by pyvmm (only "None")'
+        )
+    huge_pages = fields.string("huge_pages")
+    if huge_pages is not None and huge_pages != "None":
+        raise fields.error(
+            "huge_pages", f'{show(huge_pages)} is not supported by pyvmm (only "None")'
+        )
+    default_flag = False if full else None
+    return MachineConfigUpdate(
+        vcpu_count=fields.integer("vcpu_count", 1, MAX_VCPUS, required=full),
+        mem_size_mib=fields.integer(
+            "mem_size_mib", MIN_MEM_SIZE_MIB, MAX_MEM_SIZE_MIB, required=full
+        ),
+        smt=fields.boolean("smt") if fields.has("smt") else default_flag,
+        track_dirty_pages=(
+            fields.boolean("track_dirty_pages") if fields.has("track_dirty_pages") else default_flag
+        ),
+        huge_pages=huge_pages if huge_pages is not None else ("None" if full else None),
+        cpu_template=cpu_template,
+    )
+
+
+def parse_machine_config(value: Any, where: str = "machine-config") -> MachineConfigUpdate:
+    """``PUT /machine-config``: vcpu_count and mem_size_mib required; others reset."""
+    return _machine_fields(value, where, full=True)
+
+
+def parse_machine_config_update(value: Any, where: str = "machine-config") -> MachineConfigUpdate:
+    """``PATCH /machine-config``: any subset of the fields (may be empty: caller checks)."""
+    return _machine_fields(value, where, full=False)
+
+
+# --- block devices --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Drive:
+    """``PUT /drives/{drive_id}``: a raw disk image behind virtio-blk."""
+
+    drive_id: str
+    path_on_host: str
+    is_root_device: bool
+    is_read_only: bool = False
+    partuuid: str | None = None
+    cache_type: str = "Unsafe"
+    rate_limiter: RateLimiterConfig | None = None
+    io_engine: str = "Sync"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "drive_id": self.drive_id,
+            "partuuid": self.partuuid,
+            "is_root_device": self.is_root_device,
+            "cache_type": self.cache_type,
+            "is_read_only": self.is_read_only,
+            "path_on_host": self.path_on_host,
+            "rate_limiter": _json_or_none(self.rate_limiter),
+            "io_engine": self.io_engine,
+            "socket": None,
+        }
+
+
+def parse_drive(value: Any, where: str = "drive") -> Drive:
+    fields = Fields(
+        value,
+        where,
+        (
+            "drive_id",
+            "path_on_host",
+            "is_root_device",
+            "is_read_only",
+            "partuuid",
+            "cache_type",
+            "rate_limiter",
+            "io_engine",
+        ),
+        unsupported={"socket": "vhost-user block devices"},
+    )
+    partuuid = fields.string("partuuid")
+    if partuuid is not None and (len(partuuid) > 64 or not _PARTUUID_RE.match(partuuid)):
+        raise fields.error(
+            "partuuid", f"must be a partition UUID (hex digits and dashes), not {show(partuuid)}"
+        )
+    io_engine = fields.choice("io_engine", ("Sync", "Async"), "Sync")
+    if io_engine == "Async":
+        raise fields.error("io_engine", '"Async" is not supported by pyvmm (only "Sync")')
+    return Drive(
+        drive_id=fields.ident("drive_id"),
+        path_on_host=fields.required_string("path_on_host"),
+        is_root_device=fields.boolean("is_root_device", required=True),
+        is_read_only=fields.boolean("is_read_only"),
+        partuuid=partuuid,
+        cache_type=fields.choice("cache_type", ("Unsafe", "Writeback"), "Unsafe") or "Unsafe",
+        rate_limiter=_device_rate_limiter(fields, "rate_limiter"),
+        io_engine="Sync",
+    )
+
+
+@dataclass(frozen=True)
+class PartialDrive:
+    """``PATCH /drives/{drive_id}`` (post-boot): a new image and/or rate limiter.
+
+    ``rate_limiter`` keeps PATCH semantics (see :class:`RateLimiterConfig`).
+    """
+
+    drive_id: str
+    path_on_host: str | None = None
+    rate_limiter: RateLimiterConfig | None = None
+
+
+def parse_partial_drive(value: Any, where: str = "drive") -> PartialDrive:
+    fields = Fields(value, where, ("drive_id", "path_on_host", "rate_limiter"))
+    return PartialDrive(
+        drive_id=fields.ident("drive_id"),
+        path_on_host=fields.string("path_on_host"),
+        rate_limiter=parse_rate_limiter(fields.obj.get("rate_limiter"), f"{where}: rate_limiter"),
+    )
+
+
+# --- network interfaces ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetworkInterface:
+    """``PUT /network-interfaces/{iface_id}``: virtio-net on a host TAP device.
+
+    ``guest_mac`` is stored in lower case, so uniqueness checks compare
+    like with like.
+    """
+
+    iface_id: str
+    host_dev_name: str
+    guest_mac: str | None = None
+    rx_rate_limiter: RateLimiterConfig | None = None
+    tx_rate_limiter: RateLimiterConfig | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "iface_id": self.iface_id,
+            "host_dev_name": self.host_dev_name,
+            "guest_mac": self.guest_mac,
+            "mtu": None,
+            "rx_rate_limiter": _json_or_none(self.rx_rate_limiter),
+            "tx_rate_limiter": _json_or_none(self.tx_rate_limiter),
+        }
+
+
+def _tap_name(fields: Fields, name: str) -> str:
+    value = fields.required_string(name)
+    if (
+        not value.isascii()
+        or len(value) >= _IFNAMSIZ
+        or value in (".", "..")
+        or any(c in value for c in "/:")
+        or any(c.isspace() for c in value)
+    ):
+        raise fields.error(
+            name,
+            f"must be a TAP device name (ASCII, at most {_IFNAMSIZ - 1} characters, "
+            f"no '/', ':' or spaces), not {show(value)}",
+        )
+    return value
+
+
+def _guest_mac(fields: Fields) -> str | None:
+    mac = fields.string("guest_mac")
+    if mac is None:
+        return None
+    if not _MAC_RE.match(mac):
+        raise fields.error(
+            "guest_mac", f"must be six hex bytes like 06:00:ac:10:00:02, not {show(mac)}"
+        )
+    if int(mac[:2], 16) & 1:
+        raise fields.error("guest_mac", f"must be a unicast address, not multicast {show(mac)}")
+    return mac.lower()
+
+
+def parse_network_interface(value: Any, where: str = "network-interface") -> NetworkInterface:
+    fields = Fields(
+        value,
+        where,
+        ("iface_id", "host_dev_name", "guest_mac", "rx_rate_limiter", "tx_rate_limiter"),
+        unsupported={"mtu": "the device does not offer VIRTIO_NET_F_MTU"},
+    )
+    return NetworkInterface(
+        iface_id=fields.ident("iface_id"),
+        host_dev_name=_tap_name(fields, "host_dev_name"),
+        guest_mac=_guest_mac(fields),
+        rx_rate_limiter=_device_rate_limiter(fields, "rx_rate_limiter"),
+        tx_rate_limiter=_device_rate_limiter(fields, "tx_rate_limiter"),
+    )
+
+
+@dataclass(frozen=True)
+class PartialNetworkInterface:
+    """``PATCH /network-interfaces/{iface_id}`` (post-boot): new rate limiters.
+
+    Both keep PATCH semantics (see :class:`RateLimiterConfig`).
+    """
+
+    iface_id: str
+    rx_rate_limiter: RateLimiterConfig | None = None
+    tx_rate_limiter: RateLimiterConfig | None = None
+
+
+def parse_partial_network_interface(
+    value: Any, where: str = "network-interface"
+) -> PartialNetworkInterface:
+    fields = Fields(value, where, ("iface_id", "rx_rate_limiter", "tx_rate_limiter"))
+    return PartialNetworkInterface(
+        iface_id=fields.ident("iface_id"),
+        rx_rate_limiter=parse_rate_limiter(
+            fields.obj.get("rx_rate_limiter"), f"{where}: rx_rate_limiter"
+        ),
+        tx_rate_limiter=parse_rate_limiter(
+            fields.obj.get("tx_rate_limiter"), f"{where}: tx_rate_limiter"
+        ),
+    )
+
+
+# --- other devices --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Vsock:
+    """``PUT /vsock``: virtio-vsock proxied to Unix sockets at ``uds_path``.
+
+    CIDs 0-2 are reserved (hypervisor, local, host) and 2**32-1 means "any".
+    ``vsock_id`` is deprecated in Firecracker; kept only to report it.
+    """
+
+    guest_cid: int
+    uds_path: str
+    vsock_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"guest_cid": self.guest_cid, "uds_path": self.uds_path}
+        if self.vsock_id is not None:
+            data["vsock_id"] = self.vsock_id
+        return data
+
+
+def parse_vsock(value: Any, where: str = "vsock") -> Vsock:
+    fields = Fields(value, where, ("vsock_id", "guest_cid", "uds_path"))
+    return Vsock(
+        guest_cid=fields.required_integer("guest_cid", 3, U32_MAX - 1),
+        uds_path=fields.required_string("uds_path"),
+        vsock_id=fields.string("vsock_id"),
+    )
+
+
+@dataclass(frozen=True)
+class Entropy:
+    """``PUT /entropy``: a virtio-rng device, optionally rate-limited."""
+
+    rate_limiter: RateLimiterConfig | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rate_limiter": _json_or_none(self.rate_limiter)}
+
+
+def parse_entropy(value: Any, where: str = "entropy") -> Entropy:
+    fields = Fields(value, where, ("rate_limiter",))
+    return Entropy(rate_limiter=_device_rate_limiter(fields, "rate_limiter"))
+
+
+# --- logging and metrics --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Logger:
+    """``PUT /logger``: where and how much the VMM logs (level names canonical)."""
+
+    log_path: str | None = None
+    level: str | None = None
+    show_level: bool | None = None
+    show_log_origin: bool | None = None
+    module: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "log_path": self.log_path,
+            "level": self.level,
+            "show_level": self.show_level,
+            "show_log_origin": self.show_log_origin,
+            "module": self.module,
+        }
+
+
+def parse_logger(value: Any, where: str = "logger") -> Logger:
+    fields = Fields(value, where, ("log_path", "level", "show_level", "show_log_origin", "module"))
+    level = fields.choice("level", (*LOG_LEVELS, "Warning"), case_insensitive=True)
+    return Logger(
+        log_path=fields.string("log_path"),
+        level="Warn" if level == "Warning" else level,
+        show_level=fields.optional_boolean("show_level"),
+        show_log_origin=fields.optional_boolean("show_log_origin"),
+        module=fields.string("module"),
+    )
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """``PUT /metrics``: the file or FIFO the JSON metrics lines are written to."""
+
+    metrics_path: str
+    emit_id: bool = False
+    properties: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"metrics_path": self.metrics_path, "emit_id": self.emit_id}
+        if self.properties:
+            data["properties"] = dict(self.properties)
+        return data
+
+
+def parse_metrics(value: Any, where: str = "metrics") -> Metrics:
+    fields = Fields(value, where, ("metrics_path", "emit_id", "properties"))
+    properties = fields.object("properties") or {}
+    for key, item in properties.items():
+        if not isinstance(item, str):
+            raise fields.error(f"properties[{show(key)}]", f"must be a string, not {show(item)}")
+    return Metrics(
+        metrics_path=fields.required_string("metrics_path"),
+        emit_id=fields.boolean("emit_id"),
+        properties=tuple(sorted(properties.items())),
+    )
+
+
+# --- MMDS -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MmdsConfig:
+    """``PUT /mmds/config``: which interfaces reach the metadata service, and where."""
+
+    network_interfaces: tuple[str, ...]
+    version: str = "V1"
+    ipv4_address: str | None = None
+    imds_compat: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "network_interfaces": list(self.network_interfaces),
+            "ipv4_address": self.ipv4_address or DEFAULT_MMDS_IPV4,
+            "imds_compat": self.imds_compat,
+        }
+
+
+def _link_local(fields: Fields, name: str) -> str | None:
+    address = fields.string(name)
+    if address is None:
+        return None
+    parts = address.split(".")
+    ok = (
+        len(parts) == 4
+        and all(p.isdigit() and p.isascii() and (p == "0" or not p.startswith("0")) for p in parts)
+        and parts[:2] == ["169", "254"]
+        and 1 <= int(parts[2]) <= 254
+        and 0 <= int(parts[3]) <= 255
+    )
+    if not ok:
+        raise fields.error(
+            name,
+            "must be a link-local IPv4 address (169.254.1.0 to 169.254.254.255), "
+            f"not {show(address)}",
+        )
+    return address
+
+
+def parse_mmds_config(value: Any, where: str = "mmds-config") -> MmdsConfig:
+    fields = Fields(value, where, ("version", "network_interfaces", "ipv4_address", "imds_compat"))
+    ids = fields.array("network_interfaces", required=True) or []
+    if not ids:
+        raise fields.error("network_interfaces", "must list at least one network interface id")
+    for item in ids:
+        if not isinstance(item, str) or not is_valid_id(item):
+            raise fields.error("network_interfaces", f"has an invalid id {show(item)}")
+    return MmdsConfig(
+        network_interfaces=tuple(ids),
+        version=fields.choice("version", ("V1", "V2"), "V1") or "V1",
+        ipv4_address=_link_local(fields, "ipv4_address"),
+        imds_compat=fields.boolean("imds_compat"),
+    )
+
+
+def parse_mmds_contents(value: Any, where: str = "mmds") -> dict[str, Any]:
+    """A PUT or PATCH ``/mmds`` body: any JSON object (its size is the store's business)."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: the metadata must be a JSON object, not {show(value)}")
+    return dict(value)
+
+
+# --- snapshots, VM state and actions --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SnapshotCreateParams:
+    """``PUT /snapshot/create``: write the VM state and guest memory to two files."""
+
+    snapshot_path: str
+    mem_file_path: str
+    snapshot_type: str = "Full"
+
+
+def parse_snapshot_create(value: Any, where: str = "snapshot-create") -> SnapshotCreateParams:
+    fields = Fields(value, where, ("snapshot_type", "snapshot_path", "mem_file_path"))
+    return SnapshotCreateParams(
+        snapshot_path=fields.required_string("snapshot_path"),
+        mem_file_path=fields.required_string("mem_file_path"),
+        snapshot_type=fields.choice("snapshot_type", ("Full", "Diff"), "Full") or "Full",
+    )
+
+
+@dataclass(frozen=True)
+class MemBackend:
+    """Where restored guest memory comes from: a file, or a userfaultfd handler's socket."""
+
+    backend_type: str
+    backend_path: str
+
+
+@dataclass(frozen=True)
+class NetworkOverride:
+    """On restore, back interface ``iface_id`` with another TAP device."""
+
+    iface_id: str
+    host_dev_name: str
+
+
+@dataclass(frozen=True)
+class SnapshotLoadParams:
+    """``PUT /snapshot/load``, with the deprecated spellings resolved.
+
+    ``mem_file_path`` becomes a File ``mem_backend`` and
+    ``enable_diff_snapshots`` becomes ``track_dirty_pages``;
+    ``deprecated_fields`` names any such field the request used.
+    """
+
+    snapshot_path: str
+    mem_backend: MemBackend
+    track_dirty_pages: bool = False
+    resume_vm: bool = False
+    network_overrides: tuple[NetworkOverride, ...] = ()
+    vsock_override: str | None = None
+    clock_realtime: bool = False
+    deprecated_fields: tuple[str, ...] = ()
+
+
+def parse_snapshot_load(value: Any, where: str = "snapshot-load") -> SnapshotLoadParams:
+    fields = Fields(
+        value,
+        where,
+        (
+            "snapshot_path",
+            "mem_backend",
+            "mem_file_path",
+            "enable_diff_snapshots",
+            "track_dirty_pages",
+            "resume_vm",
+            "network_overrides",
+            "vsock_override",
+            "clock_realtime",
+        ),
+        unsupported={"huge_pages": "guest memory is never backed by huge pages"},
+    )
+    backend_obj = fields.object("mem_backend")
+    mem_file_path = fields.string("mem_file_path")
+    if backend_obj is not None and mem_file_path is not None:
+        raise ConfigError(f"{where}: give either mem_backend or mem_file_path, not both")
+    if backend_obj is not None:
+        backend_fields = Fields(
+            backend_obj, f"{where}: mem_backend", ("backend_type", "backend_path")
+        )
+        backend = MemBackend(
+            backend_type=backend_fields.choice("backend_type", ("File", "Uffd"), required=True)
+            or "File",
+            backend_path=backend_fields.required_string("backend_path"),
+        )
+    elif mem_file_path is not None:
+        backend = MemBackend("File", mem_file_path)
+    else:
+        raise ConfigError(f"{where}: mem_backend (or the deprecated mem_file_path) is required")
+    overrides: list[NetworkOverride] = []
+    for index, item in enumerate(fields.array("network_overrides") or ()):
+        item_fields = Fields(
+            item, f"{where}: network_overrides[{index}]", ("iface_id", "host_dev_name")
+        )
+        override = NetworkOverride(
+            item_fields.ident("iface_id"), _tap_name(item_fields, "host_dev_name")
+        )
+        if any(o.iface_id == override.iface_id for o in overrides):
+            raise ConfigError(
+                f"{where}: network_overrides names iface_id {show(override.iface_id)} twice"
+            )
+        overrides.append(override)
+    vsock_obj = fields.object("vsock_override")
+    vsock_override = (
+        Fields(vsock_obj, f"{where}: vsock_override", ("uds_path",)).required_string("uds_path")
+        if vsock_obj is not None
+        else None
+    )
+    used = {"mem_file_path": mem_file_path is not None}
+    used["enable_diff_snapshots"] = fields.boolean("enable_diff_snapshots")
+    deprecated = tuple(name for name, given in used.items() if given)
+    return SnapshotLoadParams(
+        snapshot_path=fields.required_string("snapshot_path"),
+        mem_backend=backend,
+        track_dirty_pages=fields.boolean("enable_diff_snapshots")
+        or fields.boolean("track_dirty_pages"),
+        resume_vm=fields.boolean("resume_vm"),
+        network_overrides=tuple(overrides),
+        vsock_override=vsock_override,
+        clock_realtime=fields.boolean("clock_realtime"),
+        deprecated_fields=deprecated,
+    )
+
+
+def parse_vm_state(value: Any, where: str = "vm") -> str:
+    """``PATCH /vm``: "Paused" or "Resumed"."""
+    fields = Fields(value, where, ("state",))
+    return fields.choice("state", ("Paused", "Resumed"), required=True) or ""
+
+
+def parse_instance_action(value: Any, where: str = "actions") -> str:
+    """``PUT /actions``: "InstanceStart", "SendCtrlAltDel" or "FlushMetrics"."""
+    fields = Fields(value, where, ("action_type",))
+    return (
+        fields.choice(
+            "action_type", ("InstanceStart", "SendCtrlAltDel", "FlushMetrics"), required=True
+        )
+        or ""
+    )
