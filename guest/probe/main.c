@@ -45,6 +45,7 @@ static const struct program programs[] = {
 	{ "spin0", true, prog_spin0, 0, 0 },
 	{ "spin3", true, prog_spin3, 0, 0 },
 	{ "fault", false, prog_fault, 0, 0 },
+	{ "counter", false, prog_counter, 0, 0 },
 	{ "tsc", false, prog_tsc, 0, 0 },
 	{ "virtio", false, prog_virtio, 0, 0 },
 	{ "qd", true, set_qd, 1, 32 },

@@ -162,3 +162,25 @@ int prog_selftest(uint64_t arg)
 		return -1;
 	return 0;
 }
+
+#define COUNTER_PERIOD_US 100000
+
+/*
+ * counter: "counter: N" about every 100 ms, forever (until the VMM stops the
+ * guest). Pause/resume and snapshot/restore tests watch it continue: each
+ * line is the previous one plus 1, whatever happened to the VM in between.
+ * The wait is a CPL3 TSC loop, so it costs nothing to emulate on PVM.
+ */
+int prog_counter(uint64_t arg)
+{
+	uint64_t period = COUNTER_PERIOD_US * tsc_khz() / 1000;
+
+	(void)arg;
+	for (uint64_t n = 0;; n++) {
+		uint64_t next = rdtsc() + period;
+
+		kprintf("counter: %lu\n", n);
+		while (rdtsc() < next)
+			__asm__ volatile("pause");
+	}
+}

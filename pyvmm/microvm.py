@@ -1,0 +1,231 @@
+"""The library API: one microVM a test harness can drive from Python.
+
+    from pyvmm import MicroVM
+
+    with MicroVM(kernel="vmlinux", initrd="initramfs.cpio", vcpus=2, memory="256M") as vm:
+        vm.start()
+        vm.console.wait_for("login:", timeout=60)
+        vm.console.write("root\\n")
+        vm.pause()
+        vm.resume()
+
+:class:`MicroVM` wraps a :class:`~pyvmm.machine.Machine` with what a
+program needs around it: the guest's serial output collected in a
+:class:`SerialConsole` (expect-style :meth:`SerialConsole.wait_for`), a pipe
+to type into the guest's UART, and a context manager that always tears the
+VM down. Nothing is global: several MicroVMs live side by side in one
+process, each with its own threads and file descriptors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from pyvmm.config import (
+    DEFAULT_LINUX_CMDLINE,
+    DriveConfig,
+    MachineConfig,
+    NetConfig,
+    parse_drive,
+    parse_memory_size,
+    parse_net,
+)
+from pyvmm.machine import Machine, VmState
+from pyvmm.stop_reason import StopReason
+
+
+class ConsoleTimeout(TimeoutError):
+    """:meth:`SerialConsole.wait_for` gave up; the message shows what the guest printed."""
+
+
+class SerialConsole:
+    """The guest's serial output, kept whole, with a read cursor for expect-style waits.
+
+    The vCPU thread appends (:meth:`feed`); any thread may wait. Each
+    successful :meth:`wait_for` moves the cursor past its match, so a
+    sequence of waits follows the output in order, as ``pexpect`` does.
+    """
+
+    def __init__(self, write_fd: int | None = None) -> None:
+        self._data = bytearray()
+        self._cursor = 0
+        self._changed = threading.Condition()
+        self._write_fd = write_fd
+        self._closed = False
+
+    def feed(self, data: bytes) -> None:
+        with self._changed:
+            self._data += data
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """No more output will come: wake every waiter."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        """Everything the guest printed so far (UTF-8, undecodable bytes replaced)."""
+        with self._changed:
+            return self._data.decode(errors="replace")
+
+    def wait_for(self, pattern: str | bytes | re.Pattern, timeout: float = 30.0) -> re.Match:
+        """Wait until ``pattern`` (a regex) appears after the cursor; return the match.
+
+        Raises :class:`ConsoleTimeout` after ``timeout`` seconds, or at once
+        when the VM has stopped and the output can no longer change.
+        """
+        regex = _as_bytes_regex(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                match = regex.search(self._data, self._cursor)
+                if match is not None:
+                    self._cursor = match.end()
+                    return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    tail = self._data[-400:].decode(errors="replace")
+                    why = "the VM stopped" if self._closed else f"{timeout:g} s passed"
+                    raise ConsoleTimeout(
+                        f"{regex.pattern!r} did not appear before {why}; the guest last "
+                        f"printed: {tail!r}"
+                    )
+                self._changed.wait(remaining)
+
+    def close_input(self) -> None:
+        """Close the typing end of the UART pipe (the guest sees no more input)."""
+        if self._write_fd is not None:
+            os.close(self._write_fd)
+            self._write_fd = None
+
+    def write(self, data: str | bytes) -> None:
+        """Type ``data`` into the guest's UART (it arrives as fast as the guest reads)."""
+        if self._write_fd is None:
+            raise RuntimeError("this console has no input")
+        payload = data.encode() if isinstance(data, str) else bytes(data)
+        view = memoryview(payload)
+        while view:
+            written = os.write(self._write_fd, view)
+            view = view[written:]
+
+
+def _as_bytes_regex(pattern: str | bytes | re.Pattern) -> re.Pattern[bytes]:
+    if isinstance(pattern, re.Pattern):
+        source = pattern.pattern
+        flags = pattern.flags & ~re.UNICODE
+        return re.compile(source.encode() if isinstance(source, str) else source, flags)
+    return re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+
+
+class MicroVM:
+    """One microVM: configure in the constructor, then start / pause / resume / stop.
+
+    Give either a complete :class:`~pyvmm.config.MachineConfig` or keyword
+    arguments: ``kernel``, ``initrd``, ``cmdline``, ``vcpus``, ``memory``
+    (MiB as an int, or a size string such as ``"512M"``), ``drives`` and
+    ``nets`` (config objects or the CLI's ``path=IMG,ro`` /
+    ``tap=NAME,mac=..`` strings), ``rng``, ``cpu_template``. Bad values raise
+    :class:`~pyvmm.errors.ConfigError` with a one-line message.
+    """
+
+    def __init__(
+        self,
+        config: MachineConfig | None = None,
+        *,
+        kernel: str | Path | None = None,
+        initrd: str | Path | None = None,
+        cmdline: str = DEFAULT_LINUX_CMDLINE,
+        vcpus: int = 1,
+        memory: int | str = 128,
+        drives: Iterable[DriveConfig | str] = (),
+        nets: Iterable[NetConfig | str] = (),
+        rng: bool = False,
+        cpu_template: str = "auto",
+    ) -> None:
+        if config is None:
+            if kernel is None:
+                raise TypeError("MicroVM needs a config or kernel=")
+            config = MachineConfig(
+                kernel=Path(kernel),
+                initrd=Path(initrd) if initrd is not None else None,
+                cmdline=cmdline,
+                vcpus=vcpus,
+                mem_size=memory << 20 if isinstance(memory, int) else parse_memory_size(memory),
+                drives=tuple(parse_drive(d) if isinstance(d, str) else d for d in drives),
+                nets=tuple(parse_net(n) if isinstance(n, str) else n for n in nets),
+                rng=rng,
+                cpu_template=cpu_template,
+            )
+        config.validate()
+        self.config = config
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        self._input_read_fd: int | None = read_fd
+        self.console = SerialConsole(write_fd)
+        self._machine = Machine(config, serial_out=self.console.feed, console_in=read_fd)
+        self._closed = False
+
+    @property
+    def machine(self) -> Machine:
+        """The underlying machine (for tests and tools that need its internals)."""
+        return self._machine
+
+    @property
+    def state(self) -> VmState:
+        return self._machine.state
+
+    def start(self) -> MicroVM:
+        """Build the VM and start its vCPUs; returns self, for chaining."""
+        self._machine.start()
+        self._watch_for_stop()
+        return self
+
+    def _watch_for_stop(self) -> None:
+        def watch() -> None:
+            self._machine.wait()
+            self.console.close()
+
+        threading.Thread(target=watch, name="pyvmm-microvm-watch", daemon=True).start()
+
+    def pause(self) -> None:
+        self._machine.pause()
+
+    def resume(self) -> None:
+        self._machine.resume()
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        """Block until the guest stops (None if ``timeout`` passes first)."""
+        return self._machine.wait(timeout)
+
+    def stop(self) -> StopReason:
+        """Stop the guest and tear everything down; returns why the VM ended."""
+        self.close()
+        reason = self._machine.stop_reason
+        assert reason is not None
+        return reason
+
+    def close(self) -> None:
+        """Tear down (idempotent): threads joined, every fd closed."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._machine.close()
+        finally:
+            self.console.close()
+            self.console.close_input()
+            if self._input_read_fd is not None:
+                os.close(self._input_read_fd)
+                self._input_read_fd = None
+
+    def __enter__(self) -> MicroVM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
