@@ -42,6 +42,13 @@ def main() -> None:
 
 @main.command()
 @click.option(
+    "--config",
+    "config_file",
+    default=None,
+    help="A Firecracker JSON config file (boot-source, drives, machine-config, "
+    "network-interfaces, vsock, entropy) describing the whole VM.",
+)
+@click.option(
     "--kernel",
     default=None,
     help="Kernel: ELF vmlinux (PVH or 64-bit) or bzImage. Default: the guest kit's "
@@ -96,6 +103,7 @@ def main() -> None:
     show_default=True,
 )
 def run(
+    config_file: str | None,
     kernel: str | None,
     initrd: str | None,
     cmdline: str | None,
@@ -122,6 +130,13 @@ def run(
         parse_vsock,
     )
 
+    if config_file is not None:
+        _refuse_flags_beside_config(click.get_current_context())
+        try:
+            config = _config_from_file(config_file)
+        except (ConfigError, HostError) as error:
+            _fail(str(error))
+        sys.exit(_run_machine(config, timeout))
     try:
         if kernel is None:
             kernel, initrd = _default_guest(initrd)
@@ -146,6 +161,30 @@ def run(
     except (ConfigError, HostError) as error:
         _fail(str(error))
     sys.exit(_run_machine(config, timeout))
+
+
+_VM_FLAGS = (
+    "kernel", "initrd", "cmdline", "cpus", "memory", "cpu_template", "drives", "nets",
+    "vsock", "rng", "rng_rate",
+)  # fmt: skip
+
+
+def _refuse_flags_beside_config(context: click.Context) -> None:
+    """With --config the file describes the VM: a VM flag as well is a mistake."""
+    for param in context.command.params:
+        if param.name in _VM_FLAGS and (
+            context.get_parameter_source(param.name) is not click.core.ParameterSource.DEFAULT
+        ):
+            _fail(f"--config already describes the VM; drop {param.opts[0]} or put it in the file")
+
+
+def _config_from_file(path: str) -> object:
+    from pyvmm.api.machine_config import to_machine_config
+    from pyvmm.api.vm_config import VmResources
+
+    config = to_machine_config(VmResources.from_config_file(path))
+    config.validate()
+    return config
 
 
 def _default_guest(initrd: str | None) -> tuple[str, str]:
@@ -236,11 +275,13 @@ def guest() -> None:
 
 
 def _register_subcommands() -> None:
+    from pyvmm.firecracker_cli import firecracker
     from pyvmm.guestkit.commands import register
     from pyvmm.nested.command import nested
 
     register(guest)
     main.add_command(nested)
+    main.add_command(firecracker, name="serve")
 
 
 _register_subcommands()

@@ -19,7 +19,7 @@ from pyvmm.api import models
 from pyvmm.api.machine_config import to_machine_config
 from pyvmm.api.mmds import MmdsLimitError, MmdsNotInitializedError, MmdsStore, merge_patch
 from pyvmm.api.vm_config import VmResources
-from pyvmm.config import DEFAULT_LINUX_CMDLINE, DriveConfig, NetConfig
+from pyvmm.config import DEFAULT_LINUX_CMDLINE, DriveConfig, NetConfig, VsockConfig
 from pyvmm.errors import ConfigError
 from pyvmm.rate_limiter import parse_rate_limit
 
@@ -400,32 +400,37 @@ def test_to_machine_config_defaults_and_partuuid(files):
     assert config.mem_size == 128 << 20 and config.vcpus == 1 and not config.rng
 
 
-def test_to_machine_config_refuses_what_machine_config_cannot_express(files):
-    def resources_with(**sections) -> VmResources:
-        return VmResources.from_json(
-            {"boot-source": {"kernel_image_path": files["vmlinux"]}, **sections}
-        )
-
-    bucket = {"size": 1, "refill_time": 1}
-    cases = {
-        "vsock: pyvmm cannot attach": {"vsock": {"guest_cid": 3, "uds_path": "/v"}},
-        "entropy: pyvmm cannot rate-limit": {"entropy": {"rate_limiter": {"ops": bucket}}},
-        'network interface "eth0": pyvmm cannot rate-limit': {
+def test_to_machine_config_maps_vsock_and_every_rate_limiter(files):
+    bucket = {"size": 1000, "refill_time": 100}
+    resources = VmResources.from_json(
+        {
+            "boot-source": {"kernel_image_path": files["vmlinux"]},
+            "vsock": {"guest_cid": 3, "uds_path": "/run/v.sock"},
+            "entropy": {"rate_limiter": {"bandwidth": bucket}},
             "network-interfaces": [
                 {"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {"ops": bucket}}
-            ]
-        },
-        'drive "d": pyvmm drives cannot have a one_time_burst': {
+            ],
+        }
+    )
+    config = to_machine_config(resources)
+    assert config.vsock == VsockConfig(3, Path("/run/v.sock"))
+    assert config.rng and config.rng_rate_limit == "bw=1000/100ms"
+    assert config.nets == (NetConfig("tap0", None, "ops=1000/100ms", None),)
+
+
+def test_to_machine_config_refuses_a_one_time_burst(files):
+    resources = VmResources.from_json(
+        {
+            "boot-source": {"kernel_image_path": files["vmlinux"]},
             "drives": [
                 {
                     "drive_id": "d",
                     "path_on_host": files["data.ext4"],
                     "is_root_device": False,
-                    "rate_limiter": {"ops": {**bucket, "one_time_burst": 5}},
+                    "rate_limiter": {"ops": {"size": 1, "refill_time": 1, "one_time_burst": 5}},
                 }
-            ]
-        },
-    }
-    for message, sections in cases.items():
-        with pytest.raises(ConfigError, match=message):
-            to_machine_config(resources_with(**sections))
+            ],
+        }
+    )
+    with pytest.raises(ConfigError, match='drive "d": pyvmm rate limiters cannot have a one_time'):
+        to_machine_config(resources)

@@ -21,13 +21,14 @@ Mapped:
   does. ``cache_type`` changes nothing: pyvmm always honours guest flushes
   (which is "Writeback"; "Unsafe" would only allow skipping them).
 - ``network-interfaces`` -> ``nets``: ``host_dev_name`` -> ``tap``,
-  ``guest_mac`` -> ``mac``.
-- ``entropy`` -> ``rng=True``.
+  ``guest_mac`` -> ``mac``, ``rx_rate_limiter``/``tx_rate_limiter`` in the
+  same shorthand.
+- ``vsock`` -> ``vsock`` (``guest_cid``, ``uds_path``).
+- ``entropy`` -> ``rng=True``, its ``rate_limiter`` -> ``rng_rate_limit``.
 
 Refused with a :class:`~pyvmm.errors.ConfigError`, because ``MachineConfig``
-cannot express them and silently dropping them would run a different VM
-than the one configured: a ``vsock``; rate limiters on network interfaces
-or on the entropy device; a drive rate limiter with a ``one_time_burst``.
+cannot express it and silently dropping it would run a different VM than
+the one configured: a rate limiter with a ``one_time_burst``.
 
 Not part of the machine (the controller handles them): ``logger``,
 ``metrics``, ``mmds-config`` and the MMDS data.
@@ -40,7 +41,13 @@ from pathlib import Path
 from pyvmm.api.fields import show
 from pyvmm.api.models import RateLimiterConfig
 from pyvmm.api.vm_config import VmResources
-from pyvmm.config import DEFAULT_LINUX_CMDLINE, DriveConfig, MachineConfig, NetConfig
+from pyvmm.config import (
+    DEFAULT_LINUX_CMDLINE,
+    DriveConfig,
+    MachineConfig,
+    NetConfig,
+    VsockConfig,
+)
 from pyvmm.errors import ConfigError
 
 
@@ -49,10 +56,6 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
     boot = resources.boot_source
     if boot is None:
         raise ConfigError("Cannot start microvm without kernel configuration (PUT /boot-source)")
-    if resources.vsock is not None:
-        raise ConfigError("vsock: pyvmm cannot attach a vsock device yet")
-    if resources.entropy is not None and resources.entropy.rate_limiter is not None:
-        raise ConfigError("entropy: pyvmm cannot rate-limit the entropy device yet")
     cmdline = DEFAULT_LINUX_CMDLINE if boot.boot_args is None else boot.boot_args
     drives = []
     for drive in resources.drive_order():
@@ -73,12 +76,19 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
         )
     nets = []
     for net in resources.nets.values():
-        if net.rx_rate_limiter is not None or net.tx_rate_limiter is not None:
-            raise ConfigError(
-                f"network interface {show(net.iface_id)}: pyvmm cannot rate-limit "
-                "network interfaces from the API yet"
+        where = f"network interface {show(net.iface_id)}"
+        nets.append(
+            NetConfig(
+                tap=net.host_dev_name,
+                mac=net.guest_mac,
+                rx_rate_limit=_rate_limit_shorthand(net.rx_rate_limiter, f"{where} rx"),
+                tx_rate_limit=_rate_limit_shorthand(net.tx_rate_limiter, f"{where} tx"),
             )
-        nets.append(NetConfig(tap=net.host_dev_name, mac=net.guest_mac))
+        )
+    vsock = None
+    if resources.vsock is not None:
+        vsock = VsockConfig(resources.vsock.guest_cid, Path(resources.vsock.uds_path))
+    entropy = resources.entropy
     return MachineConfig(
         kernel=Path(boot.kernel_image_path),
         initrd=Path(boot.initrd_path) if boot.initrd_path is not None else None,
@@ -86,9 +96,13 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
         vcpus=resources.machine_config.vcpu_count,
         mem_size=resources.machine_config.mem_size_mib << 20,
         cpu_template="auto",
-        rng=resources.entropy is not None,
+        rng=entropy is not None,
+        rng_rate_limit=(
+            _rate_limit_shorthand(entropy.rate_limiter, "entropy") if entropy is not None else None
+        ),
         drives=tuple(drives),
         nets=tuple(nets),
+        vsock=vsock,
     )
 
 
@@ -101,6 +115,6 @@ def _rate_limit_shorthand(limiter: RateLimiterConfig | None, where: str) -> str 
         if bucket is None or not bucket.enabled:
             continue
         if bucket.one_time_burst:
-            raise ConfigError(f"{where}: pyvmm drives cannot have a one_time_burst yet")
+            raise ConfigError(f"{where}: pyvmm rate limiters cannot have a one_time_burst yet")
         items.append(f"{key}={bucket.size}/{bucket.refill_time}ms")
     return ",".join(items) or None

@@ -1,0 +1,226 @@
+"""``MachineController``: the API's :class:`VmmController` on top of :class:`Machine`.
+
+One controller drives at most one machine over the process's life, as a
+Firecracker process does: InstanceStart (or a snapshot load) creates it,
+and when the guest stops the controller's :attr:`stopped` event fires so
+the serving loop can exit with the machine's exit code.
+
+It also owns what Firecracker configures beside the VM: the logger
+(:mod:`pyvmm.logs`) and the metrics file (:mod:`pyvmm.metrics`), whose
+lines gather the router's request counters, the vCPUs' exits, every
+virtio device's counters and the latencies of pause, resume and snapshots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from pyvmm.api.controller import NOT_STARTED, PAUSED, RUNNING, InstanceInfo
+from pyvmm.api.machine_config import to_machine_config
+from pyvmm.errors import ConfigError, VmStateError
+from pyvmm.logs import configure_logging
+from pyvmm.machine import Machine, VmState
+from pyvmm.metrics import MetricsWriter
+from pyvmm.stop_reason import StopReason
+
+if TYPE_CHECKING:
+    from pyvmm.api.models import (
+        Logger,
+        Metrics,
+        RateLimiterConfig,
+        SnapshotCreateParams,
+        SnapshotLoadParams,
+    )
+    from pyvmm.api.vm_config import VmResources
+
+try:
+    from importlib.metadata import version as _package_version
+
+    VMM_VERSION = _package_version("pyvmm")
+except Exception:  # not installed (a source checkout run in place)
+    VMM_VERSION = "0.0.0"
+
+_STATES = {VmState.RUNNING: RUNNING, VmState.PAUSED: PAUSED}
+
+
+class MachineController:
+    """Implements :class:`pyvmm.api.controller.VmmController`; see the module docstring."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        *,
+        serial_out: Callable[[bytes], object] | None = None,
+        console_in: int | None = None,
+        counters: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.instance_id = instance_id
+        self._serial_out = serial_out
+        self._console_in = console_in
+        #: The router's request counters (set once the router exists).
+        self.api_counters = counters
+        self.machine: Machine | None = None
+        self.metrics: MetricsWriter | None = None
+        #: Set when the machine stopped (or failed to start after being created).
+        self.stopped = threading.Event()
+        self._latencies_us: dict[str, int] = {}
+        self._ever_ran = False
+
+    # --- state ------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        if self.machine is None:
+            return NOT_STARTED
+        # A stopped machine still counts as started ("Running" in Firecracker's terms,
+        # until the process exits).
+        return _STATES.get(self.machine.state, RUNNING)
+
+    def instance_info(self) -> InstanceInfo:
+        return InstanceInfo(id=self.instance_id, state=self.state, vmm_version=VMM_VERSION)
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        return self.machine.stop_reason if self.machine is not None else None
+
+    # --- pre-boot ---------------------------------------------------------------------
+    def start(self, resources: VmResources) -> None:
+        config = to_machine_config(resources)
+        config.validate()
+        machine = Machine(config, serial_out=self._serial_out, console_in=self._console_in)
+        started = time.monotonic_ns()
+        machine.start()  # on failure it has closed itself
+        self._latencies_us["start_vm"] = (time.monotonic_ns() - started) // 1000
+        self.machine = machine
+        self._watch(machine)
+
+    def load_snapshot(self, params: SnapshotLoadParams, resources: VmResources) -> None:
+        restore = getattr(Machine, "restore", None)
+        if restore is None:
+            raise ConfigError("this pyvmm cannot load snapshots")
+        started = time.monotonic_ns()
+        machine = restore(
+            params.snapshot_path,
+            params.mem_backend.backend_path,
+            serial_out=self._serial_out,
+            console_in=self._console_in,
+            net_overrides={o.iface_id: o.host_dev_name for o in params.network_overrides},
+            resume=params.resume_vm,
+        )
+        self._latencies_us["load_snapshot"] = (time.monotonic_ns() - started) // 1000
+        self.machine = machine
+        self._watch(machine)
+
+    def configure_logger(self, config: Logger) -> None:
+        configure_logging(
+            self.instance_id,
+            config.log_path,
+            config.level or "Info",
+            show_level=bool(config.show_level),
+            show_origin=bool(config.show_log_origin),
+            module=config.module,
+        )
+
+    def configure_metrics(self, config: Metrics) -> None:
+        writer = MetricsWriter(config.metrics_path, [self._metrics])
+        writer.start()
+        self.metrics = writer
+
+    # --- post-boot --------------------------------------------------------------------
+    def pause(self) -> None:
+        started = time.monotonic_ns()
+        self._machine().pause()
+        self._latencies_us["pause_vm"] = (time.monotonic_ns() - started) // 1000
+
+    def resume(self) -> None:
+        started = time.monotonic_ns()
+        self._machine().resume()
+        self._latencies_us["resume_vm"] = (time.monotonic_ns() - started) // 1000
+
+    def send_ctrl_alt_del(self) -> None:
+        self._machine().send_ctrl_alt_del()
+
+    def flush_metrics(self) -> None:
+        if self.metrics is None:
+            raise ConfigError("metrics are not configured (PUT /metrics first)")
+        self.metrics.flush()
+
+    def create_snapshot(self, params: SnapshotCreateParams) -> None:
+        machine = self._machine()
+        snapshot = getattr(machine, "snapshot", None)
+        if snapshot is None:
+            raise ConfigError("this pyvmm cannot create snapshots")
+        started = time.monotonic_ns()
+        diff = params.snapshot_type == "Diff"
+        snapshot(params.snapshot_path, params.mem_file_path, diff=diff)
+        key = "diff_create_snapshot" if diff else "full_create_snapshot"
+        self._latencies_us[key] = (time.monotonic_ns() - started) // 1000
+
+    def patch_drive(
+        self, drive_id: str, path_on_host: str | None, rate_limiter: RateLimiterConfig | None
+    ) -> None:
+        raise ConfigError(f"drive {drive_id!r}: pyvmm cannot change a drive after boot yet")
+
+    def patch_net(
+        self, iface_id: str, rx: RateLimiterConfig | None, tx: RateLimiterConfig | None
+    ) -> None:
+        raise ConfigError(
+            f"network interface {iface_id!r}: pyvmm cannot change rate limiters after boot yet"
+        )
+
+    # --- helpers ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the machine and write a last metrics line; idempotent."""
+        if self.machine is not None:
+            self.machine.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def _machine(self) -> Machine:
+        if self.machine is None:
+            raise VmStateError("the microVM is not started")
+        return self.machine
+
+    def _watch(self, machine: Machine) -> None:
+        def watch() -> None:
+            machine.wait()
+            self.stopped.set()
+
+        threading.Thread(target=watch, name="pyvmm-api-watch", daemon=True).start()
+
+    def _metrics(self) -> dict[str, Any]:
+        """One metrics snapshot: API counters, vCPU exits, devices, latencies."""
+        data: dict[str, Any] = {}
+        if self.api_counters is not None:
+            data.update(self.api_counters())
+        machine = self.machine
+        if machine is not None:
+            data.update(machine_metrics(machine))
+        data["latencies_us"] = dict(self._latencies_us)
+        return data
+
+
+def machine_metrics(machine: Machine) -> dict[str, Any]:
+    """Counters of one machine: ``vcpu`` exits by kind, and one group per virtio device."""
+    groups: dict[str, Any] = {}
+    exits: dict[str, int] = {}
+    for thread in getattr(machine, "vcpu_threads", ()):
+        for kind, count in thread.exit_counts().items():
+            exits[kind] = exits.get(kind, 0) + count
+    if exits:
+        groups["vcpu"] = exits
+    kinds: dict[str, int] = {}
+    for transport in machine.virtio_transports:
+        device = transport.device
+        name = type(device).__name__.removeprefix("Virtio").lower()
+        index = kinds.get(name, 0)
+        kinds[name] = index + 1
+        stats = getattr(device, "stats", None)
+        if dataclasses.is_dataclass(stats):
+            groups[f"{name}{index}"] = dataclasses.asdict(stats)
+        elif hasattr(device, "bytes_served"):
+            groups[f"{name}{index}"] = {"bytes": device.bytes_served}
+    return groups

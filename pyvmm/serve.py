@@ -1,0 +1,149 @@
+"""The API-driven VMM process: ``pyvmm serve`` and the ``pyvmm-firecracker`` console script.
+
+What a Firecracker process does, in this order: set up logging and metrics
+from the command line, read ``--config-file`` (and boot from it), serve the
+API on ``--api-sock`` unless ``--no-api``, then wait until the guest stops
+or a signal arrives, and exit with the machine's exit status (0 for a
+guest-requested reset or power-off, as Firecracker exits 0 when its guest
+reboots). The guest's serial console is on the process's stdin/stdout.
+
+Threads: the main thread waits here; the API server has an accept thread
+and one thread per client; the machine has its vCPU threads and event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyvmm.errors import ConfigError, PyvmmError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_SOCK = "/run/firecracker.socket"
+DEFAULT_INSTANCE_ID = "anonymous-instance"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    api_sock: Path | None  # None: --no-api
+    instance_id: str = DEFAULT_INSTANCE_ID
+    config_file: Path | None = None
+    log_path: Path | None = None
+    level: str | None = None
+    show_level: bool = False
+    show_log_origin: bool = False
+    log_module: str | None = None
+    metrics_path: Path | None = None
+    http_api_max_payload_size: int | None = None
+    mmds_size_limit: int | None = None
+
+
+def serve(options: ServeOptions) -> int:
+    """Run one API-driven VMM until its guest stops; return the process exit status.
+
+    Raises :class:`ConfigError` (one line, exit 2) for bad flags or a bad
+    config file, before anything is left running.
+    """
+    from pyvmm.api.http import ApiServer
+    from pyvmm.api.models import Logger, Metrics
+    from pyvmm.api.routes import Router
+    from pyvmm.api.vm_config import VmResources
+    from pyvmm.api.vmm import MachineController
+    from pyvmm.stop_reason import StopKind, StopReason
+
+    if options.api_sock is None and options.config_file is None:
+        raise ConfigError("--no-api needs --config-file: nothing could start the microVM")
+    stdout_fd = sys.stdout.fileno()
+    controller = MachineController(
+        options.instance_id,
+        serial_out=lambda data: os.write(stdout_fd, data),
+        console_in=_stdin_fd(),
+    )
+    if options.config_file is not None:
+        kwargs = {}
+        if options.mmds_size_limit is not None:
+            kwargs["mmds_size_limit"] = options.mmds_size_limit
+        resources = VmResources.from_config_file(options.config_file, **kwargs)
+    else:
+        resources = VmResources()
+    # Command-line logger/metrics, as Firecracker's --log-path/--metrics-path.
+    if options.log_path is not None or options.level is not None:
+        controller.configure_logger(
+            Logger(
+                log_path=str(options.log_path) if options.log_path else None,
+                level=options.level,
+                show_level=options.show_level,
+                show_log_origin=options.show_log_origin,
+                module=options.log_module,
+            )
+        )
+    router_kwargs = {}
+    if options.http_api_max_payload_size is not None:
+        router_kwargs["max_body"] = options.http_api_max_payload_size
+    router = Router(controller, resources, **router_kwargs)
+    controller.api_counters = router.counters.as_metrics
+    if options.metrics_path is not None:
+        controller.configure_metrics(Metrics(metrics_path=str(options.metrics_path)))
+
+    server = None
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop_requested.set()
+        machine = controller.machine
+        if machine is not None:
+            name = signal.Signals(signum).name
+            machine.stop(StopReason(StopKind.HOST_SIGNAL, f"received {name}"))
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if options.api_sock is not None:
+            server = ApiServer(options.api_sock, router, body_limit=router.body_limit)
+            server.start()
+        if options.config_file is not None:
+            router.boot_from_config()
+        while not stop_requested.is_set() and not controller.stopped.wait(0.2):
+            pass
+        reason = controller.stop_reason
+    finally:
+        if server is not None:
+            server.close()
+        controller.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if reason is None:
+        log.info("stopped before the microVM started")
+        return 0
+    if reason.clean:
+        log.info("%s", reason)
+    else:
+        print(f"pyvmm: {reason}", file=sys.stderr)
+    return reason.exit_code
+
+
+def _stdin_fd() -> int | None:
+    try:
+        fd = sys.stdin.fileno()
+        os.fstat(fd)
+    except (AttributeError, ValueError, OSError):
+        return None
+    return fd
+
+
+def run_serve(options: ServeOptions) -> None:
+    """``serve`` with the CLI's error contract: one line and exit 2 for the user's mistakes."""
+    try:
+        code = serve(options)
+    except ConfigError as error:
+        print(f"pyvmm: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except PyvmmError as error:
+        print(f"pyvmm: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
