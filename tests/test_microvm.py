@@ -131,3 +131,29 @@ def test_bad_keyword_arguments_are_config_errors(tmp_path: Path) -> None:
         MicroVM(kernel=tmp_path / "k", drives=["ro"])
     with pytest.raises(TypeError, match="kernel="):
         MicroVM()
+
+
+def test_pause_and_resume_under_disk_load_lose_no_io(probe_elf: Path, tmp_path: Path) -> None:
+    """The probe reads random blocks (each one verified in the guest) and then
+    writes 16 MiB while the VM is paused and resumed again and again: every
+    request completes, every read is right, every written block lands."""
+    from tests.test_probe_virtio import BLOCK, write_pattern_image, written_blocks
+
+    image = tmp_path / "disk.img"
+    write_pattern_image(image, 32 << 20)
+    with MicroVM(
+        kernel=probe_elf, cmdline="qd=32 blkrand=150000 blkwrite=16", drives=[f"path={image}"]
+    ) as vm:
+        vm.start()
+        vm.console.wait_for("probe: cmdline", timeout=20)
+        pauses = 0
+        while vm.state is VmState.RUNNING and "PROBE RESULT" not in vm.console.output:
+            vm.pause()
+            pauses += 1
+            time.sleep(0.005)
+            vm.resume()
+            time.sleep(0.02)
+        vm.console.wait_for("PROBE RESULT: PASS", timeout=60)
+        assert vm.wait(20) is not None
+    assert pauses >= 10, f"only {pauses} pauses: the load ended too soon to test anything"
+    assert written_blocks(image) == list(range((16 << 20) // BLOCK))
