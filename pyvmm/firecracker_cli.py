@@ -20,12 +20,6 @@ from pyvmm.serve import DEFAULT_API_SOCK, DEFAULT_INSTANCE_ID, ServeOptions, run
 _LEVELS = click.Choice(["Error", "Warning", "Info", "Debug", "Trace", "Off"], case_sensitive=False)
 
 
-def _version() -> str:
-    from pyvmm.api.vmm import VMM_VERSION
-
-    return VMM_VERSION
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--api-sock", default=DEFAULT_API_SOCK, show_default=True, help="API socket path.")
 @click.option("--id", "instance_id", default=DEFAULT_INSTANCE_ID, show_default=True)

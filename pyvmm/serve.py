@@ -54,8 +54,7 @@ def serve(options: ServeOptions) -> int:
     from pyvmm.api.models import Logger, Metrics
     from pyvmm.api.routes import Router
     from pyvmm.api.vm_config import VmResources
-    from pyvmm.api.vmm import MachineController
-    from pyvmm.stop_reason import StopKind, StopReason
+    from pyvmm.api.vmm import MachineController, preload_machine
 
     if options.api_sock is None and options.config_file is None:
         raise ConfigError("--no-api needs --config-file: nothing could start the microVM")
@@ -95,6 +94,8 @@ def serve(options: ServeOptions) -> int:
     stop_requested = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
+        from pyvmm.stop_reason import StopKind, StopReason
+
         stop_requested.set()
         machine = controller.machine
         if machine is not None:
@@ -106,6 +107,7 @@ def serve(options: ServeOptions) -> int:
         if options.api_sock is not None:
             server = ApiServer(options.api_sock, router, body_limit=router.body_limit)
             server.start()
+            preload_machine()
         if options.config_file is not None:
             router.boot_from_config()
         while not stop_requested.is_set() and not controller.stopped.wait(0.2):
