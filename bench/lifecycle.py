@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.report import write_report
@@ -103,6 +104,26 @@ class Qmp:
             raise RuntimeError(f"QMP {command}: {reply['error']}")
 
 
+def _figures(
+    ready: float, first: float, pause: Callable[[], object], resume: Callable[[], object]
+) -> dict[str, float]:
+    """One round's figures: ``PAUSES`` timed pause/resume round trips added."""
+    pauses, resumes = [], []
+    for _ in range(PAUSES):
+        t = time.perf_counter()
+        pause()
+        pauses.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        resume()
+        resumes.append(time.perf_counter() - t)
+    return {
+        "api_ready_ms": ready * 1e3,
+        "start_to_first_output_ms": first * 1e3,
+        "pause_ms": statistics.median(pauses) * 1e3,
+        "resume_ms": statistics.median(resumes) * 1e3,
+    }
+
+
 def round_pyvmm(probe: Path, work: Path) -> dict[str, float]:
     sock_path, out = work / "api.sock", work / "serial.out"
     started = time.perf_counter()
@@ -121,20 +142,12 @@ def round_pyvmm(probe: Path, work: Path) -> dict[str, float]:
         _wait_output(out, FIRST_LINE)
         first = time.perf_counter() - t0
         _wait_output(out, b"counter: 1")
-        pauses, resumes = [], []
-        for _ in range(PAUSES):
-            t = time.perf_counter()
-            http.call("PATCH", "/vm", {"state": "Paused"})
-            pauses.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            http.call("PATCH", "/vm", {"state": "Resumed"})
-            resumes.append(time.perf_counter() - t)
-        return {
-            "api_ready_ms": ready * 1e3,
-            "start_to_first_output_ms": first * 1e3,
-            "pause_ms": statistics.median(pauses) * 1e3,
-            "resume_ms": statistics.median(resumes) * 1e3,
-        }
+        return _figures(
+            ready,
+            first,
+            lambda: http.call("PATCH", "/vm", {"state": "Paused"}),
+            lambda: http.call("PATCH", "/vm", {"state": "Resumed"}),
+        )
     finally:
         process.terminate()
         process.wait(20)
@@ -158,20 +171,7 @@ def round_qemu(probe: Path, work: Path) -> dict[str, float]:
         _wait_output(out, FIRST_LINE)
         first = time.perf_counter() - t0
         _wait_output(out, b"counter: 1")
-        pauses, resumes = [], []
-        for _ in range(PAUSES):
-            t = time.perf_counter()
-            qmp.call("stop")
-            pauses.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            qmp.call("cont")
-            resumes.append(time.perf_counter() - t)
-        return {
-            "api_ready_ms": ready * 1e3,
-            "start_to_first_output_ms": first * 1e3,
-            "pause_ms": statistics.median(pauses) * 1e3,
-            "resume_ms": statistics.median(resumes) * 1e3,
-        }
+        return _figures(ready, first, lambda: qmp.call("stop"), lambda: qmp.call("cont"))
     finally:
         process.terminate()
         process.wait(20)
