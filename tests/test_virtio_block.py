@@ -516,3 +516,234 @@ def test_rate_limiter_holds_requests_until_the_budget_refills(mem, image):
         assert guest.driver.used_idx() == 2
         assert not guest.blk.throttled
         assert mem.read_u8(status.addr) == VIRTIO_BLK_S_OK
+
+
+# --- one serve pass: merged transfers, ordering, errors -----------------------------------
+class RecordingFile(BlockFile):
+    """A BlockFile that logs each transfer (kind, offset, bytes) and can fail some."""
+
+    def __init__(self, path, **kwargs) -> None:
+        super().__init__(path, **kwargs)
+        self.log: list[tuple[str, int, int]] = []
+        self.fail_at: set[int] = set()  # byte offsets inside which a transfer fails
+
+    def _hits(self, offset: int, buffers) -> bool:
+        end = offset + sum(len(b) for b in buffers)
+        return any(offset <= bad < end for bad in self.fail_at)
+
+    def read_into(self, offset, buffers):
+        self.log.append(("read", offset, sum(len(b) for b in buffers)))
+        if self._hits(offset, buffers):
+            raise OSError(errno.EIO, "bad sector")
+        return super().read_into(offset, buffers)
+
+    def write_from(self, offset, buffers):
+        self.log.append(("write", offset, sum(len(b) for b in buffers)))
+        if self._hits(offset, buffers):
+            raise OSError(errno.ENOSPC, "disk full")
+        return super().write_from(offset, buffers)
+
+    def flush(self):
+        self.log.append(("flush", 0, 0))
+        super().flush()
+
+
+def post_all(g: Guest, requests: list[tuple]) -> list[tuple[Buffer | None, Buffer]]:
+    """Publish (type, sector, payload-or-read-length) requests, then kick once."""
+    posted = []
+    for req_type, sector, arg in requests:
+        buffers = [g.header(req_type, sector)]
+        data = None
+        if isinstance(arg, bytes):
+            buffers.append(g.driver.readable(arg))
+        elif arg:
+            data = g.driver.writable(arg)
+            buffers.append(data)
+        status = g.driver.writable(1)
+        g.driver.send([*buffers, status])
+        posted.append((data, status))
+    g.wr(Reg.QUEUE_NOTIFY, 0)
+    assert g.driver.used_idx() == len(requests)
+    return posted
+
+
+@pytest.fixture
+def recorded(mem, image):
+    with RecordingFile(image) as backend:
+        yield Guest(mem, backend, size=64), backend
+
+
+def test_adjacent_reads_merge_into_one_transfer(recorded):
+    g, backend = recorded
+    posted = post_all(g, [(VIRTIO_BLK_T_IN, 4 * i, 4 * SECTOR_SIZE) for i in range(4)])
+    assert backend.log == [("read", 0, 16 * SECTOR_SIZE)]
+    for i, (data, status) in enumerate(posted):
+        assert g.mem.read_u8(status.addr) == VIRTIO_BLK_S_OK
+        assert g.mem.read(data.addr, 4 * SECTOR_SIZE) == pattern(4 * i, 4)
+    assert sorted(g.driver.used_elem(i)[1] for i in range(4)) == [4 * SECTOR_SIZE + 1] * 4
+    assert g.blk.stats.reads == 4 and g.blk.stats.bytes_read == 16 * SECTOR_SIZE
+    assert g.irq.count == 1
+
+
+def test_only_neighbours_on_disk_and_in_the_ring_merge(recorded):
+    g, backend = recorded
+    post_all(
+        g,
+        [
+            (VIRTIO_BLK_T_IN, 0, SECTOR_SIZE),
+            (VIRTIO_BLK_T_IN, 2, SECTOR_SIZE),  # a gap: not merged
+            (VIRTIO_BLK_T_IN, 3, SECTOR_SIZE),
+            (VIRTIO_BLK_T_OUT, 4, b"w" * SECTOR_SIZE),  # adjacent but a write
+            (VIRTIO_BLK_T_OUT, 5, b"x" * SECTOR_SIZE),
+            (VIRTIO_BLK_T_IN, 6, SECTOR_SIZE),
+            (VIRTIO_BLK_T_IN, 1, SECTOR_SIZE),  # behind: never reordered
+        ],
+    )
+    assert backend.log == [
+        ("read", 0, 512),
+        ("read", 1024, 1024),
+        ("write", 2048, 1024),
+        ("read", 3072, 512),
+        ("read", 512, 512),
+    ]
+
+
+def test_flush_waits_for_the_writes_before_it(recorded, image):
+    g, backend = recorded
+    posted = post_all(
+        g,
+        [
+            (VIRTIO_BLK_T_OUT, 0, b"a" * SECTOR_SIZE),
+            (VIRTIO_BLK_T_OUT, 1, b"b" * SECTOR_SIZE),
+            (VIRTIO_BLK_T_FLUSH, 0, 0),
+            (VIRTIO_BLK_T_OUT, 2, b"c" * SECTOR_SIZE),  # after the flush: not merged over it
+        ],
+    )
+    assert backend.log == [("write", 0, 1024), ("flush", 0, 0), ("write", 1024, 512)]
+    # The flush was completed after the writes it covers.
+    order = [g.driver.used_elem(i)[0] for i in range(4)]
+    heads = [0, 3, 6, 9]  # 3 descriptors per request
+    assert order.index(heads[2]) > max(order.index(heads[0]), order.index(heads[1]))
+    assert all(g.mem.read_u8(s.addr) == VIRTIO_BLK_S_OK for _, s in posted)
+    assert read_image(image, 0, 3) == b"a" * 512 + b"b" * 512 + b"c" * 512
+
+
+def test_an_error_in_a_merged_run_fails_only_its_request(recorded):
+    g, backend = recorded
+    backend.fail_at = {2 * SECTOR_SIZE + 7}
+    posted = post_all(g, [(VIRTIO_BLK_T_IN, i, SECTOR_SIZE) for i in range(4)])
+    statuses = [g.mem.read_u8(s.addr) for _, s in posted]
+    assert statuses == [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK]
+    for i, (data, _) in enumerate(posted):
+        if i != 2:
+            assert g.mem.read(data.addr, SECTOR_SIZE) == pattern(i)
+    lengths = dict(g.driver.used_elem(i) for i in range(4))
+    assert lengths == {0: 513, 3: 513, 6: 1, 9: 513}
+    assert g.blk.stats.errors == 1 and g.blk.stats.reads == 3
+    # One merged attempt, then each request alone.
+    assert backend.log[0] == ("read", 0, 4 * SECTOR_SIZE) and len(backend.log) == 5
+
+    backend.fail_at = {SECTOR_SIZE}
+    backend.log.clear()
+    posted = post_all_more(g, [(VIRTIO_BLK_T_OUT, i, b"z" * SECTOR_SIZE) for i in (0, 1, 2)])
+    statuses = [g.mem.read_u8(s.addr) for _, s in posted]
+    assert statuses == [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK]
+
+
+def post_all_more(g: Guest, requests: list[tuple]) -> list[tuple[Buffer | None, Buffer]]:
+    """:func:`post_all` on a ring that already ran."""
+    before = g.driver.used_idx()
+    posted = []
+    for req_type, sector, arg in requests:
+        buffers = [g.header(req_type, sector)]
+        if isinstance(arg, bytes):
+            buffers.append(g.driver.readable(arg))
+        status = g.driver.writable(1)
+        g.driver.send([*buffers, status])
+        posted.append((None, status))
+    g.wr(Reg.QUEUE_NOTIFY, 0)
+    assert g.driver.used_idx() == before + len(requests)
+    return posted
+
+
+def test_bad_requests_in_a_run_split_it_and_fail_alone(recorded):
+    g, backend = recorded
+    posted = post_all(
+        g,
+        [
+            (VIRTIO_BLK_T_IN, 0, SECTOR_SIZE),
+            (VIRTIO_BLK_T_IN, 1, 100),  # not whole sectors
+            (VIRTIO_BLK_T_IN, SECTORS, SECTOR_SIZE),  # beyond the end
+            (VIRTIO_BLK_T_IN, 1, SECTOR_SIZE),
+        ],
+    )
+    statuses = [g.mem.read_u8(s.addr) for _, s in posted]
+    assert statuses == [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK]
+    assert backend.log == [("read", 0, 1024)]  # the good ones still merged
+
+
+def test_read_only_drive_fails_writes_in_a_batch(mem, image):
+    with RecordingFile(image, read_only=True) as backend:
+        g = Guest(mem, backend, size=64)
+        posted = post_all(
+            g,
+            [
+                (VIRTIO_BLK_T_IN, 0, SECTOR_SIZE),
+                (VIRTIO_BLK_T_OUT, 1, b"w" * SECTOR_SIZE),
+                (VIRTIO_BLK_T_IN, 1, SECTOR_SIZE),
+            ],
+        )
+        statuses = [g.mem.read_u8(s.addr) for _, s in posted]
+        assert statuses == [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK]
+        assert [kind for kind, _, _ in backend.log] == ["read"]
+    assert read_image(image, 1) == pattern(1)
+
+
+def test_merges_stop_at_the_buffer_limit(recorded, monkeypatch):
+    import pyvmm.virtio.block as block
+
+    monkeypatch.setattr(block, "MAX_MERGE_BUFFERS", 2)
+    g, backend = recorded
+    post_all(g, [(VIRTIO_BLK_T_IN, i, SECTOR_SIZE) for i in range(5)])
+    assert [n for _, _, n in backend.log] == [1024, 1024, 512]
+
+
+def test_notifications_are_off_while_the_device_is_busy(recorded):
+    """The driver sees NO_NOTIFY while requests are served; on again once the ring is empty."""
+    from pyvmm.virtio.queue import VIRTQ_USED_F_NO_NOTIFY
+
+    g, backend = recorded
+    seen: list[int] = []
+    read_into = backend.read_into
+
+    def spy(offset, buffers):
+        seen.append(g.driver.used_flags() & VIRTQ_USED_F_NO_NOTIFY)
+        return read_into(offset, buffers)
+
+    backend.read_into = spy
+    post_all(g, [(VIRTIO_BLK_T_IN, 0, SECTOR_SIZE)])
+    assert seen == [VIRTQ_USED_F_NO_NOTIFY]
+    assert not g.driver.used_flags() & VIRTQ_USED_F_NO_NOTIFY
+
+
+def test_a_request_published_during_service_is_served_without_a_kick(recorded):
+    g, backend = recorded
+    read_into = backend.read_into
+    extra: list[Buffer] = []
+
+    def publish_more(offset, buffers):
+        if not extra:  # the driver adds one more while the device works, and does not kick
+            status = g.driver.writable(1)
+            g.driver.send([g.header(VIRTIO_BLK_T_IN, 9), g.driver.writable(SECTOR_SIZE), status])
+            extra.append(status)
+        return read_into(offset, buffers)
+
+    backend.read_into = publish_more
+    head = g.driver.send(
+        [g.header(VIRTIO_BLK_T_IN, 0), g.driver.writable(512), g.driver.writable(1)]
+    )
+    g.wr(Reg.QUEUE_NOTIFY, 0)
+    assert g.driver.used_idx() == 2
+    assert g.driver.used_elem(0)[0] == head
+    assert g.mem.read_u8(extra[0].addr) == VIRTIO_BLK_S_OK
+    assert g.irq.count == 1

@@ -39,6 +39,7 @@ from pyvmm.virtio.net import (
     VirtioNet,
     VirtioNetState,
 )
+from pyvmm.virtio.queue import VIRTQ_USED_F_NO_NOTIFY
 from tests.device_harness import CountingIrq
 from tests.virtio_driver import MockDriver, TransportAccess, bring_up
 
@@ -585,3 +586,41 @@ def test_retry_timer_drains_a_throttled_tx_ring(mem):
         loop.close()
     assert [data[VNET_HDR_SIZE:] for data in g.backend.sent] == [frame(60, i) for i in range(4)]
     assert g.tx.used_idx() == 4 and not g.net.throttled
+
+
+def test_rx_kicks_are_wanted_only_when_the_ring_ran_dry(mem):
+    """While frames flow into posted buffers the driver need not kick; once a
+    frame waits for buffers, it must."""
+    g = Guest(mem, features=BASIC | MRG)
+    g.post_rx(1536, 1536)
+    assert g.rx.used_flags() & VIRTQ_USED_F_NO_NOTIFY  # buffers and no frame: no kicks
+    g.backend.incoming.append(bytes(VNET_HDR_SIZE) + frame(100))
+    g.mmio.process_queue(0)
+    assert len(g.rx_completions()) == 1
+    assert g.rx.used_flags() & VIRTQ_USED_F_NO_NOTIFY  # a buffer is left: no kicks
+    g.backend.incoming.extend([bytes(VNET_HDR_SIZE) + frame(100, s) for s in (1, 2)])
+    g.mmio.process_queue(0)
+    assert len(g.rx_completions()) == 1 and g.net.pending_len
+    assert not g.rx.used_flags() & VIRTQ_USED_F_NO_NOTIFY  # dry, with a frame waiting
+    g.post_rx(1536)
+    assert len(g.rx_completions()) == 1 and not g.net.pending_len
+
+
+def test_tx_frames_posted_during_service_need_no_kick(mem):
+    g = Guest(mem)
+    flags_seen: list[int] = []
+    writev = g.backend.writev
+
+    def spy(buffers):
+        flags_seen.append(g.tx.used_flags() & VIRTQ_USED_F_NO_NOTIFY)
+        if len(flags_seen) == 1:  # the driver adds a frame meanwhile, without a kick
+            g.tx.send([g.tx.readable(bytes(VNET_HDR_SIZE) + frame(60, 5))])
+        return writev(buffers)
+
+    g.backend.writev = spy
+    g.tx.send([g.tx.readable(bytes(VNET_HDR_SIZE) + frame(60))])
+    g.wr(Reg.QUEUE_NOTIFY, 1)
+    assert flags_seen == [VIRTQ_USED_F_NO_NOTIFY] * 2
+    assert g.tx.used_idx() == 2 and len(g.backend.sent) == 2
+    assert not g.tx.used_flags() & VIRTQ_USED_F_NO_NOTIFY
+    assert g.irq.count == 1

@@ -654,3 +654,59 @@ def test_well_formed_chains_come_back_exactly(mem: GuestMemory, start: int, requ
         assert driver.used_idx() == q.next_used
         assert q.pop(mem) is None
     assert q.next_avail == q.next_used == (start + len(requests)) & 0xFFFF
+
+
+# --- batches ------------------------------------------------------------------------------
+def test_pop_batch_returns_chains_and_errors_in_ring_order(
+    driver: MockDriver, mem: GuestMemory
+) -> None:
+    q = driver.queue()
+    assert q.pop_batch(mem) == []
+    first = driver.send([driver.readable(b"abc"), driver.writable(4)])
+    bad = driver.add_chain([driver.readable(b"x")])
+    driver.write_desc(bad, RAM_END - 4, 8)  # runs past the end of RAM
+    driver.publish(bad)
+    third = driver.send([driver.writable(2)])
+    batch = q.pop_batch(mem)
+    assert [type(item).__name__ for item in batch] == [
+        "DescriptorChain",
+        "QueueError",
+        "DescriptorChain",
+    ]
+    assert batch[0].head_index == first and batch[2].head_index == third
+    assert batch[1].head_index == bad
+    chain = batch[0]
+    assert (chain.readable_count, chain.readable_bytes, chain.writable_bytes) == (1, 3, 4)
+    assert chain.readable() == [Descriptor(chain.descriptors[0].addr, 3, VIRTQ_DESC_F_NEXT)]
+    assert q.next_avail == 3 and q.pop_batch(mem) == []
+
+
+def test_pop_batch_stops_before_a_head_out_of_range(driver: MockDriver, mem: GuestMemory) -> None:
+    q = driver.queue()
+    driver.send([driver.readable(b"ok")])
+    driver.write_avail_entry(1, 99)
+    driver.set_avail_idx(2)
+    assert len(q.pop_batch(mem)) == 1 and q.next_avail == 1
+    with pytest.raises(QueueError) as info:
+        q.pop_batch(mem)
+    assert info.value.head_index is None
+
+
+def test_pop_batch_rejects_an_index_jump(driver: MockDriver, mem: GuestMemory) -> None:
+    q = driver.queue()
+    driver.set_avail_idx(17)
+    with pytest.raises(QueueError):
+        q.pop_batch(mem)
+    assert q.next_avail == 0
+
+
+def test_add_used_batch_publishes_once(driver: MockDriver, mem: GuestMemory) -> None:
+    q = driver.queue()
+    driver.start_at(0xFFFE)
+    q.next_avail = q.next_used = 0xFFFE
+    q.add_used_batch(mem, [(3, 10), (5, 0), (7, 1)])
+    assert q.next_used == 1 and driver.used_idx() == 1
+    assert [driver.used_elem(0xFFFE + i) for i in range(3)] == [(3, 10), (5, 0), (7, 1)]
+    with pytest.raises(QueueError):
+        q.add_used_batch(mem, [(1, 0), (16, 0)])
+    assert q.next_used == 1  # nothing written when one entry is bad

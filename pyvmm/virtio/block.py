@@ -39,17 +39,18 @@ from __future__ import annotations
 import errno
 import logging
 import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from pyvmm.errors import GuestError
 from pyvmm.rate_limiter import RateLimiter
 from pyvmm.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, copy_config
-from pyvmm.virtio.queue import QueueError
+from pyvmm.virtio.queue import VIRTQ_DESC_F_WRITE as WRITE
+from pyvmm.virtio.queue import Descriptor, DescriptorChain, QueueError
 
 if TYPE_CHECKING:
     from pyvmm.memory import GuestMemory
-    from pyvmm.virtio.queue import DescriptorChain
 
 _logger = logging.getLogger("pyvmm.virtio.block")
 
@@ -89,6 +90,11 @@ MAX_DISCARD_SEG = 32
 DISCARD_SECTOR_ALIGNMENT = 8  # 4 KiB: the host file system's usual block
 MAX_WRITE_ZEROES_SECTORS = 0x3F_FFFF
 MAX_WRITE_ZEROES_SEG = 32
+#: The most bytes one merged read or write moves (see ``VirtioBlock._serve_batch``);
+#: 32 requests of 64 KiB, the depth and size Linux's sequential I/O reaches.
+MAX_MERGE_BYTES = 2 << 20
+#: The most buffers one merged transfer takes: Linux's IOV_MAX, one syscall's worth.
+MAX_MERGE_BUFFERS = 1024
 
 # --- byte layouts, declared once -------------------------------------------------------
 #: struct virtio_blk_req header: le32 type, le32 reserved, le64 sector.
@@ -111,8 +117,6 @@ CONFIG = struct.Struct(
     "III"  # max_secure_erase_sectors, max_secure_erase_seg, secure_erase_sector_alignment
 )
 
-Segment = tuple[int, int]  # (guest address, length)
-
 
 class BlockBackend(Protocol):
     """What the device needs from its executor (``BlockFile`` or a test fake).
@@ -134,47 +138,51 @@ class BlockBackend(Protocol):
 
 
 # --- pure request parsing ---------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """One parsed chain.
 
     ``status_addr`` is None when the chain has no writable byte for the
     status (it is returned with length 0). ``status`` is set when parsing
     already decided the answer (with ``reason`` for the log); otherwise the
     request still has to be checked and executed. ``data`` are the payload
-    buffers in the direction the type needs; ``ranges`` the (sector,
-    num_sectors, flags) segments of DISCARD / WRITE_ZEROES.
+    buffers (``Descriptor``: address, length, flags) in the direction the
+    type needs; ``ranges`` the (sector, num_sectors, flags) segments of
+    DISCARD / WRITE_ZEROES.
+
+    A named tuple: one is built per request, at a third of the cost of a
+    frozen dataclass.
     """
 
     type: int
     sector: int
     status_addr: int | None
-    data: tuple[Segment, ...] = ()
+    data: Sequence[Descriptor] = ()
     data_len: int = 0
     ranges: tuple[tuple[int, int, int], ...] = ()
     status: int | None = None
     reason: str = ""
 
 
-def _split(segments: list[Segment], count: int) -> tuple[list[Segment], list[Segment]]:
+def _split(segments: list[Descriptor], count: int) -> tuple[list[Descriptor], list[Descriptor]]:
     """The first ``count`` bytes of ``segments`` and the rest, splitting one if needed."""
-    head: list[Segment] = []
-    rest: list[Segment] = []
-    for addr, length in segments:
+    head: list[Descriptor] = []
+    rest: list[Descriptor] = []
+    for desc in segments:
+        addr, length, flags = desc
         if count >= length:
-            head.append((addr, length))
+            head.append(desc)
             count -= length
         elif count > 0:
-            head.append((addr, count))
-            rest.append((addr + count, length - count))
+            head.append(Descriptor(addr, count, flags))
+            rest.append(Descriptor(addr + count, length - count, flags))
             count = 0
         else:
-            rest.append((addr, length))
+            rest.append(desc)
     return head, rest
 
 
-def _gather(mem: GuestMemory, segments: list[Segment]) -> bytes:
-    return b"".join(mem.read(addr, length) for addr, length in segments)
+def _gather(mem: GuestMemory, segments: list[Descriptor]) -> bytes:
+    return b"".join(mem.read(addr, length) for addr, length, _flags in segments)
 
 
 def parse_request(mem: GuestMemory, chain: DescriptorChain) -> Request:
@@ -182,10 +190,37 @@ def parse_request(mem: GuestMemory, chain: DescriptorChain) -> Request:
 
     Reads only the 16-byte header and, for DISCARD / WRITE_ZEROES, the
     segment structs (at most ``MAX_DISCARD_SEG`` of them) from guest memory.
+
+    Fast path: the layout every driver we know uses for reads, writes and
+    flushes (a 16-byte header buffer, whole data buffers, a 1-byte status
+    buffer) is recognised from the chain's split point and totals, with no
+    list rebuilt; anything else takes the general path, which splits
+    buffers anywhere. Both give the same answer for the same bytes.
     """
-    readable = [(d.addr, d.length) for d in chain.descriptors if not d.is_write_only]
-    writable = [(d.addr, d.length) for d in chain.descriptors if d.is_write_only]
-    writable_len = sum(length for _, length in writable)
+    descs = chain.descriptors
+    readable_count = chain.readable_count
+    last = descs[-1]
+    if readable_count and descs[0][1] == REQ_HEADER.size and last[1] == 1 and last[2] & WRITE:
+        req_type, _reserved, sector = mem.read_struct(REQ_HEADER, descs[0][0])
+        status_addr = last[0]
+        if req_type == VIRTIO_BLK_T_IN and readable_count == 1:
+            data_len = chain.writable_bytes - 1
+            if not data_len & (SECTOR_SIZE - 1):
+                return Request(req_type, sector, status_addr, descs[1:-1], data_len)
+        elif req_type == VIRTIO_BLK_T_OUT and readable_count == len(descs) - 1:
+            data_len = chain.readable_bytes - REQ_HEADER.size
+            if not data_len & (SECTOR_SIZE - 1):
+                return Request(req_type, sector, status_addr, descs[1:-1], data_len)
+        elif req_type == VIRTIO_BLK_T_FLUSH and len(descs) == 2:
+            return Request(req_type, sector, status_addr)
+    return _parse_general(mem, chain)
+
+
+def _parse_general(mem: GuestMemory, chain: DescriptorChain) -> Request:
+    """:func:`parse_request` for any layout, and for every error answer."""
+    readable = chain.readable()
+    writable = chain.writable()
+    writable_len = chain.writable_bytes
     if writable_len == 0:
         return Request(type=-1, sector=0, status_addr=None, reason="no status byte")
     out_data, status = _split(writable, writable_len - 1)
@@ -193,7 +228,7 @@ def parse_request(mem: GuestMemory, chain: DescriptorChain) -> Request:
     out_len = writable_len - 1
 
     header_segments, in_data = _split(readable, REQ_HEADER.size)
-    in_len = sum(length for _, length in in_data)
+    in_len = sum(length for _, length, _flags in in_data)
     try:
         header = _gather(mem, header_segments)
     except GuestError as exc:  # pop() checked the buffers; be safe anyway
@@ -370,11 +405,78 @@ class VirtioBlock(VirtioDevice):
         if self.mem is None or self.interrupt is None or index != 0:
             return
         self.throttled = False
-        self.serve_queue(0, self._serve, self._drop_malformed)
+        self.serve_batches(0, self._serve_batch)
 
-    def _serve(self, chain: DescriptorChain) -> int | None:
-        """The used length, or None while the rate limiter holds the request back."""
-        return self.handle(chain) if self._admit(chain) else None
+    def _serve_batch(self, batch: list[DescriptorChain | QueueError]) -> int:
+        """Serve one batch of chains in ring order; returns how many at its end
+        the rate limiter held back.
+
+        Reads (or writes) that follow each other in the batch and on the
+        disk are merged into one ``preadv`` (``pwritev``), as QEMU does: a
+        sequential stream at queue depth 32 costs one system call per batch
+        instead of one per request. Only neighbours in ring order merge, so
+        no request is reordered; the merge is a syscall detail, each request
+        still gets its own status (see :meth:`_run_merged`). Everything else
+        (flush, get-id, discard, write-zeroes) runs alone, after the merged
+        run before it has completed: a FLUSH covers every write the device
+        completed before it.
+        """
+        mem = self.mem
+        assert mem is not None
+        used = self.queues[0].add_used
+        backend, read_only, limiter = self.backend, self.read_only, self.rate_limiter
+        run: list[tuple[int, Request]] = []  # the merge being built
+        run_type = run_end = run_iovs = run_bytes = 0
+        for position, chain in enumerate(batch):
+            if type(chain) is not DescriptorChain:
+                self._drop_malformed(chain)
+                used(mem, chain.head_index, 0)
+                continue
+            if limiter is not None and not self._admit(chain):
+                if run:
+                    self._run_merged(run)
+                return len(batch) - position
+            head = chain.head_index
+            request = parse_request(mem, chain)
+            if request.status_addr is None:
+                _logger.debug("virtio-blk: chain %d has no status byte", head)
+                self.stats.errors += 1
+                used(mem, head, 0)
+                continue
+            if request.status is not None:
+                self._finish(head, request, request.status, request.reason)
+                continue
+            status, reason = check_request(request, backend, read_only)
+            if status != VIRTIO_BLK_S_OK:
+                self._finish(head, request, status, reason)
+                continue
+            req_type = request.type
+            if req_type != VIRTIO_BLK_T_IN and req_type != VIRTIO_BLK_T_OUT:
+                if run:
+                    self._run_merged(run)
+                    run = []
+                self._finish(head, request, *self._execute_one(mem, request))
+                continue
+            iovs, length = len(request.data), request.data_len
+            if (
+                run
+                and req_type == run_type
+                and request.sector == run_end
+                and run_iovs + iovs <= MAX_MERGE_BUFFERS
+                and run_bytes + length <= MAX_MERGE_BYTES
+            ):
+                run.append((head, request))
+                run_iovs += iovs
+                run_bytes += length
+            else:
+                if run:
+                    self._run_merged(run)
+                run = [(head, request)]
+                run_type, run_iovs, run_bytes = req_type, iovs, length
+            run_end = request.sector + (length >> SECTOR_SHIFT)
+        if run:
+            self._run_merged(run)
+        return 0
 
     def _drop_malformed(self, exc: QueueError) -> None:
         _logger.debug("virtio-blk: dropping malformed chain: %s", exc)
@@ -382,45 +484,95 @@ class VirtioBlock(VirtioDevice):
 
     def _admit(self, chain: DescriptorChain) -> bool:
         """Charge one request to the rate limiter (bytes: its data, not header/status)."""
-        if self.rate_limiter is None:
-            return True
-        data = max(chain.readable_length() - 16, 0) + max(chain.writable_length() - 1, 0)
+        assert self.rate_limiter is not None
+        data = max(chain.readable_bytes - 16, 0) + max(chain.writable_bytes - 1, 0)
         if self.rate_limiter.consume(data, 1):
             return True
         self.throttled = True
         self.retry_after = self.rate_limiter.retry_after(data, 1)
         return False
 
-    def handle(self, chain: DescriptorChain) -> int:
-        """Parse, check and execute one chain; returns the used length."""
+    def _run_merged(self, run: list[tuple[int, Request]]) -> None:
+        """One ``preadv``/``pwritev`` for checked, disk-contiguous requests of one type.
+
+        On success every request is answered OK and the run is returned to
+        the driver with one ``used.idx`` update. If the merged transfer
+        fails, each request is retried on its own, so an error (a bad
+        sector, ENOSPC) fails exactly the requests it hits: a read fills
+        the same bytes again, a write writes the same bytes again.
+        """
         mem = self.mem
         assert mem is not None
-        request = parse_request(mem, chain)
-        if request.status_addr is None:
-            _logger.debug("virtio-blk: chain %d has no status byte", chain.head_index)
-            self.stats.errors += 1
-            return 0
-        status, reason = (
-            (request.status, request.reason)
-            if request.status is not None
-            else check_request(request, self.backend, self.read_only)
+        first = run[0][1]
+        is_read = first.type == VIRTIO_BLK_T_IN
+        try:
+            done = self._transfer(mem, is_read, first.sector, [r for _, r in run])
+        except (OSError, GuestError, ValueError, OverflowError) as exc:
+            if len(run) == 1:
+                head, request = run[0]
+                self._finish(head, request, *self._failure(request, exc))
+                return
+            for head, request in run:
+                self._finish(head, request, *self._execute_one(mem, request))
+            return
+        stats = self.stats
+        locate = mem.locate
+        for _head, request in run:
+            buf, offset = locate(request.status_addr, 1)
+            buf[offset] = VIRTIO_BLK_S_OK
+        if is_read:
+            stats.reads += len(run)
+            stats.bytes_read += done
+            answers = [(head, request.data_len + 1) for head, request in run]
+        else:
+            stats.writes += len(run)
+            stats.bytes_written += done
+            answers = [(head, 1) for head, _request in run]
+        self.queues[0].add_used_batch(mem, answers)
+
+    def _transfer(
+        self, mem: GuestMemory, is_read: bool, sector: int, requests: list[Request]
+    ) -> int:
+        """Move the data of ``requests`` (contiguous from ``sector``); returns the bytes."""
+        view = mem.view
+        views = [
+            view(addr, length)
+            for request in requests
+            for addr, length, _flags in request.data
+            if length
+        ]
+        try:
+            offset = sector << SECTOR_SHIFT
+            if is_read:
+                return self.backend.read_into(offset, views)
+            return self.backend.write_from(offset, views)
+        finally:
+            for v in views:
+                v.release()
+
+    def _execute_one(self, mem: GuestMemory, request: Request) -> tuple[int, str, int]:
+        """Run one checked request; (status, reason, payload bytes written to the guest)."""
+        try:
+            return VIRTIO_BLK_S_OK, "", self._execute(mem, request)
+        except (OSError, GuestError, ValueError, OverflowError) as exc:
+            return self._failure(request, exc)
+
+    def _failure(self, request: Request, exc: Exception) -> tuple[int, str, int]:
+        """The answer to a request whose execution raised ``exc``."""
+        if not isinstance(exc, OSError):
+            return VIRTIO_BLK_S_IOERR, str(exc), 0
+        _logger.warning(
+            "virtio-blk: request type %d sector %d: %s", request.type, request.sector, exc
         )
-        written = 0
-        if status == VIRTIO_BLK_S_OK:
-            try:
-                written = self._execute(mem, request)
-            except OSError as exc:
-                status = (
-                    VIRTIO_BLK_S_UNSUPP
-                    if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP)
-                    else VIRTIO_BLK_S_IOERR
-                )
-                reason = f"host: {exc}"
-                _logger.warning(
-                    "virtio-blk: request type %d sector %d: %s", request.type, request.sector, exc
-                )
-            except (GuestError, ValueError, OverflowError) as exc:
-                status, reason = VIRTIO_BLK_S_IOERR, str(exc)
+        unsupported = exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP)
+        return (VIRTIO_BLK_S_UNSUPP if unsupported else VIRTIO_BLK_S_IOERR), f"host: {exc}", 0
+
+    def _finish(
+        self, head: int, request: Request, status: int, reason: str, written: int = 0
+    ) -> None:
+        """Write the status byte and return chain ``head`` (payload ``written`` + status)."""
+        mem = self.mem
+        assert mem is not None and request.status_addr is not None
         if status != VIRTIO_BLK_S_OK:
             _logger.debug(
                 "virtio-blk: request type %d sector %d: status %d (%s)",
@@ -432,7 +584,7 @@ class VirtioBlock(VirtioDevice):
             self.stats.errors += 1
             written = 0
         mem.write_u8(request.status_addr, status)
-        return written + 1
+        self.queues[0].add_used(mem, head, written + 1)
 
     def _execute(self, mem: GuestMemory, request: Request) -> int:
         """Run a checked request on the backend; returns payload bytes written to the guest."""
@@ -440,21 +592,14 @@ class VirtioBlock(VirtioDevice):
         stats = self.stats
         req_type = request.type
         if req_type in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
-            views = [mem.view(addr, length) for addr, length in request.data if length]
-            try:
-                offset = request.sector << SECTOR_SHIFT
-                if req_type == VIRTIO_BLK_T_IN:
-                    done = backend.read_into(offset, views)
-                    stats.reads += 1
-                    stats.bytes_read += done
-                    return done
-                done = backend.write_from(offset, views)
-                stats.writes += 1
-                stats.bytes_written += done
-                return 0
-            finally:
-                for view in views:
-                    view.release()
+            done = self._transfer(mem, req_type == VIRTIO_BLK_T_IN, request.sector, [request])
+            if req_type == VIRTIO_BLK_T_IN:
+                stats.reads += 1
+                stats.bytes_read += done
+                return done
+            stats.writes += 1
+            stats.bytes_written += done
+            return 0
         if req_type == VIRTIO_BLK_T_FLUSH:
             if not self.read_only:
                 backend.flush()
@@ -462,7 +607,7 @@ class VirtioBlock(VirtioDevice):
             return 0
         if req_type == VIRTIO_BLK_T_GET_ID:
             remaining = self.serial
-            for addr, length in request.data:
+            for addr, length, _flags in request.data:
                 if not remaining:
                     break
                 mem.write(addr, remaining[:length])

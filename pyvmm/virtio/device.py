@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pyvmm.devices.base import IrqTrigger
-from pyvmm.virtio.queue import QueueError
+from pyvmm.virtio.queue import DescriptorChain, QueueError
 
 if TYPE_CHECKING:
     from pyvmm.memory import GuestMemory
-    from pyvmm.virtio.queue import DescriptorChain, Queue
+    from pyvmm.virtio.queue import Queue
 
 # --- device types (virtio 1.2, section 5) ------------------------------------
 VIRTIO_ID_NET = 1
@@ -195,40 +195,72 @@ class VirtioDevice:
         returns True. A malformed chain that still has a head goes to
         ``on_malformed`` and back to the driver with length 0; without
         ``on_malformed`` (or with no head to return) the QueueError propagates
-        and the transport marks the device as needing a reset. When the ring
-        is empty, notifications are re-enabled and the ring checked once more
-        for a chain published before the driver could see that. One interrupt
-        per call, if the driver wants it.
+        and the transport marks the device as needing a reset. Notifications
+        and interrupts as in :meth:`serve_batches`.
+        """
+        mem = self.mem
+        assert mem is not None
+        queue = self.queues[index]
+        add_used = queue.add_used
+
+        def handle_batch(batch: list[DescriptorChain | QueueError]) -> int:
+            for position, chain in enumerate(batch):
+                if type(chain) is not DescriptorChain:
+                    if on_malformed is None:
+                        raise chain
+                    on_malformed(chain)
+                    add_used(mem, chain.head_index, 0)
+                    continue
+                length = handle(chain)
+                if length is None:
+                    return len(batch) - position
+                add_used(mem, chain.head_index, length)
+            return 0
+
+        return self.serve_batches(index, handle_batch)
+
+    def serve_batches(
+        self, index: int, handle_batch: Callable[[list[DescriptorChain | QueueError]], int]
+    ) -> bool:
+        """Hand queue ``index``'s available chains to ``handle_batch``, a batch at a time.
+
+        A batch is what :meth:`Queue.pop_batch` returns: chains, and the
+        QueueError of each malformed one, in ring order. ``handle_batch``
+        completes what it takes (``add_used``) and returns how many chains
+        at the *end* of the batch it left untouched (0 normally; more when a
+        rate limiter ran dry): those go back to the ring and serving stops,
+        and this returns True (deferred).
+
+        Notifications are off while the device is busy, so the driver adds
+        requests without an exit per kick (the device finds them on its next
+        pop); once the ring is empty they are re-enabled and the ring checked
+        once more for a chain published before the driver could see that
+        (spec 2.7.10). With VIRTIO_F_EVENT_IDX "off" means ``avail_event`` is
+        left stale, which has the same effect, as in QEMU and Firecracker.
+        One interrupt per call, if anything was used and the driver wants it.
         """
         mem, interrupt = self.mem, self.interrupt
         assert mem is not None and interrupt is not None
         queue = self.queues[index]
-        served = deferred = False
+        used_before = queue.next_used
+        deferred = False
+        queue.set_notification(mem, False)
+        batch = queue.pop_batch(mem)
         while True:
-            progress = False
-            while True:
-                try:
-                    chain = queue.pop(mem)
-                except QueueError as exc:
-                    if exc.head_index is None or on_malformed is None:
-                        raise
-                    on_malformed(exc)
-                    queue.add_used(mem, exc.head_index, 0)
-                    progress = served = True
-                    continue
-                if chain is None:
-                    break
-                length = handle(chain)
-                if length is None:
-                    queue.next_avail = (queue.next_avail - 1) & 0xFFFF
+            if batch:
+                untouched = handle_batch(batch)
+                if untouched:
+                    queue.next_avail = (queue.next_avail - untouched) & 0xFFFF
                     deferred = True
                     break
-                queue.add_used(mem, chain.head_index, length)
-                progress = served = True
-            if deferred or not progress:
-                break
+            # Served what there was: notifications back on, then one more look
+            # (rather than a look first: at queue depth 1 that pop finds nothing).
             queue.set_notification(mem, True)
-        if served and queue.needs_notification(mem):
+            batch = queue.pop_batch(mem)
+            if not batch:
+                break
+            queue.set_notification(mem, False)
+        if queue.next_used != used_before and queue.needs_notification(mem):
             interrupt.signal_used_queue()
         return deferred
 

@@ -269,54 +269,49 @@ class VirtioNet(VirtioDevice):
             self.stats.tx_throttled += 1
 
     def _send(self, chain: DescriptorChain) -> int | None:
-        """Used length 0 (TX buffers are device-readable only), or None: no tokens yet."""
-        assert self.mem is not None
-        frame_len = self._tx_frame_len(chain)
-        if frame_len is None:
+        """Used length 0 (TX buffers are device-readable only), or None: no tokens yet.
+
+        One pass over the chain: :meth:`Queue.pop` already counted its bytes
+        and found where the writable part starts.
+        """
+        mem = self.mem
+        assert mem is not None
+        descriptors = chain.descriptors
+        frame_len = chain.readable_bytes - VNET_HDR_SIZE
+        if chain.readable_count != len(descriptors) or not 0 <= frame_len <= MAX_FRAME_SIZE:
+            _logger.debug(
+                "virtio-net: dropping TX chain %d (%d readable bytes, %d writable)",
+                chain.head_index,
+                chain.readable_bytes,
+                chain.writable_bytes,
+            )
+            self.stats.errors += 1
+            self.stats.tx_drops += 1
             return 0
         limiter = self.tx_rate_limiter
         if limiter is not None and not limiter.consume(frame_len, 1):
             self.tx_retry_after = limiter.retry_after(frame_len, 1)
             return None
-        self._transmit(self.mem, chain, frame_len)
+        stats = self.stats
+        view = mem.view
+        views = [view(addr, length) for addr, length, _flags in descriptors if length]
+        try:
+            self.backend.writev(views if self.vnet_hdr else _skip(views, VNET_HDR_SIZE))
+        except OSError as exc:
+            _logger.debug("virtio-net: TX of %d bytes: %s", frame_len, exc)
+            stats.tx_drops += 1
+            return 0
+        finally:
+            for v in views:
+                v.release()
+        stats.tx_frames += 1
+        stats.tx_bytes += frame_len
         return 0
 
     def _drop_malformed_tx(self, exc: QueueError) -> None:
         _logger.debug("virtio-net: dropping malformed TX chain: %s", exc)
         self.stats.errors += 1
         self.stats.tx_drops += 1
-
-    def _tx_frame_len(self, chain: DescriptorChain) -> int | None:
-        """The frame's length without the header, or None (counted) if the chain is bad."""
-        length = chain.readable_length()
-        frame_len = length - VNET_HDR_SIZE
-        if chain.writable() or frame_len < 0 or frame_len > MAX_FRAME_SIZE:
-            _logger.debug(
-                "virtio-net: dropping TX chain %d (%d readable bytes, %d writable)",
-                chain.head_index,
-                length,
-                chain.writable_length(),
-            )
-            self.stats.errors += 1
-            self.stats.tx_drops += 1
-            return None
-        return frame_len
-
-    def _transmit(self, mem: GuestMemory, chain: DescriptorChain, frame_len: int) -> None:
-        stats = self.stats
-        views = [mem.view(d.addr, d.length) for d in chain.readable() if d.length]
-        try:
-            buffers = views if self.vnet_hdr else _skip(views, VNET_HDR_SIZE)
-            self.backend.writev(buffers)
-        except OSError as exc:
-            _logger.debug("virtio-net: TX of %d bytes: %s", frame_len, exc)
-            stats.tx_drops += 1
-            return
-        finally:
-            for view in views:
-                view.release()
-        stats.tx_frames += 1
-        stats.tx_bytes += frame_len
 
     # --- receive --------------------------------------------------------------------------
     def process_rx(self) -> None:
@@ -334,6 +329,9 @@ class VirtioNet(VirtioDevice):
         if not queue.ready:
             return
         used_before = queue.next_used
+        # No kicks for buffers the driver adds while frames flow: _deliver
+        # turns them back on (and looks again) when the ring runs dry.
+        queue.set_notification(mem, False)
         try:
             while True:
                 if not self.pending_len:
@@ -381,6 +379,46 @@ class VirtioNet(VirtioDevice):
 
     def _deliver(self, mem: GuestMemory, queue: Queue) -> bool:
         """Copy the pending frame into RX chains; False if the ring ran dry first.
+
+        The common case, the next chain is well formed and holds the whole
+        frame, is served here in one pass; anything else (a malformed chain,
+        a frame that needs several chains or fits none, an empty ring) goes
+        to :meth:`_deliver_general`.
+        """
+        try:
+            chain = queue.pop(mem)
+        except QueueError as exc:
+            if exc.head_index is None:
+                raise
+            _logger.debug("virtio-net: malformed RX chain: %s", exc)
+            self.stats.errors += 1
+            queue.add_used(mem, exc.head_index, 0)
+            return self._deliver_general(mem, queue)
+        if chain is None:
+            return self._deliver_general(mem, queue)
+        total = self.pending_len
+        if chain.readable_count or chain.writable_bytes < total:
+            queue.next_avail = (queue.next_avail - 1) & 0xFFFF  # put it back
+            return self._deliver_general(mem, queue)
+        scratch = self._scratch_view
+        U16.pack_into(scratch, NUM_BUFFERS_OFFSET, 1)
+        offset = 0
+        write = mem.write
+        for addr, length, _flags in chain.descriptors:
+            n = min(length, total - offset)
+            write(addr, scratch[offset : offset + n])
+            offset += n
+            if offset == total:
+                break
+        queue.add_used(mem, chain.head_index, total)
+        stats = self.stats
+        stats.rx_frames += 1
+        stats.rx_bytes += total - VNET_HDR_SIZE
+        self.pending_len = 0
+        return True
+
+    def _deliver_general(self, mem: GuestMemory, queue: Queue) -> bool:
+        """:meth:`_deliver` for every case.
 
         Chains are returned (in pop order) only once the frame has a home;
         otherwise every chain popped here is put back.

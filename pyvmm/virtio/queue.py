@@ -70,6 +70,9 @@ U16 = struct.Struct("<H")
 _DESC_FROM = DESC.unpack_from
 _U16_FROM = U16.unpack_from
 _USED_ELEM_INTO = USED_ELEM.pack_into
+# ``Descriptor(a, l, f)`` runs NamedTuple's Python-level __new__; this is the
+# C constructor it ends up calling, for the one place that builds them in bulk.
+_new_tuple = tuple.__new__
 
 # Offsets inside the rings. avail: flags, idx, ring[size], used_event.
 # used: flags, idx, ring[size] of USED_ELEM, avail_event.
@@ -160,25 +163,31 @@ class DescriptorChain:
 
     :meth:`Queue.pop` guarantees: every buffer lies inside guest RAM, the
     device-readable descriptors come before the device-writable ones, and
-    each direction's total length fits in a u32.
+    each direction's total length fits in a u32. The walk that checks this
+    also records the split point and both totals, so a device asks for them
+    without walking the chain again.
     """
 
     head_index: int
     descriptors: list[Descriptor]
+    #: How many leading descriptors are device-readable.
+    readable_count: int
+    readable_bytes: int
+    writable_bytes: int
 
     def readable(self) -> list[Descriptor]:
         """The device-readable part (the driver's request)."""
-        return [d for d in self.descriptors if not d.flags & VIRTQ_DESC_F_WRITE]
+        return self.descriptors[: self.readable_count]
 
     def writable(self) -> list[Descriptor]:
         """The device-writable part (room for the device's reply)."""
-        return [d for d in self.descriptors if d.flags & VIRTQ_DESC_F_WRITE]
+        return self.descriptors[self.readable_count :]
 
     def readable_length(self) -> int:
-        return sum(d.length for d in self.descriptors if not d.flags & VIRTQ_DESC_F_WRITE)
+        return self.readable_bytes
 
     def writable_length(self) -> int:
-        return sum(d.length for d in self.descriptors if d.flags & VIRTQ_DESC_F_WRITE)
+        return self.writable_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,19 +348,67 @@ class Queue:
         if head >= size:
             raise QueueError(f"avail ring head {head} is >= queue size {size}")
         try:
-            return DescriptorChain(head, self._walk(mem, head, size))
+            return self._walk(mem, head, size)
         except QueueError as exc:
             exc.head_index = head
             raise
 
-    def _walk(self, mem: GuestMemory, head: int, size: int) -> list[Descriptor]:
+    def pop_batch(self, mem: GuestMemory) -> list[DescriptorChain | QueueError]:
+        """Every chain the driver has published so far, in ring order.
+
+        The same checks as :meth:`pop`, for the price of one: the rings are
+        bound and ``avail.idx`` read once per batch, not once per chain. A
+        malformed chain with a head takes its place in the list as its
+        :class:`QueueError` (``next_avail`` has moved past it, as with
+        :meth:`pop`). An error with no head to return (a bad ``avail.idx``,
+        a head ``>= size``) is raised if it comes first; otherwise the batch
+        ends before it and the next call raises it.
+
+        The caller may hand back an unserved tail of the batch by moving
+        ``next_avail`` back by its length.
+        """
+        if not self.ready:
+            return []
+        size = self.size
+        if not 0 < size <= self.max_size or size & (size - 1):
+            raise QueueError(f"queue size {size} is not a power of two <= {self.max_size}")
+        self._bind(mem)
+        avail_buf, avail_off = self._avail_buf, self._avail_off
+        avail_idx = _U16_FROM(avail_buf, avail_off + _RING_IDX)[0]
+        next_avail = self.next_avail
+        pending = (avail_idx - next_avail) & 0xFFFF
+        if pending > size:
+            raise QueueError(
+                f"avail.idx {avail_idx} is {pending} entries ahead of {next_avail}, "
+                f"more than the queue size {size}"
+            )
+        batch: list[DescriptorChain | QueueError] = []
+        entries, mask, walk = avail_off + _RING_ENTRIES, size - 1, self._walk
+        for _ in range(pending):
+            head = _U16_FROM(avail_buf, entries + 2 * (next_avail & mask))[0]
+            if head >= size:
+                if not batch:
+                    self.next_avail = (next_avail + 1) & 0xFFFF
+                    raise QueueError(f"avail ring head {head} is >= queue size {size}")
+                break
+            next_avail = (next_avail + 1) & 0xFFFF
+            try:
+                batch.append(walk(mem, head, size))
+            except QueueError as exc:
+                exc.head_index = head
+                batch.append(exc)
+        self.next_avail = next_avail
+        return batch
+
+    def _walk(self, mem: GuestMemory, head: int, size: int) -> DescriptorChain:
         """The flattened chain starting at ``head`` (already checked ``< size``)."""
         descriptors: list[Descriptor] = []
+        append = descriptors.append
         table, base = self._desc_buf, self._desc_off
         index = head
         limit = size  # hops left in the current table
         in_indirect = False
-        seen_writable = False
+        readable_count = -1  # set at the first writable descriptor
         readable_bytes = writable_bytes = 0
         is_valid = mem.is_valid
         while True:
@@ -384,13 +441,14 @@ class Queue:
             if not is_valid(addr, length):
                 raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM")
             if flags & VIRTQ_DESC_F_WRITE:
-                seen_writable = True
+                if readable_count < 0:
+                    readable_count = len(descriptors)
                 writable_bytes += length
-            elif seen_writable:
+            elif readable_count >= 0:
                 raise QueueError("device-readable descriptor after a device-writable one")
             else:
                 readable_bytes += length
-            descriptors.append(Descriptor(addr, length, flags))
+            append(_new_tuple(Descriptor, (addr, length, flags)))
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if next_index >= size:
@@ -398,7 +456,9 @@ class Queue:
             index = next_index
         if readable_bytes > MAX_CHAIN_BYTES or writable_bytes > MAX_CHAIN_BYTES:
             raise QueueError("descriptor chain's total length overflows a u32")
-        return descriptors
+        if readable_count < 0:
+            readable_count = len(descriptors)
+        return DescriptorChain(head, descriptors, readable_count, readable_bytes, writable_bytes)
 
     def add_used(self, mem: GuestMemory, head_index: int, length: int) -> None:
         """Return chain ``head_index`` to the driver, ``length`` bytes written into it.
@@ -418,6 +478,28 @@ class Queue:
             used_buf, used_off + _RING_ENTRIES + 8 * (next_used % size), head_index, length
         )
         next_used = (next_used + 1) & 0xFFFF
+        _store_u16(used_buf, used_off + _RING_IDX, next_used)
+        self.next_used = next_used
+
+    def add_used_batch(self, mem: GuestMemory, used: list[tuple[int, int]]) -> None:
+        """:meth:`add_used` for each (head, length) of ``used``, with one ``used.idx`` store.
+
+        For a device completing several chains at once (a merged block
+        request): the driver sees them all appear together.
+        """
+        size = self.size
+        for head_index, length in used:
+            if not 0 <= head_index < size:
+                raise QueueError(f"used head {head_index} is not below queue size {size}")
+            if not 0 <= length <= MAX_CHAIN_BYTES:
+                raise ValueError(f"used length {length} does not fit a u32")
+        self._bind(mem)
+        used_buf, used_off = self._used_buf, self._used_off
+        entries, mask = used_off + _RING_ENTRIES, size - 1
+        next_used = self.next_used
+        for head_index, length in used:
+            _USED_ELEM_INTO(used_buf, entries + 8 * (next_used & mask), head_index, length)
+            next_used = (next_used + 1) & 0xFFFF
         _store_u16(used_buf, used_off + _RING_IDX, next_used)
         self.next_used = next_used
 
@@ -455,12 +537,18 @@ class Queue:
         again until ``avail.idx`` passes the stale ``avail_event``. After
         enabling, the device must pop once more: a buffer published just
         before the driver saw the change would otherwise never be kicked.
+
+        Devices disable notifications while they serve a queue (the driver
+        then adds buffers without exits) and enable them once the ring is
+        empty. Disabling needs no barrier: a kick that still comes is only
+        a wasted wake-up.
         """
         self._bind(mem)
         used_buf, used_off = self._used_buf, self._used_off
         if self.event_idx:
-            if enabled:
-                _store_u16(used_buf, used_off + _RING_ENTRIES + 8 * self.size, self.next_avail)
+            if not enabled:
+                return
+            _store_u16(used_buf, used_off + _RING_ENTRIES + 8 * self.size, self.next_avail)
         else:
             flags = _U16_FROM(used_buf, used_off + _RING_FLAGS)[0]
             if enabled:
@@ -468,6 +556,8 @@ class Queue:
             else:
                 flags |= VIRTQ_USED_F_NO_NOTIFY
             _store_u16(used_buf, used_off + _RING_FLAGS, flags)
+            if not enabled:
+                return
         _full_barrier()  # our store before the caller re-reads avail.idx
 
     # --- persistence -------------------------------------------------------------
