@@ -747,3 +747,35 @@ def test_a_request_published_during_service_is_served_without_a_kick(recorded):
     assert g.driver.used_elem(0)[0] == head
     assert g.mem.read_u8(extra[0].addr) == VIRTIO_BLK_S_OK
     assert g.irq.count == 1
+
+
+def test_replacing_the_backend_serves_the_new_file_and_tells_the_driver(mem, tmp_path):
+    """PATCH /drives: the new image's size and data, a config-change interrupt."""
+    first = BlockFile(make_image(tmp_path / "a.img"))
+    second_path = tmp_path / "b.img"
+    with open(second_path, "wb") as f:
+        for sector in range(2 * SECTORS):
+            f.write(pattern(sector + 1000))
+    guest = Guest(mem, first)
+    generation = guest.rd(Reg.CONFIG_GENERATION)
+    edges = guest.irq.count
+    old = guest.blk.replace_backend(BlockFile(str(second_path)))
+    assert old is first
+    first.close()
+    assert guest.config()[0] == 2 * SECTORS
+    assert guest.rd(Reg.CONFIG_GENERATION) != generation
+    assert guest.rd(Reg.INTERRUPT_STATUS) & 2 and guest.irq.count == edges + 1
+    status, _, data = guest.request(VIRTIO_BLK_T_IN, 5, read=SECTOR_SIZE)
+    assert status == VIRTIO_BLK_S_OK and data == pattern(1005)
+    guest.blk.backend.close()
+
+
+def test_a_writable_drive_refuses_a_read_only_replacement(mem, image, tmp_path):
+    backend = BlockFile(image)
+    guest = Guest(mem, backend)
+    read_only = BlockFile(make_image(tmp_path / "ro.img"), read_only=True)
+    with pytest.raises(ValueError, match="read-only backend"):
+        guest.blk.replace_backend(read_only)
+    assert guest.blk.backend is backend
+    read_only.close()
+    backend.close()

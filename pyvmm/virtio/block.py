@@ -364,8 +364,14 @@ class VirtioBlock(VirtioDevice):
         if write_zeroes:
             features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES
         self.avail_features = features
-        self._config = CONFIG.pack(
-            backend.sectors,
+        self._discard = discard
+        self._write_zeroes = write_zeroes
+        self._config = self._pack_config()
+
+    def _pack_config(self) -> bytes:
+        discard, write_zeroes = self._discard, self._write_zeroes
+        return CONFIG.pack(
+            self.backend.sectors,
             0,  # size_max: not offered
             SEG_MAX,
             0,
@@ -389,6 +395,23 @@ class VirtioBlock(VirtioDevice):
             0,
             0,  # secure erase: not offered
         )
+
+    def replace_backend(self, backend: BlockBackend) -> BlockBackend:
+        """Serve from ``backend`` from now on (Firecracker's ``PATCH /drives``); return the old one.
+
+        The negotiated features stay (a read-only drive stays read-only, and
+        the new file must be writable if the drive is); the capacity follows
+        the new file, and an active driver is told with a config-change
+        interrupt so it re-reads it. Call with the transport lock held, so
+        no request is in flight.
+        """
+        if not self.read_only and backend.read_only:
+            raise ValueError("a read-only backend cannot serve a writable drive")
+        old, self.backend = self.backend, backend
+        self._config = self._pack_config()
+        if self.interrupt is not None:
+            self.interrupt.signal_config_change()
+        return old
 
     @property
     def capacity(self) -> int:
