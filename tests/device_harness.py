@@ -27,3 +27,16 @@ class RegisterAccess:
 
     def wr(self, offset: int, value: int) -> None:
         self.dev.write(offset, memoryview(bytes((value,))))
+
+
+class FakeClock:
+    """A nanosecond clock (``TokenBucket``'s ``clock``) that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance_ms(self, ms: float) -> None:
+        self.now += int(ms * 1_000_000)

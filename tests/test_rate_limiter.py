@@ -8,19 +8,9 @@ from hypothesis import strategies as st
 
 from pyvmm.errors import ConfigError
 from pyvmm.rate_limiter import RateLimiter, TokenBucket, parse_rate_limit
+from tests.device_harness import FakeClock
 
 MS = 1_000_000
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance_ms(self, ms: float) -> None:
-        self.now += int(ms * MS)
 
 
 @pytest.fixture

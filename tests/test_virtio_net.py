@@ -40,7 +40,7 @@ from pyvmm.virtio.net import (
     VirtioNetState,
 )
 from pyvmm.virtio.queue import VIRTQ_USED_F_NO_NOTIFY
-from tests.device_harness import CountingIrq
+from tests.device_harness import CountingIrq, FakeClock
 from tests.virtio_driver import MockDriver, TransportAccess, bring_up
 
 MAC = bytes.fromhex("52540012345a")
@@ -382,19 +382,6 @@ def test_reset_forgets_pending_frame(mem):
 
 # --- rate limiting -------------------------------------------------------------------------
 MS = 1_000_000
-
-
-class FakeClock:
-    """A nanosecond clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 0
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance_ms(self, ms: float) -> None:
-        self.now += int(ms * MS)
 
 
 def post_tx(g: Guest, *frames: bytes) -> None:

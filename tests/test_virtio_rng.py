@@ -22,7 +22,7 @@ from pyvmm.virtio.rng import (
     VirtioRng,
     VirtioRngState,
 )
-from tests.device_harness import CountingIrq
+from tests.device_harness import CountingIrq, FakeClock
 from tests.virtio_driver import MockDriver, TransportAccess, bring_up
 
 VERSION_1 = 1 << VIRTIO_F_VERSION_1
@@ -245,15 +245,6 @@ def test_save_restore(mem):
 
 
 # --- the rate limiter -----------------------------------------------------------------
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance_ms(self, ms: float) -> None:
-        self.now += int(ms * 1_000_000)
 
 
 def test_rate_limiter_bandwidth_with_its_own_retry_time(mem):
