@@ -78,7 +78,7 @@ def command(
         ro = ",readonly=on" if drive.read_only else ""
         cmd += [
             "-drive", f"id=d{index},file={drive.path},format=raw,if=none,cache={qemu_cache}{ro}",
-            "-device", f"virtio-blk-device,drive=d{index}",
+            "-device", f"virtio-blk-device,drive=d{index},serial=qemu-vd{chr(97 + index)}",
         ]  # fmt: skip
     if tap:
         cmd += [

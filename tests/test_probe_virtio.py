@@ -18,13 +18,13 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from bench.probe_vm import Drive, command
 from tests.conftest import requires_kvm, requires_qemu
 
 pytestmark = requires_kvm
@@ -43,54 +43,6 @@ RESULT_RE = re.compile(
 
 
 # --- running the probe under pyvmm or QEMU ---------------------------------------------
-@dataclass(frozen=True)
-class Drive:
-    path: Path
-    read_only: bool = False
-
-
-def _command(
-    vmm: str,
-    probe: Path,
-    cmdline: str,
-    drives: tuple[Drive, ...] = (),
-    tap: str | None = None,
-    rng: bool = False,
-) -> list[str]:
-    if vmm == "pyvmm":
-        cmd = [sys.executable, "-m", "pyvmm", "run", "--kernel", str(probe), "--cmdline", cmdline]
-        for drive in drives:
-            cmd += ["--drive", f"path={drive.path}" + (",ro" if drive.read_only else "")]
-        if tap:
-            cmd += ["--net", f"tap={tap}"]
-        if rng:
-            cmd.append("--rng")
-        return cmd
-    cmd = [
-        "qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities",
-        "-m", "128", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
-        "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        "-global", "virtio-mmio.force-legacy=false", "-kernel", str(probe), "-append", cmdline,
-    ]  # fmt: skip
-    for index, drive in enumerate(drives):
-        ro = ",readonly=on" if drive.read_only else ""
-        cmd += [
-            "-drive", f"id=d{index},file={drive.path},format=raw,if=none{ro}",
-            "-device", f"virtio-blk-device,drive=d{index},serial=qemu-vd{chr(97 + index)}",
-        ]  # fmt: skip
-    if tap:
-        cmd += [
-            "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-            "-device", "virtio-net-device,netdev=n0",
-        ]  # fmt: skip
-    if rng:
-        cmd += [
-            "-object", "rng-random,id=rng0,filename=/dev/urandom",
-            "-device", "virtio-rng-device,rng=rng0",
-        ]  # fmt: skip
-    return cmd
-
-
 @dataclass
 class Result:
     vmm: str
@@ -123,7 +75,7 @@ def _result(vmm: str, returncode: int, stdout: str, stderr: str) -> Result:
 
 def run_probe(vmm: str, probe: Path, cmdline: str, **devices) -> Result:
     proc = subprocess.run(
-        _command(vmm, probe, cmdline, **devices),
+        command(vmm, probe, cmdline, **devices),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -427,7 +379,7 @@ def test_netrx_frames_from_the_host(vmm: str, probe_elf: Path, tap: str):
     count = 2000
     sock = probe_socket(tap)
     proc = subprocess.Popen(
-        _command(vmm, probe_elf, f"netrx={count}", tap=tap),
+        command(vmm, probe_elf, f"netrx={count}", tap=tap),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
