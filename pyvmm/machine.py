@@ -1,15 +1,19 @@
 """``Machine``: builds a VM from a validated config and owns its lifecycle.
 
 configure (``Machine(config)``) -> :meth:`start` -> :meth:`wait` ->
-:meth:`stop`/:meth:`close`. Whatever ends the VM (a guest reset, a triple
-fault, a KVM error, a signal, an exception in a vCPU thread) becomes one
-:class:`StopReason`, the first one wins, and teardown always joins every
-thread and closes every fd. No global state: several machines can live in
-one process.
+:meth:`stop`/:meth:`close`. A paused machine can be saved with
+:meth:`Machine.snapshot` and brought back, in this or another process, with
+:meth:`Machine.restore` (files and format: :mod:`pyvmm.snapshot`).
+
+Whatever ends the VM (a guest reset, a triple fault, a KVM error, a signal,
+an exception in a vCPU thread) becomes one :class:`StopReason`, the first
+one wins, and teardown always joins every thread and closes every fd. No
+global state: several machines can live in one process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -18,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyvmm import layout
 from pyvmm.acpi import write_acpi_tables
@@ -35,7 +40,7 @@ from pyvmm.interrupts import EventFdIrq
 from pyvmm.kvm import Kvm, Vcpu, Vm
 from pyvmm.kvm._kvm_cffi import lib
 from pyvmm.kvm.signals import install_kick_handler
-from pyvmm.memory import GuestMemory
+from pyvmm.memory import DirtyTrackingMemory, GuestMemory
 from pyvmm.net.tap import Tap
 from pyvmm.rate_limiter import parse_rate_limit
 from pyvmm.serial_console import SerialConsoleInput
@@ -48,9 +53,13 @@ from pyvmm.virtio.block_io import BlockFile
 from pyvmm.virtio.device import VirtioDevice
 from pyvmm.virtio.mmio import MmioTransport
 from pyvmm.virtio.net import RX_QUEUE, VirtioNet
+from pyvmm.virtio.queue import avail_ring_bytes, desc_table_bytes, used_ring_bytes
 from pyvmm.virtio.rng import VirtioRng
 from pyvmm.virtio.vsock import VirtioVsock
 from pyvmm.vsock_uds import VsockUds
+
+if TYPE_CHECKING:
+    from pyvmm.snapshot.state import MicrovmState
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +106,19 @@ class Machine:
         serial_out: Callable[[bytes], object] | None = None,
         console_in: int | None = None,
         console_escape: bool = False,
+        *,
+        track_dirty_pages: bool = False,
     ) -> None:
+        """``track_dirty_pages`` logs written pages, which diff snapshots need."""
         config.validate()
         self.config = config
         self._serial_out = serial_out
         self._console_in = console_in
         self._console_escape = console_escape
+        self._track_dirty = track_dirty_pages
+        self._has_base = False  # a snapshot exists that a diff can be relative to
+        self._restored = False  # the first resume after a restore has work to do
+        self._serial_append = False
         self._template = resolve_template(config.cpu_template)
         self._stop_lock = threading.Lock()
         self._lifecycle_lock = threading.Lock()
@@ -124,6 +140,8 @@ class Machine:
         self.serial: Serial | None = None
         self.i8042: I8042 | None = None
         self.boot_timer: BootTimer | None = None
+        self._acpi_pm: AcpiPm | None = None
+        self._pvpanic: PvPanic | None = None
         self.virtio_transports: list[MmioTransport] = []
         self._notify_fds: list[int] = []
         self._block_files: list[BlockFile] = []
@@ -199,6 +217,9 @@ class Machine:
             if self._paused_clock is not None:
                 self._vm.set_clock(self._paused_clock)
                 self._paused_clock = None
+            if self._restored:
+                self._restored = False
+                self._after_restore()
             self._loop.resume()
             self._resume_threads()
             self._state = VmState.RUNNING
@@ -283,6 +304,220 @@ class Machine:
             os.close(self._serial_file)
             self._serial_file = None
 
+    # --- snapshots ------------------------------------------------------
+    def snapshot(self, state_path: str | Path, mem_path: str | Path, *, diff: bool = False) -> None:
+        """Save the paused machine: a state file and a memory file, each written atomically.
+
+        ``diff=True`` writes only the pages changed since this machine's
+        previous snapshot (or since it was restored); it needs
+        ``track_dirty_pages=True``. Merge a diff onto its base with
+        :func:`pyvmm.snapshot.merge_diff`. The machine stays paused.
+        """
+        from pyvmm.snapshot.files import atomic_files
+        from pyvmm.snapshot.memory_file import memory_state, write_diff, write_full
+
+        with self._lifecycle_lock:
+            if self.state is not VmState.PAUSED:
+                raise VmStateError(
+                    f"the VM cannot be snapshotted: it is {self.state.value.lower()}; pause it"
+                )
+            if diff and not self._track_dirty:
+                raise VmStateError("a diff snapshot needs a machine with track_dirty_pages=True")
+            if diff and not self._has_base:
+                raise VmStateError(
+                    "a diff snapshot needs a full snapshot of this VM first (its base)"
+                )
+            started = time.monotonic()
+            dirty = self._take_dirty_pages() if self._track_dirty else set()
+            try:
+                memory = memory_state(self.memory)
+                with atomic_files(mem_path, state_path) as (mem_fd, state_fd):
+                    if diff:
+                        runs = write_diff(self.memory, dirty, mem_fd)
+                        memory = dataclasses.replace(memory, diff=True, dirty=runs)
+                    else:
+                        write_full(self.memory, mem_fd)
+                    _write_all(state_fd, self._save_state(memory))
+            except BaseException:
+                if self._track_dirty:  # the next diff must still see these pages
+                    self.memory.dirty_pages |= dirty
+                raise
+            self._has_base = True
+            log.debug(
+                "%s snapshot written in %.3f s",
+                "diff" if diff else "full",
+                time.monotonic() - started,
+            )
+
+    def _save_state(self, memory: object) -> bytes:
+        from pyvmm.snapshot.kvm_state import save_vcpu, save_vm
+        from pyvmm.snapshot.state import DevicesState, MicrovmState, pack_state, pyvmm_version
+
+        msr_indices = self._kvm.msr_index_list()
+        state = MicrovmState(
+            pyvmm_version=pyvmm_version(),
+            config=self.config,
+            memory=memory,
+            vcpus=tuple(save_vcpu(vcpu, msr_indices) for vcpu in self._vcpus),
+            vm=save_vm(self._vm, self._paused_clock),
+            devices=DevicesState(
+                serial=self.serial.save(),
+                i8042=self.i8042.save(),
+                acpi_pm=self._acpi_pm.save(),
+                pvpanic=self._pvpanic.save(),
+                boot_timer=self.boot_timer.save(),
+                virtio=tuple(transport.save() for transport in self.virtio_transports),
+            ),
+        )
+        return pack_state(state)
+
+    def _take_dirty_pages(self) -> set[int]:
+        """Guest pages written since the last call: by the guest, by devices, and the rings.
+
+        Reading KVM's log clears it. The virtqueues keep their rings' host
+        buffers across calls, so those pages are always counted.
+        """
+        from pyvmm.snapshot.memory_file import PAGE, bitmap_pages
+
+        pages = self.memory.take_dirty()
+        for slot, region in enumerate(self.memory):
+            bitmap = self._vm.get_dirty_log(slot, region.size // PAGE)
+            pages.update(bitmap_pages(bitmap, region.guest_addr // PAGE))
+        for transport in self.virtio_transports:
+            for queue in transport.queues:
+                if not queue.ready:
+                    continue
+                for addr, length in (
+                    (queue.desc_table, desc_table_bytes(queue.size)),
+                    (queue.avail_ring, avail_ring_bytes(queue.size)),
+                    (queue.used_ring, used_ring_bytes(queue.size)),
+                ):
+                    pages.update(range(addr // PAGE, (addr + max(length, 1) - 1) // PAGE + 1))
+        return pages
+
+    @classmethod
+    def restore(
+        cls,
+        state_path: str | Path,
+        mem_path: str | Path,
+        *,
+        serial_out: Callable[[bytes], object] | None = None,
+        console_in: int | None = None,
+        console_escape: bool = False,
+        net_overrides: dict[str, str] | None = None,
+        vsock_uds: str | Path | None = None,
+        track_dirty_pages: bool = False,
+        resume: bool = False,
+    ) -> Machine:
+        """A machine continuing from a snapshot, paused (or running with ``resume``).
+
+        Guest RAM is mapped copy-on-write from ``mem_path`` (pages load on
+        first touch; the file is never written). Drives are reopened from
+        their saved paths; TAP devices by name, renamed through
+        ``net_overrides`` ({old TAP name: new TAP name}, the MAC kept);
+        the vsock Unix socket is created afresh (at ``vsock_uds`` if given)
+        and, as in Firecracker, every vsock connection is reset. A saved
+        ``serial_out`` file is appended to. Refused with
+        :class:`~pyvmm.snapshot.SnapshotError` if the files are not a
+        snapshot, are corrupt, or do not fit this pyvmm or host.
+        """
+        from pyvmm.snapshot.state import read_state
+
+        state = read_state(state_path)
+        config = _restored_config(state.config, net_overrides or {}, vsock_uds)
+        machine = cls(
+            config, serial_out, console_in, console_escape, track_dirty_pages=track_dirty_pages
+        )
+        machine._serial_append = True
+        machine._load_snapshot(state, mem_path)
+        if resume:
+            machine.resume()
+        return machine
+
+    def _load_snapshot(self, state: MicrovmState, mem_path: str | Path) -> None:
+        from pyvmm.snapshot.kvm_state import restore_vcpu, restore_vm
+        from pyvmm.snapshot.memory_file import open_memory_file
+        from pyvmm.snapshot.state import SnapshotError
+
+        with self._lifecycle_lock:
+            if self._state is not VmState.NOT_STARTED or self._closed:
+                raise VmStateError(f"cannot restore into a VM that is {self.state.value.lower()}")
+            self.start_ns = time.monotonic_ns()
+            try:
+                if len(state.vcpus) != self.config.vcpus:
+                    raise SnapshotError(
+                        f"the snapshot has {len(state.vcpus)} vCPU states for {self.config.vcpus}"
+                    )
+                mem_fd = open_memory_file(mem_path, state.memory)
+                try:
+                    self._build(mem_file=mem_fd)
+                finally:
+                    os.close(mem_fd)
+                regions = tuple((r.guest_addr, r.size) for r in self.memory.regions)
+                if regions != state.memory.regions:
+                    raise SnapshotError("the snapshot's memory layout differs from this pyvmm's")
+                restore_vm(self._vm, state.vm)
+                for vcpu, vcpu_state in zip(self._vcpus, state.vcpus, strict=True):
+                    restore_vcpu(vcpu, vcpu_state)
+                self._restore_devices(state)
+                self._loop.start()
+                self._loop.pause(_PAUSE_TIMEOUT)
+                for thread in self._threads:
+                    thread.request_pause()  # enters KVM_RUN with immediate_exit: parks at once
+                    thread.start()
+                for thread in self._threads:
+                    if not thread.parked.wait(_PAUSE_TIMEOUT):
+                        raise HostError(f"vcpu{thread.vcpu.id} did not start within the timeout")
+            except BaseException:
+                self.close()
+                raise
+            self.first_run_ns = time.monotonic_ns()
+            self._paused_clock = state.vm.clock
+            self._state = VmState.PAUSED
+            self._restored = True
+            self._has_base = True
+            log.debug("restored in %.3f s", (self.first_run_ns - self.start_ns) / 1e9)
+
+    def _restore_devices(self, state: MicrovmState) -> None:
+        from pyvmm.snapshot.state import SnapshotError
+
+        devices = state.devices
+        if len(devices.virtio) != len(self.virtio_transports):
+            raise SnapshotError(
+                f"the snapshot has {len(devices.virtio)} virtio devices, the machine "
+                f"{len(self.virtio_transports)}"
+            )
+        parts = [
+            ("serial port", self.serial, devices.serial),
+            ("i8042", self.i8042, devices.i8042),
+            ("ACPI PM", self._acpi_pm, devices.acpi_pm),
+            ("pvpanic", self._pvpanic, devices.pvpanic),
+            ("boot timer", self.boot_timer, devices.boot_timer),
+        ]
+        parts += [
+            (f"virtio device {index} (type {transport.device.device_type})", transport, saved)
+            for index, (transport, saved) in enumerate(
+                zip(self.virtio_transports, devices.virtio, strict=True)
+            )
+        ]
+        for name, device, saved in parts:
+            try:
+                device.restore(saved)
+            except (ValueError, TypeError) as exc:
+                raise SnapshotError(f"cannot restore the {name}: {exc}") from None
+
+    def _after_restore(self) -> None:
+        """First resume after a restore: reset vsock connections, re-kick every queue.
+
+        A queue kick the old process had not processed yet was lost with its
+        eventfd; kicking each queue once more is harmless for the others.
+        """
+        for transport in self.virtio_transports:
+            if isinstance(transport.device, VirtioVsock):
+                transport.run_locked(lambda device: device.send_transport_reset())
+        for fd in self._notify_fds:
+            os.eventfd_write(fd, 1)
+
     def __enter__(self) -> Machine:
         return self
 
@@ -290,9 +525,19 @@ class Machine:
         self.close()
 
     # --- building -------------------------------------------------------
-    def _build(self) -> None:
+    def _build(self, mem_file: int | None = None) -> None:
+        """Create memory, KVM objects, devices and vCPU threads.
+
+        Booting (``mem_file`` None): load the kernel and tables and set the
+        boot vCPU state. Restoring: map guest RAM from ``mem_file`` and leave
+        the vCPUs blank, for :meth:`_load_snapshot` to fill in.
+        """
         config = self.config
-        self.memory = GuestMemory.with_size(config.mem_size)
+        memory_type = DirtyTrackingMemory if self._track_dirty else GuestMemory
+        if mem_file is None:
+            self.memory = memory_type.with_size(config.mem_size)
+        else:
+            self.memory = memory_type.from_file(config.mem_size, mem_file)
         self._loop = EventLoop()  # host back ends (vsock) subscribe while being built
         virtio_devices = self._virtio_devices()
         slots = [
@@ -303,6 +548,38 @@ class Machine:
             )
             for index in range(len(virtio_devices))
         ]
+        if mem_file is None:
+            self.boot = self._load_guest(slots)
+        self._kvm = Kvm()
+        self._check_capabilities(self._kvm)
+        self._vm = vm = self._kvm.create_vm()
+        vm.set_tss_address(layout.KVM_TSS_ADDR)
+        vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2()
+        slot_flags = lib.KVM_MEM_LOG_DIRTY_PAGES if self._track_dirty else 0
+        for slot, region in enumerate(self.memory):
+            vm.set_user_memory_region(slot, region.guest_addr, region.mapping, slot_flags)
+        self._add_devices(vm)
+        for device, slot in zip(virtio_devices, slots, strict=True):
+            self._add_virtio_device(vm, device, *slot)
+        kick_signal = install_kick_handler()
+        supported = self._kvm.supported_cpuid()
+        msr_indices = set(self._kvm.msr_index_list())
+        for vcpu_id in range(config.vcpus):
+            vcpu = vm.create_vcpu(vcpu_id)
+            self._vcpus.append(vcpu)
+            if mem_file is None:
+                configure_vcpu(vcpu, supported, msr_indices, config.vcpus, self._template)
+                if vcpu_id == 0:
+                    set_boot_state(vcpu, self.boot.cpu)
+            self._threads.append(
+                VcpuThread(vcpu, self.pio_bus, self.mmio_bus, self._record_stop, kick_signal)
+            )
+
+    def _load_guest(self, slots: list[tuple[int, int, int]]) -> BootSetup:
+        """Write the ACPI tables, kernel, initrd and boot parameters into guest RAM."""
+        config = self.config
         rsdp_addr = write_acpi_tables(self.memory, config.vcpus, slots)
         # Kernels built with VIRTIO_MMIO_CMDLINE_DEVICES find devices here;
         # the others (Debian's) through the DSDT.
@@ -313,7 +590,7 @@ class Machine:
             if drive.root:
                 mode = "ro" if drive.read_only else "rw"
                 announce += f" root=/dev/vd{chr(ord('a') + index)} {mode}"
-        self.boot = setup_boot(
+        return setup_boot(
             self.memory,
             config.kernel,
             config.initrd,
@@ -321,30 +598,6 @@ class Machine:
             config.vcpus,
             rsdp_addr=rsdp_addr,
         )
-        self._kvm = Kvm()
-        self._check_capabilities(self._kvm)
-        self._vm = vm = self._kvm.create_vm()
-        vm.set_tss_address(layout.KVM_TSS_ADDR)
-        vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDR)
-        vm.create_irqchip()
-        vm.create_pit2()
-        for slot, region in enumerate(self.memory):
-            vm.set_user_memory_region(slot, region.guest_addr, region.mapping)
-        self._add_devices(vm)
-        for device, slot in zip(virtio_devices, slots, strict=True):
-            self._add_virtio_device(vm, device, *slot)
-        kick_signal = install_kick_handler()
-        supported = self._kvm.supported_cpuid()
-        msr_indices = set(self._kvm.msr_index_list())
-        for vcpu_id in range(config.vcpus):
-            vcpu = vm.create_vcpu(vcpu_id)
-            self._vcpus.append(vcpu)
-            configure_vcpu(vcpu, supported, msr_indices, config.vcpus, self._template)
-            if vcpu_id == 0:
-                set_boot_state(vcpu, self.boot.cpu)
-            self._threads.append(
-                VcpuThread(vcpu, self.pio_bus, self.mmio_bus, self._record_stop, kick_signal)
-            )
 
     def _check_capabilities(self, kvm: Kvm) -> None:
         missing = [name for name, cap in _REQUIRED_CAPS.items() if not kvm.check_extension(cap)]
@@ -368,15 +621,10 @@ class Machine:
         self.pio_bus.add(layout.COM1_PORT, layout.UART_PORT_COUNT, self.serial, "com1")
         self.i8042 = I8042(self._irq(vm, layout.I8042_IRQ), self._on_guest_reset)
         self.pio_bus.add(layout.I8042_DATA_PORT, 5, self.i8042, "i8042")
-        self.pio_bus.add(
-            layout.ACPI_PM_PORT,
-            layout.ACPI_PM_PORT_COUNT,
-            AcpiPm(on_poweroff=self._on_guest_poweroff, on_reset=self._on_acpi_reset),
-            "acpi-pm",
-        )
-        self.pio_bus.add(
-            layout.PVPANIC_PORT, layout.PVPANIC_PORT_COUNT, PvPanic(self._on_guest_panic), "pvpanic"
-        )
+        self._acpi_pm = AcpiPm(on_poweroff=self._on_guest_poweroff, on_reset=self._on_acpi_reset)
+        self.pio_bus.add(layout.ACPI_PM_PORT, layout.ACPI_PM_PORT_COUNT, self._acpi_pm, "acpi-pm")
+        self._pvpanic = PvPanic(self._on_guest_panic)
+        self.pio_bus.add(layout.PVPANIC_PORT, layout.PVPANIC_PORT_COUNT, self._pvpanic, "pvpanic")
         self.boot_timer = BootTimer(self.start_ns)
         self.mmio_bus.add(
             layout.BOOT_TIMER_ADDR, layout.MMIO_DEVICE_WINDOW, self.boot_timer, "boot-timer"
@@ -443,7 +691,8 @@ class Machine:
     def _make_serial_writer(self) -> Callable[[bytes], object]:
         if self.config.serial_out is not None:
             path = Path(self.config.serial_out)
-            self._serial_file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
+            mode = os.O_APPEND if self._serial_append else os.O_TRUNC
+            self._serial_file = os.open(path, os.O_WRONLY | os.O_CREAT | mode | os.O_CLOEXEC)
             fd = self._serial_file
             return lambda data: os.write(fd, data)
         if self._serial_out is not None:
@@ -492,6 +741,40 @@ class Machine:
         for thread in self._threads:
             thread.request_stop()
         self._stopped.set()
+
+
+def _restored_config(
+    config: MachineConfig, net_overrides: dict[str, str], vsock_uds: str | Path | None
+) -> MachineConfig:
+    """The saved config with host-side names replaced (TAPs, the vsock socket)."""
+    from pyvmm.snapshot.state import SnapshotError
+
+    unknown = set(net_overrides) - {net.tap for net in config.nets}
+    if unknown:
+        raise SnapshotError(
+            f"net override {sorted(unknown)[0]!r} names no saved interface (saved TAPs: "
+            f"{', '.join(net.tap for net in config.nets) or 'none'})"
+        )
+    nets = tuple(
+        dataclasses.replace(
+            net, tap=net_overrides[net.tap], mac=net.mac or net.mac_bytes().hex(":")
+        )
+        if net.tap in net_overrides
+        else net
+        for net in config.nets
+    )
+    vsock = config.vsock
+    if vsock_uds is not None:
+        if vsock is None:
+            raise SnapshotError("a vsock socket was given, but the snapshot has no vsock device")
+        vsock = dataclasses.replace(vsock, uds_path=Path(vsock_uds))
+    return dataclasses.replace(config, nets=nets, vsock=vsock)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _queue_server(

@@ -6,6 +6,10 @@ not entirely inside one RAM region raises :class:`GuestMemoryError`, so a
 guest-controlled address can never reach host memory outside guest RAM.
 This module knows nothing about KVM: the KVM layer asks each region for its
 buffer when it registers memory slots, and tests use it without KVM.
+
+Every accessor finds its region through :meth:`GuestMemory._locate`; the
+dirty-page tracking of :class:`DirtyTrackingMemory` relies on that, so a new
+accessor must use it too.
 """
 
 from __future__ import annotations
@@ -51,27 +55,50 @@ class MemoryRegion:
 class GuestMemory:
     """Guest RAM made of non-overlapping, page-aligned regions."""
 
-    def __init__(self, regions: Iterable[tuple[int, int]]) -> None:
+    def __init__(self, regions: Iterable[tuple[int, int]], *, file: int | None = None) -> None:
+        """Map ``regions``: anonymous memory, or copy-on-write views of ``file``.
+
+        With ``file`` (an open fd of a memory snapshot: the regions' bytes
+        back to back, lowest address first) each region is mapped
+        ``MAP_PRIVATE``: pages are read from the file on first touch and
+        guest writes never reach it. The fd may be closed afterwards.
+        """
         self._regions: list[MemoryRegion] = []
         previous_end = 0
+        file_offset = 0
         for guest_addr, size in sorted(regions):
             if size <= 0 or size % layout.PAGE_SIZE or guest_addr % layout.PAGE_SIZE:
                 raise ValueError(f"region {guest_addr:#x}+{size:#x} is not page-aligned")
             if guest_addr < previous_end:
                 raise ValueError(f"region at {guest_addr:#x} overlaps the one before it")
-            mapping = mmap.mmap(
-                -1,
-                size,
-                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-                prot=mmap.PROT_READ | mmap.PROT_WRITE,
-            )
+            if file is None:
+                mapping = mmap.mmap(
+                    -1,
+                    size,
+                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                )
+            else:
+                mapping = mmap.mmap(
+                    file,
+                    size,
+                    flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=file_offset,
+                )
             self._regions.append(MemoryRegion(guest_addr, size, mapping))
             previous_end = guest_addr + size
+            file_offset += size
 
     @classmethod
     def with_size(cls, mem_size: int) -> GuestMemory:
         """RAM of ``mem_size`` bytes laid out around the 32-bit MMIO hole."""
         return cls(layout.ram_regions(mem_size))
+
+    @classmethod
+    def from_file(cls, mem_size: int, file: int) -> GuestMemory:
+        """RAM of ``mem_size`` bytes mapped copy-on-write from a memory snapshot fd."""
+        return cls(layout.ram_regions(mem_size), file=file)
 
     @property
     def regions(self) -> tuple[MemoryRegion, ...]:
@@ -189,3 +216,34 @@ class GuestMemory:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class DirtyTrackingMemory(GuestMemory):
+    """Guest memory that remembers which pages the VMM touched, for diff snapshots.
+
+    KVM's dirty log sees only the guest's own writes; devices write guest
+    RAM from Python (used rings, read data). Every range handed out by
+    :meth:`_locate` (so by every accessor) is recorded as possibly written,
+    reads included: over-reporting only makes a diff snapshot larger.
+    Buffers kept across calls (the virtqueues bind their rings once) are
+    not seen again; the snapshot code adds those ring pages itself.
+    """
+
+    def __init__(self, regions: Iterable[tuple[int, int]], *, file: int | None = None) -> None:
+        super().__init__(regions, file=file)
+        #: Guest page frame numbers (address >> 12) touched since :meth:`take_dirty`.
+        self.dirty_pages: set[int] = set()
+
+    def _locate(self, addr: int, length: int) -> tuple[MemoryRegion, int]:
+        found = super()._locate(addr, length)
+        self.dirty_pages.update(range(addr >> 12, ((addr + (length or 1) - 1) >> 12) + 1))
+        return found
+
+    def mark_dirty(self, addr: int, length: int) -> None:
+        """Record ``[addr, addr+length)`` as written."""
+        self.dirty_pages.update(range(addr >> 12, ((addr + (length or 1) - 1) >> 12) + 1))
+
+    def take_dirty(self) -> set[int]:
+        """The pages recorded so far; recording starts afresh."""
+        taken, self.dirty_pages = self.dirty_pages, set()
+        return taken

@@ -183,8 +183,53 @@ class Vcpu:
     def set_vcpu_events(self, state: bytes) -> None:
         set_blob(self.fd, "KVM_SET_VCPU_EVENTS", "struct kvm_vcpu_events", state)
 
+    def restore_vcpu_events(self, state: bytes) -> None:
+        """Set :meth:`get_vcpu_events` bytes, pending NMI and SIPI vector included.
+
+        KVM reports those two without their "valid" flags, and ignores them
+        on set unless the flags are there (QEMU adds them the same way).
+        """
+        events = ffi.new("struct kvm_vcpu_events *")
+        if len(state) != ffi.sizeof(events[0]):
+            raise ValueError(
+                f"KVM_SET_VCPU_EVENTS: state is {len(state)} bytes, "
+                f"struct kvm_vcpu_events is {ffi.sizeof(events[0])}"
+            )
+        ffi.buffer(events)[:] = state
+        events.flags |= lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+        ioctl_ptr(self.fd, "KVM_SET_VCPU_EVENTS", events)
+
     def get_tsc_khz(self) -> int:
         return ioctl_val(self.fd, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """Scale the guest's TSC to ``khz`` (restoring on a host with another TSC rate)."""
+        ioctl_val(self.fd, "KVM_SET_TSC_KHZ", khz)
+
+    # --- snapshot state: raw struct bytes, never interpreted ------------------
+    def get_regs_bytes(self) -> bytes:
+        return get_blob(self.fd, "KVM_GET_REGS", "struct kvm_regs")
+
+    def set_regs_bytes(self, state: bytes) -> None:
+        set_blob(self.fd, "KVM_SET_REGS", "struct kvm_regs", state)
+
+    def get_sregs_bytes(self) -> bytes:
+        return get_blob(self.fd, "KVM_GET_SREGS", "struct kvm_sregs")
+
+    def set_sregs_bytes(self, state: bytes) -> None:
+        set_blob(self.fd, "KVM_SET_SREGS", "struct kvm_sregs", state)
+
+    def get_fpu_bytes(self) -> bytes:
+        return get_blob(self.fd, "KVM_GET_FPU", "struct kvm_fpu")
+
+    def set_fpu_bytes(self, state: bytes) -> None:
+        set_blob(self.fd, "KVM_SET_FPU", "struct kvm_fpu", state)
+
+    def get_debugregs(self) -> bytes:
+        return get_blob(self.fd, "KVM_GET_DEBUGREGS", "struct kvm_debugregs")
+
+    def set_debugregs(self, state: bytes) -> None:
+        set_blob(self.fd, "KVM_SET_DEBUGREGS", "struct kvm_debugregs", state)
 
     def kvmclock_ctrl(self) -> None:
         """Tell the guest's kvmclock it was paused (no soft-lockup warnings)."""

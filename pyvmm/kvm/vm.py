@@ -123,6 +123,17 @@ class Vm:
         clock[8:12] = bytes(4)  # flags: KVM accepts only the value on set
         set_blob(self.fd, "KVM_SET_CLOCK", "struct kvm_clock_data", bytes(clock))
 
+    def get_dirty_log(self, slot: int, pages: int) -> bytes:
+        """Bitmap of the pages of ``slot`` the guest wrote since the last call (bit n = page n).
+
+        Needs the slot registered with ``KVM_MEM_LOG_DIRTY_PAGES``; KVM clears
+        the log as it returns it. Writes by the VMM itself are not in it.
+        """
+        bitmap = ffi.new("uint64_t[]", (pages + 63) // 64 or 1)
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": bitmap})
+        ioctl_ptr(self.fd, "KVM_GET_DIRTY_LOG", log)
+        return bytes(ffi.buffer(bitmap))
+
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         vcpu_fd = ioctl_val(self.fd, "KVM_CREATE_VCPU", vcpu_id)
         return Vcpu(vcpu_fd, vcpu_id, self._vcpu_mmap_size)

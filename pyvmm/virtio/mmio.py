@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TypeVar
 
 from pyvmm.devices.base import IrqTrigger
 from pyvmm.errors import GuestError
@@ -39,6 +40,7 @@ from pyvmm.virtio.device import VirtioDevice, VirtioInterrupt, VirtioInterruptSt
 from pyvmm.virtio.queue import Queue, QueueState
 
 _logger = logging.getLogger("pyvmm.virtio.mmio")
+T = TypeVar("T")
 
 # --- register offsets ---------------------------------------------------------
 
@@ -443,6 +445,15 @@ class MmioTransport:
         _logger.debug("virtio-mmio: ignored %d-byte %s at %#x", size, kind, offset)
 
     # --- snapshot ---------------------------------------------------------------
+    def run_locked(self, action: Callable[[VirtioDevice], T]) -> T:
+        """``action(device)`` under the transport lock, as queue processing runs.
+
+        For device calls from outside the register interface, such as
+        virtio-vsock's transport reset after a snapshot is restored.
+        """
+        with self._lock:
+            return action(self.device)
+
     def save(self) -> MmioTransportState:
         with self._lock:
             return MmioTransportState(

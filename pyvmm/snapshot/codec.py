@@ -1,0 +1,159 @@
+"""State dataclasses to JSON values and back, guided by their type hints.
+
+Device and config states are frozen dataclasses of plain values (ints,
+bools, bytes, paths, nested states). :func:`encode` turns one into JSON
+values: bytes become ``{"b64": ...}``; a field typed ``object`` (a virtio
+transport's device state) carries the name of its class, which must be in
+the registry passed to :func:`decode`, so a state file can never name an
+arbitrary class. :func:`decode` checks every value against the hint and
+raises :class:`CodecError` naming the field that does not fit.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class CodecError(ValueError):
+    """A JSON value does not fit the type the state class declares."""
+
+
+def encode(value: Any) -> Any:
+    """JSON values for ``value`` (a state dataclass or anything it may hold)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        hints = typing.get_type_hints(type(value))
+        return {
+            f.name: (encode_tagged if hints[f.name] is object else encode)(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+        }
+    if isinstance(value, bytes | bytearray):
+        return {"b64": base64.b64encode(value).decode()}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [encode(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): encode(item) for key, item in value.items()}
+    if value is None or isinstance(value, bool | int | str | float):
+        return value
+    raise CodecError(f"cannot save a {type(value).__name__}")
+
+
+def encode_tagged(value: Any) -> Any:
+    """Like :func:`encode`, recording the class name (for fields typed ``object``)."""
+    if value is None:
+        return None
+    return {"type": type(value).__name__, "state": encode(value)}
+
+
+def decode(data: Any, hint: Any, registry: dict[str, type], where: str = "state") -> Any:
+    """The value of type ``hint`` that ``data`` (from :func:`encode`) describes."""
+    origin = typing.get_origin(hint)
+    if hint is object:
+        if data is None:
+            return None
+        if not isinstance(data, dict) or data.get("type") not in registry:
+            raise CodecError(f"{where}: unknown state type {_describe(data)}")
+        cls = registry[data["type"]]
+        return decode(data.get("state"), cls, registry, where)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(data, dict):
+            raise CodecError(f"{where}: expected an object, got {_describe(data)}")
+        hints = typing.get_type_hints(hint)
+        values = {}
+        for f in dataclasses.fields(hint):
+            if not f.init:
+                continue
+            if f.name not in data:
+                if (
+                    f.default is not dataclasses.MISSING
+                    or f.default_factory is not dataclasses.MISSING
+                ):
+                    continue
+                raise CodecError(f"{where}.{f.name}: missing")
+            values[f.name] = decode(data[f.name], hints[f.name], registry, f"{where}.{f.name}")
+        unknown = set(data) - {f.name for f in dataclasses.fields(hint)}
+        if unknown:
+            raise CodecError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+        return hint(**values)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(hint)
+        if data is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return decode(data, option, registry, where)
+            except CodecError as exc:
+                errors.append(str(exc))
+        raise CodecError(errors[0] if errors else f"{where}: {_describe(data)}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(data, list):
+            raise CodecError(f"{where}: expected a list, got {_describe(data)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(
+                decode(item, args[0], registry, f"{where}[{i}]") for i, item in enumerate(data)
+            )
+        if len(args) != len(data):
+            raise CodecError(f"{where}: expected {len(args)} items, got {len(data)}")
+        return tuple(
+            decode(item, arg, registry, f"{where}[{i}]")
+            for i, (item, arg) in enumerate(zip(data, args, strict=True))
+        )
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(data, dict):
+            raise CodecError(f"{where}: expected an object, got {_describe(data)}")
+        return {
+            decode(_dict_key(key, key_type, where), key_type, registry, where): decode(
+                item, value_type, registry, f"{where}[{key}]"
+            )
+            for key, item in data.items()
+        }
+    if hint is bytes:
+        if not isinstance(data, dict) or not isinstance(data.get("b64"), str):
+            raise CodecError(f"{where}: expected bytes, got {_describe(data)}")
+        try:
+            return base64.b64decode(data["b64"], validate=True)
+        except ValueError:
+            raise CodecError(f"{where}: invalid base64") from None
+    if hint is Path:
+        if not isinstance(data, str):
+            raise CodecError(f"{where}: expected a path, got {_describe(data)}")
+        return Path(data)
+    if hint is bool:
+        if not isinstance(data, bool):
+            raise CodecError(f"{where}: expected true/false, got {_describe(data)}")
+        return data
+    if hint is int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            raise CodecError(f"{where}: expected an integer, got {_describe(data)}")
+        return data
+    if hint in (str, float):
+        if not isinstance(data, hint):
+            raise CodecError(f"{where}: expected a {hint.__name__}, got {_describe(data)}")
+        return data
+    raise CodecError(f"{where}: cannot load a {hint!r}")
+
+
+def _dict_key(key: str, key_type: Any, where: str) -> Any:
+    """JSON object keys are strings; integer keys (MSR numbers) are stored in decimal."""
+    if key_type is int:
+        try:
+            return int(key)
+        except ValueError:
+            raise CodecError(f"{where}: key {key!r} is not an integer") from None
+    return key
+
+
+def _describe(data: Any) -> str:
+    text = repr(data)
+    return text if len(text) <= 40 else text[:37] + "..."
