@@ -26,6 +26,7 @@ Prints a table and writes JSON (``--json``, default bench/results/snapshot.json)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -71,7 +72,7 @@ def wait_for(output: bytearray, pattern: bytes, timeout: float = 30) -> None:
 def one_round(probe: Path, mem_size: int, fill: bool, directory: Path) -> dict[str, float]:
     output = bytearray()
     config = MachineConfig(kernel=probe, cmdline="counter", mem_size=mem_size)
-    machine = Machine(config, serial_out=output.extend, track_dirty_pages=True)
+    machine = Machine(dataclasses.replace(config, track_dirty_pages=True), serial_out=output.extend)
     state, mem = directory / "vm.state", directory / "vm.mem"
     try:
         machine.start()

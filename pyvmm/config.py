@@ -94,6 +94,7 @@ class NetConfig:
     mac: str | None = None  # default: derived from the TAP name, locally administered
     rx_rate_limit: str | None = None
     tx_rate_limit: str | None = None
+    iface_id: str | None = None  # the API's name for it (network overrides on restore)
 
     def mac_bytes(self) -> bytes:
         if self.mac is not None:
@@ -220,6 +221,7 @@ class MachineConfig:
     drives: tuple[DriveConfig, ...] = ()
     nets: tuple[NetConfig, ...] = ()
     vsock: VsockConfig | None = None
+    track_dirty_pages: bool = False  # log written pages: diff snapshots need it
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for the first problem found."""

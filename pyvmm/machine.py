@@ -28,7 +28,7 @@ from pyvmm import layout
 from pyvmm.acpi import write_acpi_tables
 from pyvmm.boot.configure import BootSetup, setup_boot
 from pyvmm.bus import Bus
-from pyvmm.config import MachineConfig
+from pyvmm.config import MachineConfig, NetConfig
 from pyvmm.cpuid import TEMPLATES, CpuidTemplate
 from pyvmm.devices.acpi_pm import AcpiPm, PvPanic
 from pyvmm.devices.boot_timer import BootTimer
@@ -106,16 +106,14 @@ class Machine:
         serial_out: Callable[[bytes], object] | None = None,
         console_in: int | None = None,
         console_escape: bool = False,
-        *,
-        track_dirty_pages: bool = False,
     ) -> None:
-        """``track_dirty_pages`` logs written pages, which diff snapshots need."""
         config.validate()
         self.config = config
         self._serial_out = serial_out
         self._console_in = console_in
         self._console_escape = console_escape
-        self._track_dirty = track_dirty_pages
+        # Diff snapshots need every written page logged (config.track_dirty_pages).
+        self._track_dirty = config.track_dirty_pages
         self._has_base = False  # a snapshot exists that a diff can be relative to
         self._restored = False  # the first resume after a restore has work to do
         self._serial_append = False
@@ -322,7 +320,7 @@ class Machine:
                     f"the VM cannot be snapshotted: it is {self.state.value.lower()}; pause it"
                 )
             if diff and not self._track_dirty:
-                raise VmStateError("a diff snapshot needs a machine with track_dirty_pages=True")
+                raise VmStateError("a diff snapshot needs a machine with track_dirty_pages")
             if diff and not self._has_base:
                 raise VmStateError(
                     "a diff snapshot needs a full snapshot of this VM first (its base)"
@@ -406,7 +404,7 @@ class Machine:
         console_escape: bool = False,
         net_overrides: dict[str, str] | None = None,
         vsock_uds: str | Path | None = None,
-        track_dirty_pages: bool = False,
+        track_dirty_pages: bool | None = None,
         resume: bool = False,
     ) -> Machine:
         """A machine continuing from a snapshot, paused (or running with ``resume``).
@@ -414,7 +412,9 @@ class Machine:
         Guest RAM is mapped copy-on-write from ``mem_path`` (pages load on
         first touch; the file is never written). Drives are reopened from
         their saved paths; TAP devices by name, renamed through
-        ``net_overrides`` ({old TAP name: new TAP name}, the MAC kept);
+        ``net_overrides`` ({old TAP name or interface id: new TAP name}, the
+        MAC kept); ``track_dirty_pages`` (None: as saved) allows diff
+        snapshots of the restored machine;
         the vsock Unix socket is created afresh (at ``vsock_uds`` if given)
         and, as in Firecracker, every vsock connection is reset. A saved
         ``serial_out`` file is appended to. Refused with
@@ -425,9 +425,9 @@ class Machine:
 
         state = read_state(state_path)
         config = _restored_config(state.config, net_overrides or {}, vsock_uds)
-        machine = cls(
-            config, serial_out, console_in, console_escape, track_dirty_pages=track_dirty_pages
-        )
+        if track_dirty_pages is not None:
+            config = dataclasses.replace(config, track_dirty_pages=track_dirty_pages)
+        machine = cls(config, serial_out, console_in, console_escape)
         machine._serial_append = True
         machine._load_snapshot(state, mem_path)
         if resume:
@@ -749,17 +749,20 @@ def _restored_config(
     """The saved config with host-side names replaced (TAPs, the vsock socket)."""
     from pyvmm.snapshot.state import SnapshotError
 
-    unknown = set(net_overrides) - {net.tap for net in config.nets}
+    names = {net.tap for net in config.nets} | {n.iface_id for n in config.nets if n.iface_id}
+    unknown = set(net_overrides) - names
     if unknown:
         raise SnapshotError(
-            f"net override {sorted(unknown)[0]!r} names no saved interface (saved TAPs: "
-            f"{', '.join(net.tap for net in config.nets) or 'none'})"
+            f"net override {sorted(unknown)[0]!r} names no saved interface (saved: "
+            f"{', '.join(sorted(names)) or 'none'})"
         )
+
+    def new_tap(net: NetConfig) -> str | None:
+        return net_overrides.get(net.iface_id or "") or net_overrides.get(net.tap)
+
     nets = tuple(
-        dataclasses.replace(
-            net, tap=net_overrides[net.tap], mac=net.mac or net.mac_bytes().hex(":")
-        )
-        if net.tap in net_overrides
+        dataclasses.replace(net, tap=tap, mac=net.mac or net.mac_bytes().hex(":"))
+        if (tap := new_tap(net)) is not None
         else net
         for net in config.nets
     )

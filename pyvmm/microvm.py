@@ -31,9 +31,11 @@ from pyvmm.config import (
     DriveConfig,
     MachineConfig,
     NetConfig,
+    VsockConfig,
     parse_drive,
     parse_memory_size,
     parse_net,
+    parse_vsock,
 )
 from pyvmm.machine import Machine, VmState
 from pyvmm.stop_reason import StopReason
@@ -131,7 +133,9 @@ class MicroVM:
     arguments: ``kernel``, ``initrd``, ``cmdline``, ``vcpus``, ``memory``
     (MiB as an int, or a size string such as ``"512M"``), ``drives`` and
     ``nets`` (config objects or the CLI's ``path=IMG,ro`` /
-    ``tap=NAME,mac=..`` strings), ``rng``, ``cpu_template``. Bad values raise
+    ``tap=NAME,mac=..`` strings), ``rng``, ``cpu_template``, ``vsock``
+    (``cid=N,uds=PATH`` or a config), ``track_dirty_pages`` (for diff
+    snapshots). Bad values raise
     :class:`~pyvmm.errors.ConfigError` with a one-line message.
     """
 
@@ -148,6 +152,8 @@ class MicroVM:
         nets: Iterable[NetConfig | str] = (),
         rng: bool = False,
         cpu_template: str = "auto",
+        vsock: VsockConfig | str | None = None,
+        track_dirty_pages: bool = False,
     ) -> None:
         if config is None:
             if kernel is None:
@@ -162,14 +168,57 @@ class MicroVM:
                 nets=tuple(parse_net(n) if isinstance(n, str) else n for n in nets),
                 rng=rng,
                 cpu_template=cpu_template,
+                vsock=parse_vsock(vsock) if isinstance(vsock, str) else vsock,
+                track_dirty_pages=track_dirty_pages,
             )
         config.validate()
         self.config = config
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        self._input_read_fd: int | None = read_fd
-        self.console = SerialConsole(write_fd)
-        self._machine = Machine(config, serial_out=self.console.feed, console_in=read_fd)
+        self._open_console()
+        self._machine = Machine(config, serial_out=self.console.feed, console_in=self._input_fd)
         self._closed = False
+
+    def _open_console(self) -> None:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        self._input_fd: int | None = read_fd
+        self.console = SerialConsole(write_fd)
+
+    @classmethod
+    def restore(
+        cls,
+        state_path: str | Path,
+        mem_path: str | Path,
+        *,
+        net_overrides: dict[str, str] | None = None,
+        vsock_uds: str | Path | None = None,
+        resume: bool = True,
+    ) -> MicroVM:
+        """A MicroVM continuing from :meth:`snapshot` files (in this or another process).
+
+        Running unless ``resume=False`` (then paused). ``net_overrides``
+        renames TAP devices ({old TAP name: new}), ``vsock_uds`` moves the
+        vsock socket; vsock connections are reset, as in Firecracker. The
+        console holds only what the guest prints from now on.
+        """
+        vm = cls.__new__(cls)
+        vm._open_console()
+        vm._closed = False
+        try:
+            vm._machine = Machine.restore(
+                state_path,
+                mem_path,
+                serial_out=vm.console.feed,
+                console_in=vm._input_fd,
+                net_overrides=net_overrides,
+                vsock_uds=vsock_uds,
+                resume=resume,
+            )
+        except BaseException:
+            vm.console.close_input()
+            os.close(vm._input_fd)
+            raise
+        vm.config = vm._machine.config
+        vm._watch_for_stop()
+        return vm
 
     @property
     def machine(self) -> Machine:
@@ -196,6 +245,16 @@ class MicroVM:
     def pause(self) -> None:
         self._machine.pause()
 
+    def snapshot(self, state_path: str | Path, mem_path: str | Path, *, diff: bool = False) -> None:
+        """Write a snapshot of the paused VM: a state file and a memory file.
+
+        ``diff`` writes only the pages changed since the previous snapshot
+        (needs ``track_dirty_pages``); merge it onto its base with
+        :func:`pyvmm.snapshot.merge_diff`. Both files appear whole or not
+        at all.
+        """
+        self._machine.snapshot(state_path, mem_path, diff=diff)
+
     def resume(self) -> None:
         self._machine.resume()
 
@@ -220,9 +279,9 @@ class MicroVM:
         finally:
             self.console.close()
             self.console.close_input()
-            if self._input_read_fd is not None:
-                os.close(self._input_read_fd)
-                self._input_read_fd = None
+            if self._input_fd is not None:
+                os.close(self._input_fd)
+                self._input_fd = None
 
     def __enter__(self) -> MicroVM:
         return self

@@ -241,3 +241,51 @@ def test_an_unmodified_firecracker_client_boots_and_pauses(
             api.boot.put(kernel_image_path=str(probe_elf))
     finally:
         api.close()
+
+
+def test_snapshot_over_the_api_and_load_in_a_new_process(probe_elf: Path, tmp_path: Path) -> None:
+    """Full then diff snapshots through PUT /snapshot/create; a fresh pyvmm-firecracker
+    loads the full one with PUT /snapshot/load and the counter goes on."""
+    first = Vmm(tmp_path, "--id", "source")
+    try:
+        boot = {"kernel_image_path": str(probe_elf), "boot_args": "counter"}
+        first.ok("PUT", "/boot-source", boot)
+        machine = {"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": True}
+        first.ok("PUT", "/machine-config", machine)
+        first.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        first.wait_serial(r"counter: 3\b")
+        snapshot = {"snapshot_path": str(tmp_path / "s"), "mem_file_path": str(tmp_path / "m")}
+        status, reply = first.request("PUT", "/snapshot/create", snapshot)
+        assert status == 400 and "Paused" in reply["fault_message"]
+        first.ok("PATCH", "/vm", {"state": "Paused"})
+        first.ok("PUT", "/snapshot/create", snapshot)
+        last = counters(first.serial())[-1]
+        first.ok("PATCH", "/vm", {"state": "Resumed"})
+        first.ok("PATCH", "/vm", {"state": "Paused"})
+        first.ok("PUT", "/snapshot/create", {
+            "snapshot_type": "Diff", "snapshot_path": str(tmp_path / "ds"),
+            "mem_file_path": str(tmp_path / "dm"),
+        })  # fmt: skip
+    finally:
+        first.close()
+    assert (tmp_path / "ds").exists() and (tmp_path / "dm").exists()
+
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    second = Vmm(second_dir, "--id", "restored")
+    try:
+        status, reply = second.request("PUT", "/snapshot/load", {
+            "snapshot_path": str(tmp_path / "m"),
+            "mem_backend": {"backend_type": "File", "backend_path": str(tmp_path / "m")},
+        })  # fmt: skip
+        assert status == 400 and "not a pyvmm snapshot" in reply["fault_message"]
+        second.ok("PUT", "/snapshot/load", {
+            "snapshot_path": str(tmp_path / "s"),
+            "mem_backend": {"backend_type": "File", "backend_path": str(tmp_path / "m")},
+            "resume_vm": True,
+        })  # fmt: skip
+        assert second.ok("GET", "/")["state"] == "Running"
+        second.wait_serial(rf"counter: {last + 2}\b")
+        assert counters(second.serial())[0] == last + 1
+    finally:
+        second.close()

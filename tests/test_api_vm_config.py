@@ -381,7 +381,7 @@ def test_to_machine_config_maps_every_supported_field(files):
     )
     limiter = parse_rate_limit(config.drives[1].rate_limit)
     assert limiter.bandwidth.size == 10485760 and limiter.ops.refill_time_ms == 100
-    assert config.nets == (NetConfig(tap="tap0", mac="06:00:ac:10:00:02"),)
+    assert config.nets == (NetConfig(tap="tap0", mac="06:00:ac:10:00:02", iface_id="eth0"),)
 
 
 def test_to_machine_config_defaults_and_partuuid(files):
@@ -415,7 +415,7 @@ def test_to_machine_config_maps_vsock_and_every_rate_limiter(files):
     config = to_machine_config(resources)
     assert config.vsock == VsockConfig(3, Path("/run/v.sock"))
     assert config.rng and config.rng_rate_limit == "bw=1000/100ms"
-    assert config.nets == (NetConfig("tap0", None, "ops=1000/100ms", None),)
+    assert config.nets == (NetConfig("tap0", None, "ops=1000/100ms", None, "eth0"),)
 
 
 def test_to_machine_config_refuses_a_one_time_burst(files):

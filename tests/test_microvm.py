@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -157,3 +159,36 @@ def test_pause_and_resume_under_disk_load_lose_no_io(probe_elf: Path, tmp_path: 
         assert vm.wait(20) is not None
     assert pauses >= 10, f"only {pauses} pauses: the load ended too soon to test anything"
     assert written_blocks(image) == list(range((16 << 20) // BLOCK))
+
+
+RESTORE_SCRIPT = """
+import re, sys
+from pyvmm import MicroVM
+with MicroVM.restore(sys.argv[1], sys.argv[2]) as vm:
+    match = vm.console.wait_for(r"counter: (\\d+)", timeout=20)
+    print("first after restore:", int(match.group(1)))
+"""
+
+
+def test_snapshot_and_restore_in_a_new_process(probe_elf: Path, tmp_path: Path) -> None:
+    state, memory = tmp_path / "vm.state", tmp_path / "vm.mem"
+    with MicroVM(kernel=probe_elf, cmdline="counter", vcpus=2) as vm:
+        vm.start()
+        vm.console.wait_for(r"counter: 4\b", timeout=20)
+        vm.pause()
+        vm.snapshot(state, memory)
+        last = counters(vm)[-1]
+    result = subprocess.run(
+        [sys.executable, "-c", RESTORE_SCRIPT, str(state), str(memory)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"first after restore: {last + 1}"
+
+
+def test_snapshot_needs_a_paused_vm(probe_elf: Path, tmp_path: Path) -> None:
+    with MicroVM(kernel=probe_elf, cmdline="counter") as vm:
+        vm.start()
+        with pytest.raises(VmStateError, match="running"):
+            vm.snapshot(tmp_path / "s", tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ snapshotted; the programs after it run only in the restored guest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -88,7 +89,11 @@ def counters(output: bytes) -> list[int]:
 def boot(config: MachineConfig, *, track: bool = False) -> tuple[Machine, Console, int]:
     console = Console()
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    machine = Machine(config, serial_out=console.write, console_in=read_fd, track_dirty_pages=track)
+    machine = Machine(
+        dataclasses.replace(config, track_dirty_pages=track),
+        serial_out=console.write,
+        console_in=read_fd,
+    )
     machine.start()
     return machine, console, write_fd
 

@@ -11,8 +11,9 @@ Mapped:
   silences the 8250 UART that pyvmm's users read the guest on.
 - ``machine-config``: ``vcpu_count`` -> ``vcpus``, ``mem_size_mib`` ->
   ``mem_size`` (MiB to bytes); ``cpu_template`` is always "auto" (pyvmm
-  picks the filtering its host needs). ``smt``, ``track_dirty_pages`` and
-  ``huge_pages`` have no counterpart and change nothing.
+  picks the filtering its host needs); ``track_dirty_pages`` ->
+  ``track_dirty_pages`` (diff snapshots). ``smt`` and ``huge_pages`` have
+  no counterpart and change nothing.
 - ``drives`` -> ``drives``, root drive first (so it is ``/dev/vda``):
   ``path_on_host``, ``is_read_only``, ``is_root_device``, and
   ``rate_limiter`` as the ``bw=SIZE/TIMEms,ops=N/TIMEms`` shorthand. A root
@@ -21,8 +22,8 @@ Mapped:
   does. ``cache_type`` changes nothing: pyvmm always honours guest flushes
   (which is "Writeback"; "Unsafe" would only allow skipping them).
 - ``network-interfaces`` -> ``nets``: ``host_dev_name`` -> ``tap``,
-  ``guest_mac`` -> ``mac``, ``rx_rate_limiter``/``tx_rate_limiter`` in the
-  same shorthand.
+  ``guest_mac`` -> ``mac``, ``iface_id`` -> ``iface_id``, and
+  ``rx_rate_limiter``/``tx_rate_limiter`` in the same shorthand.
 - ``vsock`` -> ``vsock`` (``guest_cid``, ``uds_path``).
 - ``entropy`` -> ``rng=True``, its ``rate_limiter`` -> ``rng_rate_limit``.
 
@@ -83,6 +84,7 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
                 mac=net.guest_mac,
                 rx_rate_limit=_rate_limit_shorthand(net.rx_rate_limiter, f"{where} rx"),
                 tx_rate_limit=_rate_limit_shorthand(net.tx_rate_limiter, f"{where} tx"),
+                iface_id=net.iface_id,
             )
         )
     vsock = None
@@ -103,6 +105,7 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
         drives=tuple(drives),
         nets=tuple(nets),
         vsock=vsock,
+        track_dirty_pages=resources.machine_config.track_dirty_pages,
     )
 
 

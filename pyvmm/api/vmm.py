@@ -113,18 +113,24 @@ class MachineController:
         self._watch(machine)
 
     def load_snapshot(self, params: SnapshotLoadParams, resources: VmResources) -> None:
+        """Restore in this process: a File memory backend only (no userfaultfd)."""
         from pyvmm.machine import Machine
 
-        restore = getattr(Machine, "restore", None)
-        if restore is None:
-            raise ConfigError("this pyvmm cannot load snapshots")
+        if params.mem_backend.backend_type != "File":
+            raise ConfigError(
+                f"memory backend {params.mem_backend.backend_type!r} is not supported; use File"
+            )
+        if params.clock_realtime:
+            raise ConfigError("clock_realtime is not supported: the guest clock resumes as saved")
         started = time.monotonic_ns()
-        machine = restore(
+        machine = Machine.restore(
             params.snapshot_path,
             params.mem_backend.backend_path,
             serial_out=self._serial_out,
             console_in=self._console_in,
             net_overrides={o.iface_id: o.host_dev_name for o in params.network_overrides},
+            vsock_uds=params.vsock_override,
+            track_dirty_pages=params.track_dirty_pages,
             resume=params.resume_vm,
         )
         self._latencies_us["load_snapshot"] = (time.monotonic_ns() - started) // 1000
@@ -166,13 +172,9 @@ class MachineController:
         self.metrics.flush()
 
     def create_snapshot(self, params: SnapshotCreateParams) -> None:
-        machine = self._machine()
-        snapshot = getattr(machine, "snapshot", None)
-        if snapshot is None:
-            raise ConfigError("this pyvmm cannot create snapshots")
         started = time.monotonic_ns()
         diff = params.snapshot_type == "Diff"
-        snapshot(params.snapshot_path, params.mem_file_path, diff=diff)
+        self._machine().snapshot(params.snapshot_path, params.mem_file_path, diff=diff)
         key = "diff_create_snapshot" if diff else "full_create_snapshot"
         self._latencies_us[key] = (time.monotonic_ns() - started) // 1000
 
