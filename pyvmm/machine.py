@@ -169,6 +169,11 @@ class Machine:
             self._state = VmState.RUNNING
 
     @property
+    def vcpu_threads(self) -> tuple[VcpuThread, ...]:
+        """The vCPU threads (their exit counts feed the metrics)."""
+        return tuple(self._threads)
+
+    @property
     def state(self) -> VmState:
         if self._stopped.is_set():
             return VmState.STOPPED

@@ -80,6 +80,17 @@ def handle_exit(exit: exits.VcpuExit, pio_bus: Bus, mmio_bus: Bus) -> StopReason
     return None
 
 
+#: Metric names of the exit kinds a VcpuThread counts, in counter order.
+EXIT_KINDS = (
+    "exit_io_out",
+    "exit_io_in",
+    "exit_mmio_write",
+    "exit_mmio_read",
+    "exit_interrupted",
+    "exit_other",
+)
+
+
 class VcpuThread:
     """Runs one vCPU until it stops, reporting the reason to ``on_stop``."""
 
@@ -101,7 +112,9 @@ class VcpuThread:
         self._wake = threading.Condition()
         #: Set while the thread is parked by :meth:`request_pause`.
         self.parked = threading.Event()
-        self.exit_count = 0
+        # Exits by kind (see EXIT_KINDS), counted in place by the run loop and
+        # read by the metrics writer from another thread.
+        self._exit_counts = [0] * len(EXIT_KINDS)
         self._thread = threading.Thread(target=self._run, name=f"vcpu{vcpu.id}", daemon=True)
 
     def start(self) -> None:
@@ -149,27 +162,32 @@ class VcpuThread:
         mmio_write, mmio_read = mmio_bus.write, mmio_bus.read
         io_out, io_in, mmio_out, mmio_in = exits.IoOut, exits.IoIn, exits.MmioWrite, exits.MmioRead
         interrupted = exits.Interrupted
-        count = 0
+        counts = self._exit_counts
         log.debug("vcpu%d: entering the guest", vcpu.id)  # boot benchmarks time this line
         try:
             while not self._stop_requested:
                 exit = run()
-                count += 1
                 # Fast paths for the common exits (same effect as handle_exit,
                 # without the pattern matching); everything else goes there.
                 kind = type(exit)
                 if kind is io_out and exit.count == 1:
+                    counts[0] += 1
                     pio_write(exit.port, exit.data)
                 elif kind is io_in and exit.count == 1:
+                    counts[1] += 1
                     pio_read(exit.port, exit.data)
                 elif kind is mmio_out:
+                    counts[2] += 1
                     mmio_write(exit.addr, exit.data)
                 elif kind is mmio_in:
+                    counts[3] += 1
                     mmio_read(exit.addr, exit.data)
                 elif kind is interrupted:
+                    counts[4] += 1
                     if self._pause_requested and not self._stop_requested:
                         self._park()
                 else:
+                    counts[5] += 1
                     reason = handle_exit(exit, pio_bus, mmio_bus)
                     if reason is not None:
                         self._on_stop(reason)
@@ -177,8 +195,10 @@ class VcpuThread:
         except Exception as error:  # never lose a failure: it stops the VM
             log.exception("vcpu%d failed", vcpu.id)
             self._on_stop(StopReason(StopKind.VMM_ERROR, f"vcpu{vcpu.id}: {error}"))
-        finally:
-            self.exit_count = count
+
+    def exit_counts(self) -> dict[str, int]:
+        """Exits so far by kind (Firecracker's vCPU metric names); any thread may ask."""
+        return dict(zip(EXIT_KINDS, self._exit_counts, strict=True))
 
     def _park(self) -> None:
         """Wait, out of ``KVM_RUN``, until resumed or stopped.

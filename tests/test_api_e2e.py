@@ -129,6 +129,9 @@ def test_boot_pause_resume_over_the_api(vmm: Vmm, probe_elf: Path, tmp_path: Pat
     last = lines[-1]
     assert last["patch_api_requests"]["vm_count"] >= 3
     assert last["latencies_us"]["pause_vm"] > 0 and last["latencies_us"]["resume_vm"] > 0
+    vcpu_total = {k: sum(line.get("vcpu", {}).get(k, 0) for line in lines) for k in last["vcpu"]}
+    assert vcpu_total["exit_io_out"] > 20  # the counter's UART output
+    assert vcpu_total["exit_interrupted"] >= 2  # one per vCPU parked
     config = vmm.ok("GET", "/vm/config")
     assert config["machine-config"]["vcpu_count"] == 2
     assert config["boot-source"]["boot_args"] == "counter"

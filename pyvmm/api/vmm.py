@@ -226,7 +226,7 @@ def machine_metrics(machine: Machine) -> dict[str, Any]:
     """Counters of one machine: ``vcpu`` exits by kind, and one group per virtio device."""
     groups: dict[str, Any] = {}
     exits: dict[str, int] = {}
-    for thread in getattr(machine, "vcpu_threads", ()):
+    for thread in machine.vcpu_threads:
         for kind, count in thread.exit_counts().items():
             exits[kind] = exits.get(kind, 0) + count
     if exits:
