@@ -47,6 +47,7 @@ class DriveConfig:
     read_only: bool = False
     root: bool = False  # boot from it: root=/dev/vdX on the kernel command line
     rate_limit: str | None = None  # "bw=10M/1s,ops=1000/1s" (pyvmm.rate_limiter grammar)
+    drive_id: str | None = None  # the API's name for it (PATCH /drives/{id})
 
 
 def parse_drive(text: str) -> DriveConfig:

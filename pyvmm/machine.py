@@ -42,7 +42,7 @@ from pyvmm.kvm._kvm_cffi import lib
 from pyvmm.kvm.signals import install_kick_handler
 from pyvmm.memory import DirtyTrackingMemory, GuestMemory
 from pyvmm.net.tap import Tap
-from pyvmm.rate_limiter import parse_rate_limit
+from pyvmm.rate_limiter import LimiterPatch, parse_rate_limit
 from pyvmm.serial_console import SerialConsoleInput
 from pyvmm.serial_tail import SerialTail
 from pyvmm.stop_reason import StopKind, StopReason
@@ -73,6 +73,7 @@ _REQUIRED_CAPS = {
     "KVM_CAP_IMMEDIATE_EXIT": lib.KVM_CAP_IMMEDIATE_EXIT,
 }
 _JOIN_TIMEOUT = 10.0
+
 _PAUSE_TIMEOUT = 5.0
 
 
@@ -143,6 +144,7 @@ class Machine:
         self.virtio_transports: list[MmioTransport] = []
         self._notify_fds: list[int] = []
         self._block_files: list[BlockFile] = []
+        self._servers: list[Callable[[int], None]] = []  # serve(queue) per virtio transport
         self._taps: list[Tap] = []
         self._vsock_backends: list[VsockUds] = []
         self.boot: BootSetup | None = None
@@ -227,6 +229,75 @@ class Machine:
             self._resume_threads()
             self._state = VmState.RUNNING
             log.debug("resumed")
+
+    # --- changes while running (Firecracker's PATCH /drives, /network-interfaces) ----
+    def update_drive(
+        self,
+        drive_id: str,
+        path: str | Path | None = None,
+        limiter: LimiterPatch | None = None,
+    ) -> None:
+        """Point drive ``drive_id`` at another image and/or change its rate limiter.
+
+        The new image is opened (and locked) before anything changes, so a
+        bad path leaves the drive as it was; the guest is told the new
+        capacity by a config-change interrupt. Requests a limiter held back
+        are served again at once under the new one.
+        """
+        with self._lifecycle_lock:
+            index = self._index_of(drive_id, [d.drive_id for d in self.config.drives], "drive")
+            drive = self.config.drives[index]
+            transport = self.virtio_transports[index]
+            if path is not None:
+                backend = BlockFile(Path(path), read_only=drive.read_only)
+                try:
+                    old = transport.run_locked(lambda device: device.replace_backend(backend))
+                except ValueError as exc:
+                    backend.close()
+                    raise ConfigError(f"drive {drive_id!r}: {exc}") from None
+                self._block_files[index] = backend
+                old.close()
+                drive = dataclasses.replace(drive, path=Path(path))
+            if limiter is not None:
+                transport.run_locked(
+                    lambda device: setattr(
+                        device, "rate_limiter", limiter.apply(device.rate_limiter)
+                    )
+                )
+                serve = self._servers[index]
+                self._loop.call_soon(lambda: serve(0))
+            drives = list(self.config.drives)
+            drives[index] = drive
+            self.config = dataclasses.replace(self.config, drives=tuple(drives))
+
+    def update_net(
+        self,
+        iface_id: str,
+        rx: LimiterPatch | None = None,
+        tx: LimiterPatch | None = None,
+    ) -> None:
+        """Change the RX and/or TX rate limiter of interface ``iface_id``."""
+        with self._lifecycle_lock:
+            ids = [n.iface_id for n in self.config.nets]
+            index = len(self.config.drives) + self._index_of(iface_id, ids, "network interface")
+            transport = self.virtio_transports[index]
+            for name, patch in (("rx_rate_limiter", rx), ("tx_rate_limiter", tx)):
+                if patch is not None:
+                    transport.run_locked(
+                        lambda device, n=name, p=patch: setattr(
+                            device, n, p.apply(getattr(device, n))
+                        )
+                    )
+            serve = self._servers[index]
+            self._loop.call_soon(lambda: (serve(0), serve(1)))
+
+    @staticmethod
+    def _index_of(wanted: str, ids: list[str | None], kind: str) -> int:
+        try:
+            return ids.index(wanted)
+        except ValueError:
+            known = ", ".join(repr(i) for i in ids if i) or "none"
+            raise ConfigError(f"no {kind} {wanted!r} (known: {known})") from None
 
     def _resume_threads(self) -> None:
         for thread in self._threads:
@@ -681,6 +752,7 @@ class Machine:
         transport = MmioTransport(device, self._irq(vm, gsi), self.memory)
         self.mmio_bus.add(base, size, transport, f"virtio-mmio@{base:#x}")
         serve = _queue_server(self._loop, transport, device)
+        self._servers.append(serve)
         for index in range(len(device.queue_max_sizes)):
             notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._notify_fds.append(notify)
@@ -783,6 +855,15 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _patch_limiter(transport: MmioTransport, attribute: str, patch: LimiterPatch) -> None:
+    """Apply ``patch`` to the device's limiter ``attribute``, under the transport lock."""
+
+    def apply(device: VirtioDevice) -> None:
+        setattr(device, attribute, patch.apply(getattr(device, attribute)))
+
+    transport.run_locked(apply)
 
 
 def _queue_server(

@@ -251,6 +251,41 @@ class RateLimiter:
         )
 
 
+class _Keep:
+    """The :data:`KEEP` marker's type."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: In a :class:`LimiterPatch`: leave this bucket as it is.
+KEEP = _Keep()
+
+
+@dataclass(frozen=True)
+class LimiterPatch:
+    """A change to a running device's limiter, as Firecracker's PATCH bodies mean it.
+
+    Each bucket is :data:`KEEP` (absent from the PATCH: unchanged), None
+    (a disabled bucket: remove the limit) or a new :class:`TokenBucket`.
+    """
+
+    bandwidth: TokenBucket | _Keep | None = KEEP
+    ops: TokenBucket | _Keep | None = KEEP
+
+    def apply(self, current: RateLimiter | None) -> RateLimiter | None:
+        """The limiter after the patch; None when no bucket is left."""
+        bandwidth = current.bandwidth if current is not None else None
+        ops = current.ops if current is not None else None
+        if not isinstance(self.bandwidth, _Keep):
+            bandwidth = self.bandwidth
+        if not isinstance(self.ops, _Keep):
+            ops = self.ops
+        if bandwidth is None and ops is None:
+            return None
+        return RateLimiter(bandwidth, ops)
+
+
 def _bucket_from_config(where: str, config: Any, clock: Clock) -> TokenBucket | None:
     if config is None:
         return None

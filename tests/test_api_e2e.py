@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
 import subprocess
@@ -292,3 +293,35 @@ def test_snapshot_over_the_api_and_load_in_a_new_process(probe_elf: Path, tmp_pa
         assert counters(second.serial())[0] == last + 1
     finally:
         second.close()
+
+
+def test_patch_drive_and_network_interface_after_boot(
+    vmm: Vmm, probe_elf: Path, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "a.img", tmp_path / "b.img"
+    first.write_bytes(bytes(1 << 20))
+    second.write_bytes(bytes(2 << 20))
+    tap = f"pyvapi{os.getpid() % 10000}"
+    vmm.ok("PUT", "/boot-source", {"kernel_image_path": str(probe_elf), "boot_args": "counter"})
+    drive = {"drive_id": "data", "path_on_host": str(first), "is_root_device": False}
+    vmm.ok("PUT", "/drives/data", drive)
+    vmm.ok("PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": tap})
+    status, reply = vmm.request("PATCH", "/drives/data", {"drive_id": "data"})
+    assert status == 400 and "before starting" in reply["fault_message"]
+    vmm.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+    vmm.wait_serial(r"counter: 1\b")
+    vmm.ok("PATCH", "/drives/data", {"drive_id": "data", "path_on_host": str(second),
+           "rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}})  # fmt: skip
+    bucket = {"size": 1 << 20, "refill_time": 100}
+    vmm.ok("PATCH", "/network-interfaces/eth0",
+           {"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": bucket}})  # fmt: skip
+    status, reply = vmm.request("PATCH", "/drives/other", {"drive_id": "other"})
+    assert status == 400, reply
+    status, reply = vmm.request(
+        "PATCH", "/drives/data", {"drive_id": "data", "path_on_host": str(tmp_path / "none")}
+    )
+    assert status == 400 and "none" in reply["fault_message"]
+    config = vmm.ok("GET", "/vm/config")
+    assert config["drives"][0]["path_on_host"] == str(second)
+    assert config["drives"][0]["rate_limiter"]["ops"]["size"] == 100
+    vmm.wait_serial(r"counter: 3\b")  # the guest never noticed

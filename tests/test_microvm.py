@@ -192,3 +192,31 @@ def test_snapshot_needs_a_paused_vm(probe_elf: Path, tmp_path: Path) -> None:
         with pytest.raises(VmStateError, match="running"):
             vm.snapshot(tmp_path / "s", tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_running_drive_gets_a_new_image_and_loses_its_limit(
+    probe_elf: Path, tmp_path: Path
+) -> None:
+    """What PATCH /drives does: while the guest waits in `echo`, the drive is
+    pointed at a bigger image and its 20-requests-a-second limit is removed;
+    the guest's next programs see the new capacity and run unthrottled."""
+    from pyvmm.config import DriveConfig
+    from pyvmm.rate_limiter import LimiterPatch
+    from tests.test_probe_virtio import write_pattern_image
+
+    small, big = tmp_path / "small.img", tmp_path / "big.img"
+    write_pattern_image(small, 4 << 20)
+    write_pattern_image(big, 32 << 20)
+    drive = DriveConfig(small, rate_limit="ops=20/1s", drive_id="rootfs")
+    with MicroVM(kernel=probe_elf, cmdline="echo blkcheck blkrand=2000", drives=[drive]) as vm:
+        vm.start()
+        vm.console.wait_for("probe: cmdline", timeout=20)
+        with pytest.raises(ConfigError, match=r"no drive 'data' \(known: 'rootfs'\)"):
+            vm.machine.update_drive("data", big)
+        with pytest.raises(ConfigError, match="cannot open drive image"):
+            vm.machine.update_drive("rootfs", tmp_path / "missing.img")
+        vm.machine.update_drive("rootfs", big, LimiterPatch(ops=None))
+        vm.console.write("end\n")
+        vm.console.wait_for(rf"capacity {(32 << 20) // 512} sectors", timeout=20)
+        vm.console.wait_for("PROBE RESULT: PASS", timeout=30)  # 2000 reads: 100 s if limited
+        assert vm.machine.config.drives[0].path == big

@@ -73,6 +73,7 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
                 rate_limit=_rate_limit_shorthand(
                     drive.rate_limiter, f"drive {show(drive.drive_id)}"
                 ),
+                drive_id=drive.drive_id,
             )
         )
     nets = []

@@ -24,6 +24,7 @@ from pyvmm.api.machine_config import to_machine_config
 from pyvmm.errors import ConfigError, VmStateError
 from pyvmm.logs import configure_logging
 from pyvmm.metrics import MetricsWriter
+from pyvmm.rate_limiter import KEEP, LimiterPatch
 
 if TYPE_CHECKING:
     from pyvmm.api.models import (
@@ -181,14 +182,12 @@ class MachineController:
     def patch_drive(
         self, drive_id: str, path_on_host: str | None, rate_limiter: RateLimiterConfig | None
     ) -> None:
-        raise ConfigError(f"drive {drive_id!r}: pyvmm cannot change a drive after boot yet")
+        self._machine().update_drive(drive_id, path_on_host, _limiter_patch(rate_limiter))
 
     def patch_net(
         self, iface_id: str, rx: RateLimiterConfig | None, tx: RateLimiterConfig | None
     ) -> None:
-        raise ConfigError(
-            f"network interface {iface_id!r}: pyvmm cannot change rate limiters after boot yet"
-        )
+        self._machine().update_net(iface_id, _limiter_patch(rx), _limiter_patch(tx))
 
     # --- helpers ----------------------------------------------------------------------
     def close(self) -> None:
@@ -220,6 +219,17 @@ class MachineController:
             data.update(machine_metrics(machine))
         data["latencies_us"] = dict(self._latencies_us)
         return data
+
+
+def _limiter_patch(config: RateLimiterConfig | None) -> LimiterPatch | None:
+    """Firecracker's PATCH meaning: an absent bucket stays, a disabled one goes."""
+    if config is None:
+        return None
+    built = config.build()
+    return LimiterPatch(
+        bandwidth=KEEP if config.bandwidth is None else built.bandwidth,
+        ops=KEEP if config.ops is None else built.ops,
+    )
 
 
 def machine_metrics(machine: Machine) -> dict[str, Any]:
