@@ -76,9 +76,9 @@ class Http:
             name, _, value = line.decode().partition(":")
             if name.lower() == "content-length":
                 length = int(value)
-        self.file.read(length)
+        reply = self.file.read(length)
         if status >= 300:
-            raise RuntimeError(f"{method} {path}: HTTP {status}")
+            raise RuntimeError(f"{method} {path}: HTTP {status} {reply.decode(errors='replace')}")
         return status
 
 

@@ -37,7 +37,6 @@ class EventLoop:
         self._pending: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._stopping = False
-        self._paused = False
         self._pause_request: threading.Event | None = None
         self._pause_cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -82,15 +81,17 @@ class EventLoop:
         parked = threading.Event()
 
         def park() -> None:
+            # Wait while *this* pause is the current one: a resume clears it
+            # (even if another pause follows at once), and a pause that timed
+            # out was cleared before its callback ran.
             with self._pause_cond:
                 if self._pause_request is not parked:
-                    return  # a pause that timed out: nothing to wait for
+                    return
                 parked.set()
-                while self._paused and not self._stopping:
+                while self._pause_request is parked and not self._stopping:
                     self._pause_cond.wait()
 
         with self._pause_cond:
-            self._paused = True
             self._pause_request = parked
         self.call_soon(park)
         if not parked.wait(timeout):
@@ -100,7 +101,6 @@ class EventLoop:
     def resume(self) -> None:
         """Let a paused loop run again."""
         with self._pause_cond:
-            self._paused = False
             self._pause_request = None
             self._pause_cond.notify_all()
 

@@ -94,3 +94,14 @@ def test_pause_times_out_on_a_busy_callback_and_close_wakes_a_paused_loop() -> N
     closer.start()
     closer.join(5)
     assert not closer.is_alive()
+
+
+def test_pause_right_after_resume_parks_again() -> None:
+    """A resume immediately followed by a pause: the first park must let go
+    even though the loop is paused again before it wakes."""
+    loop = EventLoop()
+    loop.start()
+    for _ in range(200):
+        loop.pause(timeout=2)
+        loop.resume()
+    loop.close()
