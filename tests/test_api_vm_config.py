@@ -371,12 +371,13 @@ def test_to_machine_config_maps_every_supported_field(files):
     assert config.vcpus == 2 and config.mem_size == 1024 << 20
     assert config.cpu_template == "auto" and config.rng
     assert config.drives == (
-        DriveConfig(Path(files["root.ext4"]), read_only=False, root=True),
+        DriveConfig(Path(files["root.ext4"]), read_only=False, root=True, drive_id="rootfs"),
         DriveConfig(
             Path(files["data.ext4"]),
             read_only=False,
             root=False,
             rate_limit="bw=10485760/1000ms,ops=500/100ms",
+            drive_id="scratch",
         ),
     )
     limiter = parse_rate_limit(config.drives[1].rate_limit)
