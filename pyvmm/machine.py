@@ -17,7 +17,6 @@ import dataclasses
 import enum
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from pyvmm import layout
 from pyvmm.acpi import write_acpi_tables
 from pyvmm.boot.configure import BootSetup, setup_boot
 from pyvmm.bus import Bus
-from pyvmm.config import MachineConfig, NetConfig
+from pyvmm.config import MachineConfig
 from pyvmm.cpuid import TEMPLATES, CpuidTemplate
 from pyvmm.devices.acpi_pm import AcpiPm, PvPanic
 from pyvmm.devices.boot_timer import BootTimer
@@ -52,10 +51,16 @@ from pyvmm.virtio.block import VirtioBlock
 from pyvmm.virtio.block_io import BlockFile
 from pyvmm.virtio.device import VirtioDevice
 from pyvmm.virtio.mmio import MmioTransport
-from pyvmm.virtio.net import RX_QUEUE, VirtioNet
+from pyvmm.virtio.net import VirtioNet
 from pyvmm.virtio.queue import avail_ring_bytes, desc_table_bytes, used_ring_bytes
 from pyvmm.virtio.rng import VirtioRng
 from pyvmm.virtio.vsock import VirtioVsock
+from pyvmm.virtio_service import (
+    patch_limiter,
+    queue_kick_handler,
+    queue_server,
+    watch_net_backend,
+)
 from pyvmm.vsock_uds import VsockUds
 
 if TYPE_CHECKING:
@@ -259,11 +264,7 @@ class Machine:
                 old.close()
                 drive = dataclasses.replace(drive, path=Path(path))
             if limiter is not None:
-                transport.run_locked(
-                    lambda device: setattr(
-                        device, "rate_limiter", limiter.apply(device.rate_limiter)
-                    )
-                )
+                patch_limiter(transport, "rate_limiter", limiter)
                 serve = self._servers[index]
                 self._loop.call_soon(lambda: serve(0))
             drives = list(self.config.drives)
@@ -283,11 +284,7 @@ class Machine:
             transport = self.virtio_transports[index]
             for name, patch in (("rx_rate_limiter", rx), ("tx_rate_limiter", tx)):
                 if patch is not None:
-                    transport.run_locked(
-                        lambda device, n=name, p=patch: setattr(
-                            device, n, p.apply(getattr(device, n))
-                        )
-                    )
+                    patch_limiter(transport, name, patch)
             serve = self._servers[index]
             self._loop.call_soon(lambda: (serve(0), serve(1)))
 
@@ -387,7 +384,7 @@ class Machine:
         ``track_dirty_pages=True``. Merge a diff onto its base with
         :func:`pyvmm.snapshot.merge_diff`. The machine stays paused.
         """
-        from pyvmm.snapshot.files import atomic_files
+        from pyvmm.snapshot.files import atomic_files, write_all
         from pyvmm.snapshot.memory_file import memory_state, write_diff, write_full
 
         with self._lifecycle_lock:
@@ -411,7 +408,7 @@ class Machine:
                         memory = dataclasses.replace(memory, diff=True, dirty=runs)
                     else:
                         write_full(self.memory, mem_fd)
-                    _write_all(state_fd, self._save_state(memory))
+                    write_all(state_fd, self._save_state(memory))
             except BaseException:
                 if self._track_dirty:  # the next diff must still see these pages
                     self.memory.dirty_pages |= dirty
@@ -497,10 +494,11 @@ class Machine:
         :class:`~pyvmm.snapshot.SnapshotError` if the files are not a
         snapshot, are corrupt, or do not fit this pyvmm or host.
         """
+        from pyvmm.snapshot.overrides import restored_config
         from pyvmm.snapshot.state import read_state
 
         state = read_state(state_path)
-        config = _restored_config(state.config, net_overrides or {}, vsock_uds)
+        config = restored_config(state.config, net_overrides or {}, vsock_uds)
         if track_dirty_pages is not None:
             config = dataclasses.replace(config, track_dirty_pages=track_dirty_pages)
         machine = cls(config, serial_out, console_in, console_escape)
@@ -751,15 +749,15 @@ class Machine:
         """
         transport = MmioTransport(device, self._irq(vm, gsi), self.memory)
         self.mmio_bus.add(base, size, transport, f"virtio-mmio@{base:#x}")
-        serve = _queue_server(self._loop, transport, device)
+        serve = queue_server(self._loop, transport, device)
         self._servers.append(serve)
         for index in range(len(device.queue_max_sizes)):
             notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._notify_fds.append(notify)
             vm.register_ioeventfd(notify, base + layout.VIRTIO_MMIO_NOTIFY_OFFSET, 4, index)
-            self._loop.add_reader(notify, _queue_kick_handler(notify, serve, index))
+            self._loop.add_reader(notify, queue_kick_handler(notify, serve, index))
         if isinstance(device, VirtioNet):
-            _watch_net_backend(self._loop, device, serve)
+            watch_net_backend(self._loop, device, serve)
         elif isinstance(device, VirtioVsock):
             # Host sockets with news: the device collects them on its RX queue.
             device.backend.attach(lambda: serve(0))
@@ -818,107 +816,3 @@ class Machine:
         for thread in self._threads:
             thread.request_stop()
         self._stopped.set()
-
-
-def _restored_config(
-    config: MachineConfig, net_overrides: dict[str, str], vsock_uds: str | Path | None
-) -> MachineConfig:
-    """The saved config with host-side names replaced (TAPs, the vsock socket)."""
-    from pyvmm.snapshot.state import SnapshotError
-
-    names = {net.tap for net in config.nets} | {n.iface_id for n in config.nets if n.iface_id}
-    unknown = set(net_overrides) - names
-    if unknown:
-        raise SnapshotError(
-            f"net override {sorted(unknown)[0]!r} names no saved interface (saved: "
-            f"{', '.join(sorted(names)) or 'none'})"
-        )
-
-    def new_tap(net: NetConfig) -> str | None:
-        return net_overrides.get(net.iface_id or "") or net_overrides.get(net.tap)
-
-    nets = tuple(
-        dataclasses.replace(net, tap=tap, mac=net.mac or net.mac_bytes().hex(":"))
-        if (tap := new_tap(net)) is not None
-        else net
-        for net in config.nets
-    )
-    vsock = config.vsock
-    if vsock_uds is not None:
-        if vsock is None:
-            raise SnapshotError("a vsock socket was given, but the snapshot has no vsock device")
-        vsock = dataclasses.replace(vsock, uds_path=Path(vsock_uds))
-    return dataclasses.replace(config, nets=nets, vsock=vsock)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _patch_limiter(transport: MmioTransport, attribute: str, patch: LimiterPatch) -> None:
-    """Apply ``patch`` to the device's limiter ``attribute``, under the transport lock."""
-
-    def apply(device: VirtioDevice) -> None:
-        setattr(device, attribute, patch.apply(getattr(device, attribute)))
-
-    transport.run_locked(apply)
-
-
-def _queue_server(
-    loop: EventLoop, transport: MmioTransport, device: VirtioDevice
-) -> Callable[[int], None]:
-    """``serve(index)``: process one queue of ``transport`` on the event loop thread.
-
-    Every reason to process a queue goes through it: a driver kick (see
-    :func:`_queue_kick_handler`), a back end becoming ready (the TAP fd of
-    virtio-net, for queue 0), and the retry timer below.
-
-    Right after ``process_queue(index)`` a rate-limited device reports, for
-    that queue, ``throttled`` (it left work undone) and ``retry_after``
-    (seconds until its limiter has tokens); one timer per queue then serves
-    the queue again. A device that is no longer active (reset meanwhile) is
-    not retried: its next activation starts afresh.
-    """
-    retry_pending: set[int] = set()
-
-    def serve(index: int) -> None:
-        transport.process_queue(index)
-        if device.activated and device.throttled and index not in retry_pending:
-            retry_pending.add(index)
-            loop.call_later(device.retry_after, lambda: retry(index))
-
-    def retry(index: int) -> None:
-        retry_pending.discard(index)
-        serve(index)
-
-    return serve
-
-
-def _watch_net_backend(loop: EventLoop, device: VirtioNet, serve: Callable[[int], None]) -> None:
-    """Serve virtio-net's RX queue whenever its back end (the TAP) has frames.
-
-    Edge-triggered, since a frame waiting for guest buffers keeps the fd
-    readable; the guest's next RX kick drains the TAP. Through ``serve``, so
-    a throttled RX side is retried by its timer: the TAP gives no new edge
-    for frames already queued.
-    """
-    loop.add_reader(
-        device.backend.fd, lambda events: serve(RX_QUEUE), select.EPOLLIN | select.EPOLLET
-    )
-
-
-def _queue_kick_handler(
-    notify: int, serve: Callable[[int], None], index: int
-) -> Callable[[int], None]:
-    """Event-loop callback for a queue's kick eventfd: drain it, then ``serve(index)``."""
-
-    def on_kick(events: int) -> None:
-        try:
-            os.eventfd_read(notify)
-        except BlockingIOError:
-            return
-        serve(index)
-
-    return on_kick

@@ -138,9 +138,9 @@ def test_rx_rate_limit_over_a_real_tap(tap):
     the first throttle only the retry timer can deliver the rest.
     """
     from pyvmm.event_loop import EventLoop
-    from pyvmm.machine import _queue_server, _watch_net_backend
     from pyvmm.memory import GuestMemory
     from pyvmm.rate_limiter import parse_rate_limit
+    from pyvmm.virtio_service import queue_server, watch_net_backend
     from tests.test_virtio_net import Guest
 
     count, port = 8, 40_009
@@ -152,8 +152,8 @@ def test_rx_rate_limit_over_a_real_tap(tap):
         loop = EventLoop()
         loop.start()
         try:
-            serve = _queue_server(loop, g.mmio, g.net)
-            _watch_net_backend(loop, g.net, serve)
+            serve = queue_server(loop, g.mmio, g.net)
+            watch_net_backend(loop, g.net, serve)
             start = time.monotonic()
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                 for i in range(count):

@@ -10,7 +10,6 @@ from collections import deque
 import pytest
 
 from pyvmm.event_loop import EventLoop
-from pyvmm.machine import _queue_server
 from pyvmm.memory import GuestMemory
 from pyvmm.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE
 from pyvmm.rate_limiter import parse_rate_limit
@@ -40,6 +39,7 @@ from pyvmm.virtio.net import (
     VirtioNetState,
 )
 from pyvmm.virtio.queue import VIRTQ_USED_F_NO_NOTIFY
+from pyvmm.virtio_service import queue_server
 from tests.device_harness import CountingIrq, FakeClock
 from tests.virtio_driver import MockDriver, TransportAccess, bring_up
 
@@ -519,7 +519,7 @@ def test_stats_round_trip_with_throttle_counters(mem):
     assert other.stats.tx_throttled == 0
 
 
-# --- the event-loop retry (machine._queue_server) ------------------------------------------
+# --- the event-loop retry (virtio_service.queue_server) ------------------------------------------
 def wait_for(predicate, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -548,7 +548,7 @@ def test_retry_timer_drains_a_throttled_rx_side(mem):
     loop = EventLoop()
     loop.start()
     try:
-        serve = _queue_server(loop, g.mmio, g.net)
+        serve = queue_server(loop, g.mmio, g.net)
         start = time.monotonic()
         run_on_loop(loop, lambda: serve(0))  # the single edge
         assert wait_for(lambda: g.rx.used_idx() == 5)
@@ -566,7 +566,7 @@ def test_retry_timer_drains_a_throttled_tx_ring(mem):
     loop = EventLoop()
     loop.start()
     try:
-        serve = _queue_server(loop, g.mmio, g.net)
+        serve = queue_server(loop, g.mmio, g.net)
         run_on_loop(loop, lambda: serve(1))  # one kick
         assert wait_for(lambda: len(g.backend.sent) == 4)
     finally:
