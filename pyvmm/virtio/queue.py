@@ -326,24 +326,11 @@ class Queue:
         same bad entry. A bad ``avail.idx`` moves nothing (every later pop
         fails the same way: the device should need a reset).
         """
-        if not self.ready:
+        if not self.ready or not self._pending(mem):
             return None
-        size = self.size
-        if not 0 < size <= self.max_size or size & (size - 1):
-            raise QueueError(f"queue size {size} is not a power of two <= {self.max_size}")
-        self._bind(mem)
-        avail_buf, avail_off = self._avail_buf, self._avail_off
-        avail_idx = _U16_FROM(avail_buf, avail_off + _RING_IDX)[0]
-        next_avail = self.next_avail
-        pending = (avail_idx - next_avail) & 0xFFFF
-        if pending == 0:
-            return None
-        if pending > size:
-            raise QueueError(
-                f"avail.idx {avail_idx} is {pending} entries ahead of {next_avail}, "
-                f"more than the queue size {size}"
-            )
-        head = _U16_FROM(avail_buf, avail_off + _RING_ENTRIES + 2 * (next_avail & (size - 1)))[0]
+        size, next_avail = self.size, self.next_avail
+        entry = self._avail_off + _RING_ENTRIES + 2 * (next_avail & (size - 1))
+        head = _U16_FROM(self._avail_buf, entry)[0]
         self.next_avail = (next_avail + 1) & 0xFFFF
         if head >= size:
             raise QueueError(f"avail ring head {head} is >= queue size {size}")
@@ -352,6 +339,21 @@ class Queue:
         except QueueError as exc:
             exc.head_index = head
             raise
+
+    def _pending(self, mem: GuestMemory) -> int:
+        """How many chains the driver published that we have not popped (checked)."""
+        size = self.size
+        if not 0 < size <= self.max_size or size & (size - 1):
+            raise QueueError(f"queue size {size} is not a power of two <= {self.max_size}")
+        self._bind(mem)
+        avail_idx = _U16_FROM(self._avail_buf, self._avail_off + _RING_IDX)[0]
+        pending = (avail_idx - self.next_avail) & 0xFFFF
+        if pending > size:
+            raise QueueError(
+                f"avail.idx {avail_idx} is {pending} entries ahead of {self.next_avail}, "
+                f"more than the queue size {size}"
+            )
+        return pending
 
     def pop_batch(self, mem: GuestMemory) -> list[DescriptorChain | QueueError]:
         """Every chain the driver has published so far, in ring order.
@@ -369,19 +371,9 @@ class Queue:
         """
         if not self.ready:
             return []
-        size = self.size
-        if not 0 < size <= self.max_size or size & (size - 1):
-            raise QueueError(f"queue size {size} is not a power of two <= {self.max_size}")
-        self._bind(mem)
+        pending = self._pending(mem)
+        size, next_avail = self.size, self.next_avail
         avail_buf, avail_off = self._avail_buf, self._avail_off
-        avail_idx = _U16_FROM(avail_buf, avail_off + _RING_IDX)[0]
-        next_avail = self.next_avail
-        pending = (avail_idx - next_avail) & 0xFFFF
-        if pending > size:
-            raise QueueError(
-                f"avail.idx {avail_idx} is {pending} entries ahead of {next_avail}, "
-                f"more than the queue size {size}"
-            )
         batch: list[DescriptorChain | QueueError] = []
         entries, mask, walk = avail_off + _RING_ENTRIES, size - 1, self._walk
         for _ in range(pending):
