@@ -3,7 +3,11 @@
 configure (``Machine(config)``) -> :meth:`start` -> :meth:`wait` ->
 :meth:`stop`/:meth:`close`. A paused machine can be saved with
 :meth:`Machine.snapshot` and brought back, in this or another process, with
-:meth:`Machine.restore` (files and format: :mod:`pyvmm.snapshot`).
+:meth:`Machine.restore`; those come from the mixin
+:class:`~pyvmm.snapshot.machine_snapshots.SnapshotSupport`, which orchestrates
+saving and restoring (files and format: :mod:`pyvmm.snapshot`). This module
+builds and runs the VM; :class:`VmState` lives in :mod:`pyvmm.vm_state`,
+shared by both, and is re-exported here.
 
 Whatever ends the VM (a guest reset, a triple fault, a KVM error, a signal,
 an exception in a vCPU thread) becomes one :class:`StopReason`, the first
@@ -14,14 +18,12 @@ global state: several machines can live in one process.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pyvmm import layout
 from pyvmm.acpi import write_acpi_tables
@@ -44,6 +46,7 @@ from pyvmm.net.tap import Tap
 from pyvmm.rate_limiter import LimiterPatch, parse_rate_limit
 from pyvmm.serial_console import SerialConsoleInput
 from pyvmm.serial_tail import SerialTail
+from pyvmm.snapshot.machine_snapshots import SnapshotSupport
 from pyvmm.stop_reason import StopKind, StopReason
 from pyvmm.vcpu import VcpuThread
 from pyvmm.vcpu_setup import configure_vcpu, set_boot_state
@@ -52,7 +55,6 @@ from pyvmm.virtio.block_io import BlockFile
 from pyvmm.virtio.device import VirtioDevice
 from pyvmm.virtio.mmio import MmioTransport
 from pyvmm.virtio.net import VirtioNet
-from pyvmm.virtio.queue import avail_ring_bytes, desc_table_bytes, used_ring_bytes
 from pyvmm.virtio.rng import VirtioRng
 from pyvmm.virtio.vsock import VirtioVsock
 from pyvmm.virtio_service import (
@@ -61,10 +63,8 @@ from pyvmm.virtio_service import (
     queue_server,
     watch_net_backend,
 )
+from pyvmm.vm_state import PAUSE_TIMEOUT, VmState
 from pyvmm.vsock_uds import VsockUds
-
-if TYPE_CHECKING:
-    from pyvmm.snapshot.state import MicrovmState
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,6 @@ _REQUIRED_CAPS = {
 }
 _JOIN_TIMEOUT = 10.0
 
-_PAUSE_TIMEOUT = 5.0
-
-
-class VmState(enum.Enum):
-    """Where a machine is in its lifecycle (Firecracker's names, for its API)."""
-
-    NOT_STARTED = "Not started"
-    RUNNING = "Running"
-    PAUSED = "Paused"
-    STOPPED = "Stopped"
-
 
 def host_is_pvm() -> bool:
     """True when /dev/kvm is provided by the PVM module (see ENVIRONMENT.md)."""
@@ -103,8 +92,12 @@ def resolve_template(name: str) -> CpuidTemplate:
     return TEMPLATES[name]
 
 
-class Machine:
-    """One microVM: guest memory, KVM objects, devices and threads."""
+class Machine(SnapshotSupport):
+    """One microVM: guest memory, KVM objects, devices and threads.
+
+    ``snapshot``, ``restore`` and the first-resume-after-restore work are
+    inherited from :class:`~pyvmm.snapshot.machine_snapshots.SnapshotSupport`.
+    """
 
     def __init__(
         self,
@@ -199,7 +192,7 @@ class Machine:
                 raise VmStateError(f"the VM cannot pause: it is {self.state.value.lower()}")
             for thread in self._threads:
                 thread.request_pause()
-            deadline = time.monotonic() + _PAUSE_TIMEOUT
+            deadline = time.monotonic() + PAUSE_TIMEOUT
             for thread in self._threads:
                 while not thread.parked.wait(0.05):
                     if not thread.alive or self._stopped.is_set():
@@ -208,10 +201,10 @@ class Machine:
                     if time.monotonic() > deadline:
                         self._resume_threads()
                         raise HostError(
-                            f"vcpu{thread.vcpu.id} did not pause within {_PAUSE_TIMEOUT:g} s"
+                            f"vcpu{thread.vcpu.id} did not pause within {PAUSE_TIMEOUT:g} s"
                         )
             try:
-                self._loop.pause(_PAUSE_TIMEOUT)
+                self._loop.pause(PAUSE_TIMEOUT)
             except TimeoutError as exc:
                 self._resume_threads()
                 raise HostError(str(exc)) from None
@@ -374,223 +367,6 @@ class Machine:
         if self._serial_file is not None:
             os.close(self._serial_file)
             self._serial_file = None
-
-    # --- snapshots ------------------------------------------------------
-    def snapshot(self, state_path: str | Path, mem_path: str | Path, *, diff: bool = False) -> None:
-        """Save the paused machine: a state file and a memory file, each written atomically.
-
-        ``diff=True`` writes only the pages changed since this machine's
-        previous snapshot (or since it was restored); it needs
-        ``track_dirty_pages=True``. Merge a diff onto its base with
-        :func:`pyvmm.snapshot.merge_diff`. The machine stays paused.
-        """
-        from pyvmm.snapshot.files import atomic_files, write_all
-        from pyvmm.snapshot.memory_file import memory_state, write_diff, write_full
-
-        with self._lifecycle_lock:
-            if self.state is not VmState.PAUSED:
-                raise VmStateError(
-                    f"the VM cannot be snapshotted: it is {self.state.value.lower()}; pause it"
-                )
-            if diff and not self._track_dirty:
-                raise VmStateError("a diff snapshot needs a machine with track_dirty_pages")
-            if diff and not self._has_base:
-                raise VmStateError(
-                    "a diff snapshot needs a full snapshot of this VM first (its base)"
-                )
-            started = time.monotonic()
-            dirty = self._take_dirty_pages() if self._track_dirty else set()
-            try:
-                memory = memory_state(self.memory)
-                with atomic_files(mem_path, state_path) as (mem_fd, state_fd):
-                    if diff:
-                        runs = write_diff(self.memory, dirty, mem_fd)
-                        memory = dataclasses.replace(memory, diff=True, dirty=runs)
-                    else:
-                        write_full(self.memory, mem_fd)
-                    write_all(state_fd, self._save_state(memory))
-            except BaseException:
-                if self._track_dirty:  # the next diff must still see these pages
-                    self.memory.dirty_pages |= dirty
-                raise
-            self._has_base = True
-            log.debug(
-                "%s snapshot written in %.3f s",
-                "diff" if diff else "full",
-                time.monotonic() - started,
-            )
-
-    def _save_state(self, memory: object) -> bytes:
-        from pyvmm.snapshot.kvm_state import save_vcpu, save_vm
-        from pyvmm.snapshot.state import DevicesState, MicrovmState, pack_state, pyvmm_version
-
-        msr_indices = self._kvm.msr_index_list()
-        state = MicrovmState(
-            pyvmm_version=pyvmm_version(),
-            config=self.config,
-            memory=memory,
-            vcpus=tuple(save_vcpu(vcpu, msr_indices) for vcpu in self._vcpus),
-            vm=save_vm(self._vm, self._paused_clock),
-            devices=DevicesState(
-                serial=self.serial.save(),
-                i8042=self.i8042.save(),
-                acpi_pm=self._acpi_pm.save(),
-                pvpanic=self._pvpanic.save(),
-                boot_timer=self.boot_timer.save(),
-                virtio=tuple(transport.save() for transport in self.virtio_transports),
-            ),
-        )
-        return pack_state(state)
-
-    def _take_dirty_pages(self) -> set[int]:
-        """Guest pages written since the last call: by the guest, by devices, and the rings.
-
-        Reading KVM's log clears it. The virtqueues keep their rings' host
-        buffers across calls, so those pages are always counted.
-        """
-        from pyvmm.snapshot.memory_file import PAGE, bitmap_pages
-
-        pages = self.memory.take_dirty()
-        for slot, region in enumerate(self.memory):
-            bitmap = self._vm.get_dirty_log(slot, region.size // PAGE)
-            pages.update(bitmap_pages(bitmap, region.guest_addr // PAGE))
-        for transport in self.virtio_transports:
-            for queue in transport.queues:
-                if not queue.ready:
-                    continue
-                for addr, length in (
-                    (queue.desc_table, desc_table_bytes(queue.size)),
-                    (queue.avail_ring, avail_ring_bytes(queue.size)),
-                    (queue.used_ring, used_ring_bytes(queue.size)),
-                ):
-                    pages.update(range(addr // PAGE, (addr + max(length, 1) - 1) // PAGE + 1))
-        return pages
-
-    @classmethod
-    def restore(
-        cls,
-        state_path: str | Path,
-        mem_path: str | Path,
-        *,
-        serial_out: Callable[[bytes], object] | None = None,
-        console_in: int | None = None,
-        console_escape: bool = False,
-        net_overrides: dict[str, str] | None = None,
-        vsock_uds: str | Path | None = None,
-        track_dirty_pages: bool | None = None,
-        resume: bool = False,
-    ) -> Machine:
-        """A machine continuing from a snapshot, paused (or running with ``resume``).
-
-        Guest RAM is mapped copy-on-write from ``mem_path`` (pages load on
-        first touch; the file is never written). Drives are reopened from
-        their saved paths; TAP devices by name, renamed through
-        ``net_overrides`` ({old TAP name or interface id: new TAP name}, the
-        MAC kept); ``track_dirty_pages`` (None: as saved) allows diff
-        snapshots of the restored machine;
-        the vsock Unix socket is created afresh (at ``vsock_uds`` if given)
-        and, as in Firecracker, every vsock connection is reset. A saved
-        ``serial_out`` file is appended to. Refused with
-        :class:`~pyvmm.snapshot.SnapshotError` if the files are not a
-        snapshot, are corrupt, or do not fit this pyvmm or host.
-        """
-        from pyvmm.snapshot.overrides import restored_config
-        from pyvmm.snapshot.state import read_state
-
-        state = read_state(state_path)
-        config = restored_config(state.config, net_overrides or {}, vsock_uds)
-        if track_dirty_pages is not None:
-            config = dataclasses.replace(config, track_dirty_pages=track_dirty_pages)
-        machine = cls(config, serial_out, console_in, console_escape)
-        machine._serial_append = True
-        machine._load_snapshot(state, mem_path)
-        if resume:
-            machine.resume()
-        return machine
-
-    def _load_snapshot(self, state: MicrovmState, mem_path: str | Path) -> None:
-        from pyvmm.snapshot.kvm_state import restore_vcpu, restore_vm
-        from pyvmm.snapshot.memory_file import open_memory_file
-        from pyvmm.snapshot.state import SnapshotError
-
-        with self._lifecycle_lock:
-            if self._state is not VmState.NOT_STARTED or self._closed:
-                raise VmStateError(f"cannot restore into a VM that is {self.state.value.lower()}")
-            self.start_ns = time.monotonic_ns()
-            try:
-                if len(state.vcpus) != self.config.vcpus:
-                    raise SnapshotError(
-                        f"the snapshot has {len(state.vcpus)} vCPU states for {self.config.vcpus}"
-                    )
-                mem_fd = open_memory_file(mem_path, state.memory)
-                try:
-                    self._build(mem_file=mem_fd)
-                finally:
-                    os.close(mem_fd)
-                regions = tuple((r.guest_addr, r.size) for r in self.memory.regions)
-                if regions != state.memory.regions:
-                    raise SnapshotError("the snapshot's memory layout differs from this pyvmm's")
-                restore_vm(self._vm, state.vm)
-                for vcpu, vcpu_state in zip(self._vcpus, state.vcpus, strict=True):
-                    restore_vcpu(vcpu, vcpu_state)
-                self._restore_devices(state)
-                self._loop.start()
-                self._loop.pause(_PAUSE_TIMEOUT)
-                for thread in self._threads:
-                    thread.request_pause()  # enters KVM_RUN with immediate_exit: parks at once
-                    thread.start()
-                for thread in self._threads:
-                    if not thread.parked.wait(_PAUSE_TIMEOUT):
-                        raise HostError(f"vcpu{thread.vcpu.id} did not start within the timeout")
-            except BaseException:
-                self.close()
-                raise
-            self.first_run_ns = time.monotonic_ns()
-            self._paused_clock = state.vm.clock
-            self._state = VmState.PAUSED
-            self._restored = True
-            self._has_base = True
-            log.debug("restored in %.3f s", (self.first_run_ns - self.start_ns) / 1e9)
-
-    def _restore_devices(self, state: MicrovmState) -> None:
-        from pyvmm.snapshot.state import SnapshotError
-
-        devices = state.devices
-        if len(devices.virtio) != len(self.virtio_transports):
-            raise SnapshotError(
-                f"the snapshot has {len(devices.virtio)} virtio devices, the machine "
-                f"{len(self.virtio_transports)}"
-            )
-        parts = [
-            ("serial port", self.serial, devices.serial),
-            ("i8042", self.i8042, devices.i8042),
-            ("ACPI PM", self._acpi_pm, devices.acpi_pm),
-            ("pvpanic", self._pvpanic, devices.pvpanic),
-            ("boot timer", self.boot_timer, devices.boot_timer),
-        ]
-        parts += [
-            (f"virtio device {index} (type {transport.device.device_type})", transport, saved)
-            for index, (transport, saved) in enumerate(
-                zip(self.virtio_transports, devices.virtio, strict=True)
-            )
-        ]
-        for name, device, saved in parts:
-            try:
-                device.restore(saved)
-            except (ValueError, TypeError) as exc:
-                raise SnapshotError(f"cannot restore the {name}: {exc}") from None
-
-    def _after_restore(self) -> None:
-        """First resume after a restore: reset vsock connections, re-kick every queue.
-
-        A queue kick the old process had not processed yet was lost with its
-        eventfd; kicking each queue once more is harmless for the others.
-        """
-        for transport in self.virtio_transports:
-            if isinstance(transport.device, VirtioVsock):
-                transport.run_locked(lambda device: device.send_transport_reset())
-        for fd in self._notify_fds:
-            os.eventfd_write(fd, 1)
 
     def __enter__(self) -> Machine:
         return self

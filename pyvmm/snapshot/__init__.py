@@ -6,10 +6,16 @@
 * :mod:`pyvmm.snapshot.kvm_state`: vCPU and in-kernel device state, in the
   order KVM needs;
 * :mod:`pyvmm.snapshot.memory_file`: full and diff memory files, merging;
-* :mod:`pyvmm.snapshot.files`: all-or-nothing file writes.
+* :mod:`pyvmm.snapshot.files`: all-or-nothing file writes;
+* :mod:`pyvmm.snapshot.overrides`: the restored machine's config (TAP and
+  vsock socket renames);
+* :mod:`pyvmm.snapshot.machine_snapshots`: the orchestration, in what order
+  a machine is checked, saved, rebuilt and loaded: the mixin
+  ``SnapshotSupport`` that gives :class:`pyvmm.machine.Machine` its
+  ``snapshot()`` and ``restore()``.
 
-:class:`pyvmm.machine.Machine` orchestrates: ``Machine.snapshot()`` and
-``Machine.restore()``.
+Only ``machine_snapshots`` knows about a machine's parts; the other modules
+take and return plain state, files and KVM objects.
 """
 
 from pyvmm.snapshot.memory_file import merge_diff
