@@ -553,3 +553,84 @@ def test_snapshot_restore_of_a_linux_guest(
     assert result.returncode == 0, context
     assert debugfs_cat(image, "before.txt") == "before-snapshot\n"
     assert debugfs_cat(image, "after.txt") == "after-restore\n"
+
+
+VSOCK_SNAPSHOT_DRIVER = r'''
+"""Runs in the nested host: a vsock echo before a snapshot and after a restore."""
+import os, socket, subprocess, sys
+from pyvmm import MicroVM
+
+def echo(uds, message):
+    client = socket.socket(socket.AF_UNIX)
+    client.settimeout(120)
+    client.connect(uds)
+    client.sendall(b"CONNECT 5000\n")
+    reply = b""
+    while not reply.endswith(b"\n"):
+        reply += client.recv(1)
+    client.sendall(message)
+    client.shutdown(socket.SHUT_WR)
+    back = b""
+    while chunk := client.recv(4096):
+        back += chunk
+    client.close()
+    return back.decode()
+
+def restore(state, memory, uds):
+    with MicroVM.restore(state, memory) as vm:
+        vm.console.wait_for(r"tick [0-9]+", timeout=120)
+        print("echo after:", echo(uds, b"after the restore"), flush=True)
+
+def main(kernel, initrd, cmdline, uds, state, memory):
+    os.makedirs(os.path.dirname(uds), exist_ok=True)  # an L1 tmpfs: no sockets on 9p
+    with MicroVM(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=256,
+                 vsock=f"cid=3,uds={uds}") as vm:
+        vm.start()
+        vm.console.wait_for(r"tick 2\r", timeout=600)
+        print("echo before:", echo(uds, b"before the snapshot"), flush=True)
+        vm.pause()
+        vm.snapshot(state, memory)
+    # A new process restores, as a new Firecracker process would.
+    return subprocess.run([sys.executable, __file__, "restore", state, memory, uds]).returncode
+
+if __name__ == "__main__":
+    if sys.argv[1] == "restore":
+        restore(*sys.argv[2:])
+    else:
+        sys.exit(main(*sys.argv[1:]))
+'''
+
+
+def test_vsock_listener_survives_snapshot_restore(
+    linux_host, linux_guest: LinuxGuest, tmp_path: Path
+) -> None:
+    """Connections are reset by a restore (the guest gets a transport-reset
+    event), but the guest's listening socket stays: a host program echoes
+    through vsock before the snapshot and again after the restore."""
+    from pyvmm.guestkit.debian import fetch_kernel
+    from pyvmm.guestkit.initramfs import build_initramfs
+    from pyvmm.guestkit.vsock_tool import build_vsock_tool
+
+    initramfs = build_initramfs(
+        fetch_kernel("cloud"),
+        ["virtio_mmio", "vmw_vsock_virtio_transport"],
+        extra_files={"bin/pyvmm-vsock": build_vsock_tool().read_bytes()},
+    )
+    script = (
+        "pyvmm-vsock listen 5000 &\n"
+        "sleep 1; i=0; while [ $i -lt 2000 ]; do echo tick $i; i=$((i+1)); sleep 0.25; done\n"
+    )
+    cmdline = f"console=ttyS0 reboot=k panic=-1 pci=off quiet {command_arg(script)}"
+    driver = tmp_path / "driver.py"
+    driver.write_text(VSOCK_SNAPSHOT_DRIVER)
+    uds = f"/run/pyvmm-vsock-snap-{os.getpid()}/v.sock"
+    argv = [
+        sys.executable, str(driver), str(linux_guest.vmlinux), str(initramfs), cmdline, uds,
+        str(tmp_path / "vm.state"), str(tmp_path / "vm.mem"),
+    ]  # fmt: skip
+    result = linux_host.run(argv, timeout=900 + BOOT_TIMEOUT)
+    context = result.stdout[-3000:] + result.stderr[-2000:]
+    lines = guest_lines(result.stdout)
+    assert "echo before: before the snapshot" in lines, context
+    assert "echo after: after the restore" in lines, context
+    assert result.returncode == 0, context
