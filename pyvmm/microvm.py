@@ -51,14 +51,21 @@ class SerialConsole:
     The vCPU thread appends (:meth:`feed`); any thread may wait. Each
     successful :meth:`wait_for` moves the cursor past its match, so a
     sequence of waits follows the output in order, as ``pexpect`` does.
+
+    It also owns the pipe that types into the guest's UART: :meth:`write`
+    feeds one end, the machine reads :attr:`input_fd`, and
+    :meth:`close_input` closes both.
     """
 
-    def __init__(self, write_fd: int | None = None) -> None:
+    def __init__(self) -> None:
         self._data = bytearray()
         self._cursor = 0
         self._changed = threading.Condition()
-        self._write_fd = write_fd
         self._closed = False
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        #: The end the machine reads the guest's keyboard input from.
+        self.input_fd: int | None = read_fd
+        self._write_fd: int | None = write_fd
 
     def feed(self, data: bytes) -> None:
         with self._changed:
@@ -102,10 +109,12 @@ class SerialConsole:
                 self._changed.wait(remaining)
 
     def close_input(self) -> None:
-        """Close the typing end of the UART pipe (the guest sees no more input)."""
-        if self._write_fd is not None:
-            os.close(self._write_fd)
-            self._write_fd = None
+        """Close both ends of the input pipe (after the machine stopped reading it)."""
+        for name in ("_write_fd", "input_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
     def write(self, data: str | bytes) -> None:
         """Type ``data`` into the guest's UART (it arrives as fast as the guest reads)."""
@@ -171,16 +180,16 @@ class MicroVM:
                 vsock=parse_vsock(vsock) if isinstance(vsock, str) else vsock,
                 track_dirty_pages=track_dirty_pages,
             )
-        config.validate()
         self.config = config
-        self._open_console()
-        self._machine = Machine(config, serial_out=self.console.feed, console_in=self._input_fd)
+        self.console = SerialConsole()
         self._closed = False
-
-    def _open_console(self) -> None:
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        self._input_fd: int | None = read_fd
-        self.console = SerialConsole(write_fd)
+        try:  # Machine validates the config
+            self._machine = Machine(
+                config, serial_out=self.console.feed, console_in=self.console.input_fd
+            )
+        except BaseException:
+            self.console.close_input()
+            raise
 
     @classmethod
     def restore(
@@ -200,21 +209,20 @@ class MicroVM:
         console holds only what the guest prints from now on.
         """
         vm = cls.__new__(cls)
-        vm._open_console()
+        vm.console = SerialConsole()
         vm._closed = False
         try:
             vm._machine = Machine.restore(
                 state_path,
                 mem_path,
                 serial_out=vm.console.feed,
-                console_in=vm._input_fd,
+                console_in=vm.console.input_fd,
                 net_overrides=net_overrides,
                 vsock_uds=vsock_uds,
                 resume=resume,
             )
         except BaseException:
             vm.console.close_input()
-            os.close(vm._input_fd)
             raise
         vm.config = vm._machine.config
         vm._watch_for_stop()
@@ -279,9 +287,6 @@ class MicroVM:
         finally:
             self.console.close()
             self.console.close_input()
-            if self._input_fd is not None:
-                os.close(self._input_fd)
-                self._input_fd = None
 
     def __enter__(self) -> MicroVM:
         return self

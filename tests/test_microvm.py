@@ -133,6 +133,10 @@ def test_bad_keyword_arguments_are_config_errors(tmp_path: Path) -> None:
         MicroVM(kernel=tmp_path / "k", drives=["ro"])
     with pytest.raises(TypeError, match="kernel="):
         MicroVM()
+    fds = open_fds()
+    with pytest.raises(ConfigError, match="cpus must be between 1 and"):
+        MicroVM(kernel=tmp_path / "k", vcpus=999)
+    assert open_fds() == fds, "a refused config left the console pipe open"
 
 
 def test_pause_and_resume_under_disk_load_lose_no_io(probe_elf: Path, tmp_path: Path) -> None:
