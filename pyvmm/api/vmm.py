@@ -13,10 +13,11 @@ virtio device's counters and the latencies of pause, resume and snapshots.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.api.controller import NOT_STARTED, PAUSED, RUNNING, InstanceInfo
@@ -25,6 +26,7 @@ from pyvmm.errors import ConfigError, VmStateError
 from pyvmm.logs import configure_logging
 from pyvmm.metrics import MetricsWriter
 from pyvmm.rate_limiter import KEEP, LimiterPatch
+from pyvmm.vm_state import VmState
 
 if TYPE_CHECKING:
     from pyvmm.api.models import (
@@ -70,13 +72,13 @@ class MachineController:
         *,
         serial_out: Callable[[bytes], object] | None = None,
         console_in: int | None = None,
-        counters: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.instance_id = instance_id
         self._serial_out = serial_out
         self._console_in = console_in
-        #: The router's request counters (set once the router exists).
-        self.api_counters = counters
+        #: The router's request counters; set once the router (which needs
+        #: this controller) exists.
+        self.api_counters: Callable[[], Mapping[str, Any]] | None = None
         self.machine: Machine | None = None
         self.metrics: MetricsWriter | None = None
         #: Set when the machine stopped (or failed to start after being created).
@@ -91,7 +93,7 @@ class MachineController:
             return NOT_STARTED
         # A stopped machine still counts as started ("Running" in Firecracker's terms,
         # until the process exits).
-        return PAUSED if self.machine.state.value == PAUSED else RUNNING
+        return PAUSED if self.machine.state is VmState.PAUSED else RUNNING
 
     def instance_info(self) -> InstanceInfo:
         return InstanceInfo(id=self.instance_id, state=self.state, vmm_version=self._version)
@@ -107,9 +109,8 @@ class MachineController:
         config = to_machine_config(resources)
         config.validate()
         machine = Machine(config, serial_out=self._serial_out, console_in=self._console_in)
-        started = time.monotonic_ns()
-        machine.start()  # on failure it has closed itself
-        self._latencies_us["start_vm"] = (time.monotonic_ns() - started) // 1000
+        with self._timed("start_vm"):
+            machine.start()  # on failure it has closed itself
         self.machine = machine
         self._watch(machine)
 
@@ -123,18 +124,17 @@ class MachineController:
             )
         if params.clock_realtime:
             raise ConfigError("clock_realtime is not supported: the guest clock resumes as saved")
-        started = time.monotonic_ns()
-        machine = Machine.restore(
-            params.snapshot_path,
-            params.mem_backend.backend_path,
-            serial_out=self._serial_out,
-            console_in=self._console_in,
-            net_overrides={o.iface_id: o.host_dev_name for o in params.network_overrides},
-            vsock_uds=params.vsock_override,
-            track_dirty_pages=params.track_dirty_pages,
-            resume=params.resume_vm,
-        )
-        self._latencies_us["load_snapshot"] = (time.monotonic_ns() - started) // 1000
+        with self._timed("load_snapshot"):
+            machine = Machine.restore(
+                params.snapshot_path,
+                params.mem_backend.backend_path,
+                serial_out=self._serial_out,
+                console_in=self._console_in,
+                net_overrides={o.iface_id: o.host_dev_name for o in params.network_overrides},
+                vsock_uds=params.vsock_override,
+                track_dirty_pages=params.track_dirty_pages,
+                resume=params.resume_vm,
+            )
         self.machine = machine
         self._watch(machine)
 
@@ -155,14 +155,12 @@ class MachineController:
 
     # --- post-boot --------------------------------------------------------------------
     def pause(self) -> None:
-        started = time.monotonic_ns()
-        self._machine().pause()
-        self._latencies_us["pause_vm"] = (time.monotonic_ns() - started) // 1000
+        with self._timed("pause_vm"):
+            self._machine().pause()
 
     def resume(self) -> None:
-        started = time.monotonic_ns()
-        self._machine().resume()
-        self._latencies_us["resume_vm"] = (time.monotonic_ns() - started) // 1000
+        with self._timed("resume_vm"):
+            self._machine().resume()
 
     def send_ctrl_alt_del(self) -> None:
         self._machine().send_ctrl_alt_del()
@@ -173,11 +171,9 @@ class MachineController:
         self.metrics.flush()
 
     def create_snapshot(self, params: SnapshotCreateParams) -> None:
-        started = time.monotonic_ns()
         diff = params.snapshot_type == "Diff"
-        self._machine().snapshot(params.snapshot_path, params.mem_file_path, diff=diff)
-        key = "diff_create_snapshot" if diff else "full_create_snapshot"
-        self._latencies_us[key] = (time.monotonic_ns() - started) // 1000
+        with self._timed("diff_create_snapshot" if diff else "full_create_snapshot"):
+            self._machine().snapshot(params.snapshot_path, params.mem_file_path, diff=diff)
 
     def patch_drive(
         self, drive_id: str, path_on_host: str | None, rate_limiter: RateLimiterConfig | None
@@ -196,6 +192,13 @@ class MachineController:
             self.machine.close()
         if self.metrics is not None:
             self.metrics.close()
+
+    @contextlib.contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        """Record how long the block took, in µs, as latency ``name`` (only if it succeeds)."""
+        started = time.monotonic_ns()
+        yield
+        self._latencies_us[name] = (time.monotonic_ns() - started) // 1000
 
     def _machine(self) -> Machine:
         if self.machine is None:
