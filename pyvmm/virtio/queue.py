@@ -102,6 +102,14 @@ def _store_u16(buffer: mmap.mmap, offset: int, value: int) -> None:
     buffer[offset : offset + 2] = value.to_bytes(2, "little")
 
 
+def _check_used(head_index: int, length: int, size: int) -> None:
+    """A used element the device is about to publish: a head of this ring, a u32 length."""
+    if not 0 <= head_index < size:
+        raise QueueError(f"used head {head_index} is not below queue size {size}")
+    if not 0 <= length <= MAX_CHAIN_BYTES:
+        raise ValueError(f"used length {length} does not fit a u32")
+
+
 def desc_table_bytes(size: int) -> int:
     return DESC.size * size
 
@@ -459,10 +467,7 @@ class Queue:
         driver never sees an index covering an unwritten element).
         """
         size = self.size
-        if not 0 <= head_index < size:
-            raise QueueError(f"used head {head_index} is not below queue size {size}")
-        if not 0 <= length <= MAX_CHAIN_BYTES:
-            raise ValueError(f"used length {length} does not fit a u32")
+        _check_used(head_index, length, size)
         self._bind(mem)
         used_buf, used_off = self._used_buf, self._used_off
         next_used = self.next_used
@@ -481,10 +486,7 @@ class Queue:
         """
         size = self.size
         for head_index, length in used:
-            if not 0 <= head_index < size:
-                raise QueueError(f"used head {head_index} is not below queue size {size}")
-            if not 0 <= length <= MAX_CHAIN_BYTES:
-                raise ValueError(f"used length {length} does not fit a u32")
+            _check_used(head_index, length, size)
         self._bind(mem)
         used_buf, used_off = self._used_buf, self._used_off
         entries, mask = used_off + _RING_ENTRIES, size - 1
