@@ -48,3 +48,12 @@ def group():
 
     commands.register(guest)
     return guest
+
+
+@pytest.fixture
+def mem():
+    """8 MiB of guest RAM at 0, for the device tests (files that need other RAM override it)."""
+    from pyvmm.memory import GuestMemory
+
+    with GuestMemory([(0, 0x80_0000)]) as memory:
+        yield memory

@@ -72,12 +72,6 @@ def read_image(path, sector: int, count: int = 1) -> bytes:
 
 
 @pytest.fixture
-def mem():
-    with GuestMemory([(0, 0x80_0000)]) as memory:
-        yield memory
-
-
-@pytest.fixture
 def image(tmp_path):
     return make_image(tmp_path / "disk.img")
 

@@ -10,7 +10,6 @@ from collections import deque
 import pytest
 
 from pyvmm.event_loop import EventLoop
-from pyvmm.memory import GuestMemory
 from pyvmm.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE
 from pyvmm.rate_limiter import parse_rate_limit
 from pyvmm.virtio.device import VIRTIO_ID_NET
@@ -86,12 +85,6 @@ class FakeBackend:
 
     def set_offload(self, flags: int) -> None:
         self.offload = flags
-
-
-@pytest.fixture
-def mem():
-    with GuestMemory([(0, 0x80_0000)]) as memory:
-        yield memory
 
 
 class Guest(TransportAccess):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from pyvmm.memory import GuestMemory
 from pyvmm.rate_limiter import parse_rate_limit
 from pyvmm.virtio.device import VIRTIO_ID_RNG, VIRTIO_MMIO_INT_VRING
 from pyvmm.virtio.mmio import (
@@ -47,12 +46,6 @@ class Entropy:
 
 def expected(start: int, n: int) -> bytes:
     return bytes((start + i) & 0xFF for i in range(n))
-
-
-@pytest.fixture
-def mem():
-    with GuestMemory([(0, 0x80_0000)]) as memory:
-        yield memory
 
 
 class Guest(TransportAccess):
