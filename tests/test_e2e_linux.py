@@ -31,6 +31,7 @@ class LinuxGuest:
     initramfs: Path
     initramfs_pvpanic: Path  # also loads the pvpanic driver (a module in Debian)
     initramfs_virtio: Path  # also loads virtio-mmio and the virtio device drivers
+    initramfs_vsock: Path  # virtio-mmio, vsock, and the pyvmm-vsock guest tool
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +40,7 @@ def linux_guest() -> LinuxGuest:
     from pyvmm.guestkit.debian import fetch_kernel
     from pyvmm.guestkit.initramfs import build_initramfs
     from pyvmm.guestkit.vmlinux import kernel_vmlinux
+    from pyvmm.guestkit.vsock_tool import build_vsock_tool
 
     package = fetch_kernel("cloud")
     return LinuxGuest(
@@ -47,6 +49,11 @@ def linux_guest() -> LinuxGuest:
         initramfs=build_initramfs(package),
         initramfs_pvpanic=build_initramfs(package, ["pvpanic-mmio"]),
         initramfs_virtio=build_initramfs(package, ["virtio_mmio", "virtio-rng", "virtio_blk"]),
+        initramfs_vsock=build_initramfs(
+            package,
+            ["virtio_mmio", "vmw_vsock_virtio_transport"],
+            extra_files={"bin/pyvmm-vsock": build_vsock_tool().read_bytes()},
+        ),
     )
 
 
@@ -441,20 +448,9 @@ sys.exit(status)
 '''
 
 
-def test_virtio_vsock_both_directions(linux_host, tmp_path: Path) -> None:
+def test_virtio_vsock_both_directions(linux_host, linux_guest: LinuxGuest, tmp_path: Path) -> None:
     """The guest runs an echo server on vsock port 5000 and a client to host port
     6000; the host checks both streams byte for byte (4 MiB and 1 MiB)."""
-    from pyvmm.guestkit.debian import fetch_kernel
-    from pyvmm.guestkit.initramfs import build_initramfs
-    from pyvmm.guestkit.vmlinux import kernel_vmlinux
-    from pyvmm.guestkit.vsock_tool import build_vsock_tool
-
-    package = fetch_kernel("cloud")
-    initramfs = build_initramfs(
-        package,
-        ["virtio_mmio", "vmw_vsock_virtio_transport"],
-        extra_files={"bin/pyvmm-vsock": build_vsock_tool().read_bytes()},
-    )
     guest_script = (
         "pyvmm-vsock listen 5000 &\n"
         "sleep 1; echo VSOCK-LISTENING\n"
@@ -472,8 +468,8 @@ def test_virtio_vsock_both_directions(linux_host, tmp_path: Path) -> None:
     driver.write_text(VSOCK_HOST_DRIVER)
     argv = [
         sys.executable, str(driver), str(uds), str(serial),
-        sys.executable, "-m", "pyvmm", "run", "--kernel", str(kernel_vmlinux(package)),
-        "--initrd", str(initramfs), "--memory", "256", "--timeout", "900",
+        sys.executable, "-m", "pyvmm", "run", "--kernel", str(linux_guest.vmlinux),
+        "--initrd", str(linux_guest.initramfs_vsock), "--memory", "256", "--timeout", "900",
         "--vsock", f"cid=3,uds={uds}", "--serial-out", str(serial), "--cmdline", cmdline,
     ]  # fmt: skip
     result = linux_host.run(argv, timeout=900 + BOOT_TIMEOUT)
@@ -607,15 +603,6 @@ def test_vsock_listener_survives_snapshot_restore(
     """Connections are reset by a restore (the guest gets a transport-reset
     event), but the guest's listening socket stays: a host program echoes
     through vsock before the snapshot and again after the restore."""
-    from pyvmm.guestkit.debian import fetch_kernel
-    from pyvmm.guestkit.initramfs import build_initramfs
-    from pyvmm.guestkit.vsock_tool import build_vsock_tool
-
-    initramfs = build_initramfs(
-        fetch_kernel("cloud"),
-        ["virtio_mmio", "vmw_vsock_virtio_transport"],
-        extra_files={"bin/pyvmm-vsock": build_vsock_tool().read_bytes()},
-    )
     script = (
         "pyvmm-vsock listen 5000 &\n"
         "sleep 1; i=0; while [ $i -lt 2000 ]; do echo tick $i; i=$((i+1)); sleep 0.25; done\n"
@@ -625,7 +612,8 @@ def test_vsock_listener_survives_snapshot_restore(
     driver.write_text(VSOCK_SNAPSHOT_DRIVER)
     uds = f"/run/pyvmm-vsock-snap-{os.getpid()}/v.sock"
     argv = [
-        sys.executable, str(driver), str(linux_guest.vmlinux), str(initramfs), cmdline, uds,
+        sys.executable, str(driver), str(linux_guest.vmlinux),
+        str(linux_guest.initramfs_vsock), cmdline, uds,
         str(tmp_path / "vm.state"), str(tmp_path / "vm.mem"),
     ]  # fmt: skip
     result = linux_host.run(argv, timeout=900 + BOOT_TIMEOUT)
