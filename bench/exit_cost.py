@@ -32,9 +32,9 @@ from pyvmm.boot.configure import setup_boot
 from pyvmm.config import MachineConfig
 from pyvmm.guestkit.probe import build_probe
 from pyvmm.kvm import Kvm, exits
-from pyvmm.machine import Machine, resolve_template
 from pyvmm.memory import GuestMemory
-from pyvmm.vcpu_setup import configure_vcpu, set_boot_state
+from pyvmm.vmm.machine import Machine, resolve_template
+from pyvmm.vmm.vcpu_setup import configure_vcpu, set_boot_state
 
 MEM_SIZE = 64 << 20
 LSR_OFFSET = 5

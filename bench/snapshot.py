@@ -40,7 +40,7 @@ from report import write_report
 
 from pyvmm.config import MachineConfig
 from pyvmm.guestkit.probe import build_probe
-from pyvmm.machine import Machine
+from pyvmm.vmm.machine import Machine
 
 SIZES = {"128 MiB": 128 << 20, "1 GiB": 1 << 30}
 COUNTER = re.compile(rb"counter: (\d+)\r?\n")
@@ -48,7 +48,7 @@ COUNTER = re.compile(rb"counter: (\d+)\r?\n")
 CHILD = r"""
 import json, re, sys, time
 started = time.perf_counter()
-from pyvmm.machine import Machine
+from pyvmm.vmm.machine import Machine
 out = bytearray()
 t0 = time.perf_counter()
 machine = Machine.restore(sys.argv[1], sys.argv[2], serial_out=out.extend, resume=True)

@@ -33,22 +33,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pyvmm.memory import GuestMemory
-from pyvmm.virtio.block import (
+from pyvmm.devices.virtio.block import (
     REQ_HEADER,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
     VirtioBlock,
 )
-from pyvmm.virtio.block_io import BlockFile
-from pyvmm.virtio.device import VirtioInterrupt
-from pyvmm.virtio.net import VirtioNet
-from pyvmm.virtio.queue import (
+from pyvmm.devices.virtio.device import VirtioInterrupt
+from pyvmm.devices.virtio.net import VirtioNet
+from pyvmm.devices.virtio.queue import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
-from tests.virtio_driver import MockDriver
+from pyvmm.host.block_file import BlockFile
+from pyvmm.memory import GuestMemory
+from tests.support.virtio_driver import MockDriver
 
 MEM = 64 << 20
 SIZE = 256

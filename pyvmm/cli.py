@@ -204,9 +204,9 @@ def _parse_int(text: str, name: str) -> int:
 
 
 def _run_machine(config: object, timeout: float | None) -> int:
-    from pyvmm.console import raw_terminal
-    from pyvmm.machine import Machine
-    from pyvmm.stop_reason import StopKind, StopReason
+    from pyvmm.host.terminal import raw_terminal
+    from pyvmm.vmm.machine import Machine
+    from pyvmm.vmm.stop_reason import StopKind, StopReason
 
     stdin_fd = _stdin_fd()
     interactive = stdin_fd is not None and os.isatty(stdin_fd)

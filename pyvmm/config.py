@@ -46,7 +46,7 @@ class DriveConfig:
     path: Path
     read_only: bool = False
     root: bool = False  # boot from it: root=/dev/vdX on the kernel command line
-    rate_limit: str | None = None  # "bw=10M/1s,ops=1000/1s" (pyvmm.rate_limiter grammar)
+    rate_limit: str | None = None  # "bw=10M/1s,ops=1000/1s" (pyvmm.devices.rate_limiter grammar)
     drive_id: str | None = None  # the API's name for it (PATCH /drives/{id})
 
 
@@ -86,7 +86,7 @@ class NetConfig:
     """A virtio-net device backed by a host TAP device.
 
     The rate limits use the drive grammar (``"bw=10M/1s,ops=1000/1s"``, see
-    ``pyvmm.rate_limiter.parse_rate_limit``): bytes and frames the guest may
+    ``pyvmm.devices.rate_limiter.parse_rate_limit``): bytes and frames the guest may
     receive (rx) and send (tx), as Firecracker's ``rx_rate_limiter`` and
     ``tx_rate_limiter``.
     """
@@ -105,7 +105,7 @@ class NetConfig:
 
     def validate(self) -> None:
         """Check the rate limits, naming the option (``rx_bw`` ...) that is wrong."""
-        from pyvmm.rate_limiter import parse_rate_limit
+        from pyvmm.devices.rate_limiter import parse_rate_limit
 
         for direction, spec in (("rx", self.rx_rate_limit), ("tx", self.tx_rate_limit)):
             if spec is None:
@@ -177,8 +177,8 @@ class VsockConfig:
     uds_path: Path
 
     def validate(self) -> None:
-        from pyvmm.virtio.vsock import check_guest_cid
-        from pyvmm.vsock_uds import check_uds_path
+        from pyvmm.devices.virtio.vsock import check_guest_cid
+        from pyvmm.host.vsock_uds import check_uds_path
 
         check_guest_cid(self.guest_cid)
         check_uds_path(self.uds_path)
@@ -244,7 +244,7 @@ class MachineConfig:
             raise ConfigError(
                 f"memory size {mib:g} MiB is too large; this host allows at most {limit >> 20} MiB"
             )
-        from pyvmm.cpuid import TEMPLATES
+        from pyvmm.vmm.cpuid import TEMPLATES
 
         if self.cpu_template != "auto" and self.cpu_template not in TEMPLATES:
             names = ", ".join(["auto", *TEMPLATES])
@@ -255,13 +255,13 @@ class MachineConfig:
             if not drive.path.is_file():
                 raise ConfigError(f"drive image {drive.path} does not exist or is not a file")
             if drive.rate_limit is not None:
-                from pyvmm.rate_limiter import parse_rate_limit
+                from pyvmm.devices.rate_limiter import parse_rate_limit
 
                 parse_rate_limit(drive.rate_limit)
         for net in self.nets:
             net.validate()
         if self.rng_rate_limit is not None:
-            from pyvmm.rate_limiter import parse_rate_limit
+            from pyvmm.devices.rate_limiter import parse_rate_limit
 
             if not self.rng:
                 raise ConfigError("an rng rate limit needs the rng device")

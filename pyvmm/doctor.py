@@ -49,7 +49,7 @@ class _MarkerDevice:
 def measure_guest_speed(probe: Path) -> SpeedResult:
     """Boot the probe with ``spin0``/``spin3`` and time both loops."""
     from pyvmm.config import MachineConfig
-    from pyvmm.machine import Machine
+    from pyvmm.vmm.machine import Machine
 
     config = MachineConfig(
         kernel=probe, cmdline=f"spin0={CPL0_ITERATIONS} spin3={CPL3_ITERATIONS}", mem_size=32 << 20

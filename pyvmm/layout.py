@@ -91,7 +91,7 @@ PIT_IOAPIC_PIN = 0
 VIRTIO_GSI_START = 5
 IOAPIC_NUM_PINS = 24
 BOOT_TIMER_MAGIC = 123  # value the guest writes to BOOT_TIMER_ADDR
-# Hardware-reduced ACPI registers the FADT points at (pyvmm.devices.acpi_pm):
+# Hardware-reduced ACPI registers the FADT points at (pyvmm.devices.legacy.acpi_pm):
 # one byte each, in an I/O range nothing on a PC or in KVM claims. Sleep
 # control takes SLP_TYP (bits 2-4) | SLP_EN (bit 5); writing SLP_TYP =
 # ACPI_S5_SLP_TYP with SLP_EN powers off. Writing ACPI_RESET_VALUE to the

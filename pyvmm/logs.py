@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pyvmm.errors import ConfigError
@@ -89,12 +90,23 @@ def configure_logging(
         target.removeHandler(old)
         old.close()
     if module:
-        prefix = module if module.startswith("pyvmm") else f"pyvmm.{module}"
-        handler.addFilter(logging.Filter(prefix))
+        handler.addFilter(_module_filter(module))
     target.addHandler(handler)
     target.setLevel(numeric)
     target.propagate = False
     return handler
+
+
+def _module_filter(module: str) -> Callable[[logging.LogRecord], bool]:
+    """Keep records of ``module``: a dotted path (``pyvmm.vmm.vcpu``, ``vmm.vcpu``) or a
+    module's own name (``vcpu``), whichever package it lives in."""
+    name = module.removeprefix("pyvmm.").strip(".")
+
+    def keep(record: logging.LogRecord) -> bool:
+        logger = record.name.removeprefix("pyvmm.")
+        return logger == name or logger.startswith(name + ".") or logger.endswith("." + name)
+
+    return keep
 
 
 def _open_log(path: Path):

@@ -9,7 +9,7 @@
         vm.pause()
         vm.resume()
 
-:class:`MicroVM` wraps a :class:`~pyvmm.machine.Machine` with what a
+:class:`MicroVM` wraps a :class:`~pyvmm.vmm.machine.Machine` with what a
 program needs around it: the guest's serial output collected in a
 :class:`SerialConsole` (expect-style :meth:`SerialConsole.wait_for`), a pipe
 to type into the guest's UART, and a context manager that always tears the
@@ -37,8 +37,8 @@ from pyvmm.config import (
     parse_net,
     parse_vsock,
 )
-from pyvmm.machine import Machine, VmState
-from pyvmm.stop_reason import StopReason
+from pyvmm.vmm.machine import Machine, VmState
+from pyvmm.vmm.stop_reason import StopReason
 
 
 class ConsoleTimeout(TimeoutError):

@@ -94,7 +94,7 @@ def serve(options: ServeOptions) -> int:
     stop_requested = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
-        from pyvmm.stop_reason import StopKind, StopReason
+        from pyvmm.vmm.stop_reason import StopKind, StopReason
 
         stop_requested.set()
         machine = controller.machine

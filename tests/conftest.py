@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.nested_fixture"]
+pytest_plugins = ["tests.support.nested_fixture"]
 
 
 def kvm_usable() -> str | None:

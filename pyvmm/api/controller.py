@@ -3,7 +3,7 @@
 The router (:mod:`pyvmm.api.routes`) parses requests, enforces the
 pre-boot/post-boot rules and keeps the configuration; everything that acts
 on a VM goes through this protocol, which the lead implements on top of
-:class:`pyvmm.machine.Machine` (and tests implement with a fake).
+:class:`pyvmm.vmm.machine.Machine` (and tests implement with a fake).
 
 Contract for implementers:
 

@@ -111,7 +111,7 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
 
 
 def _rate_limit_shorthand(limiter: RateLimiterConfig | None, where: str) -> str | None:
-    """``bw=SIZE/TIMEms,ops=N/TIMEms`` (:func:`pyvmm.rate_limiter.parse_rate_limit`)."""
+    """``bw=SIZE/TIMEms,ops=N/TIMEms`` (:func:`pyvmm.devices.rate_limiter.parse_rate_limit`)."""
     if limiter is None:
         return None
     items = []

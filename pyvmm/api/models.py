@@ -32,8 +32,8 @@ from typing import Any
 
 from pyvmm import layout
 from pyvmm.api.fields import Fields, is_valid_id, show
+from pyvmm.devices.rate_limiter import Clock, RateLimiter
 from pyvmm.errors import ConfigError
-from pyvmm.rate_limiter import Clock, RateLimiter
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -105,7 +105,7 @@ class RateLimiterConfig:
         return RateLimiterConfig(bandwidth, ops)
 
     def build(self, clock: Clock = time.monotonic_ns) -> RateLimiter:
-        """A :class:`~pyvmm.rate_limiter.RateLimiter` with the enabled buckets."""
+        """A :class:`~pyvmm.devices.rate_limiter.RateLimiter` with the enabled buckets."""
         config = {
             name: {
                 "size": bucket.size,

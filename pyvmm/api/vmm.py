@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from pyvmm.api.controller import NOT_STARTED, PAUSED, RUNNING, InstanceInfo
 from pyvmm.api.machine_config import to_machine_config
+from pyvmm.devices.rate_limiter import KEEP, LimiterPatch
 from pyvmm.errors import ConfigError, VmStateError
 from pyvmm.logs import configure_logging
 from pyvmm.metrics import MetricsWriter
-from pyvmm.rate_limiter import KEEP, LimiterPatch
-from pyvmm.vm_state import VmState
+from pyvmm.vmm.lifecycle import VmState
 
 if TYPE_CHECKING:
     from pyvmm.api.models import (
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
         SnapshotLoadParams,
     )
     from pyvmm.api.vm_config import VmResources
-    from pyvmm.machine import Machine
-    from pyvmm.stop_reason import StopReason
+    from pyvmm.vmm.machine import Machine
+    from pyvmm.vmm.stop_reason import StopReason
 
 
 def vmm_version() -> str:
@@ -54,14 +54,14 @@ def vmm_version() -> str:
 def preload_machine() -> None:
     """Import the VM machinery (~125 ms) on a side thread while the API already answers."""
     threading.Thread(
-        target=lambda: __import__("pyvmm.machine"), name="pyvmm-preload", daemon=True
+        target=lambda: __import__("pyvmm.vmm.machine"), name="pyvmm-preload", daemon=True
     ).start()
 
 
 class MachineController:
     """Implements :class:`pyvmm.api.controller.VmmController`; see the module docstring.
 
-    ``pyvmm.machine`` is imported only when a machine is made, so the API
+    ``pyvmm.vmm.machine`` is imported only when a machine is made, so the API
     socket can answer before the VM machinery has loaded (see
     :func:`preload_machine`).
     """
@@ -104,7 +104,7 @@ class MachineController:
 
     # --- pre-boot ---------------------------------------------------------------------
     def start(self, resources: VmResources) -> None:
-        from pyvmm.machine import Machine
+        from pyvmm.vmm.machine import Machine
 
         config = to_machine_config(resources)
         config.validate()
@@ -116,7 +116,7 @@ class MachineController:
 
     def load_snapshot(self, params: SnapshotLoadParams, resources: VmResources) -> None:
         """Restore in this process: a File memory backend only (no userfaultfd)."""
-        from pyvmm.machine import Machine
+        from pyvmm.vmm.machine import Machine
 
         if params.mem_backend.backend_type != "File":
             raise ConfigError(

@@ -1,7 +1,7 @@
 """The boot CPU state a loader asks for, as plain data.
 
 Loaders and configurators decide *what* the boot vCPU must look like (mode,
-segments, control registers, entry point); :mod:`pyvmm.vcpu_setup` turns
+segments, control registers, entry point); :mod:`pyvmm.vmm.vcpu_setup` turns
 this into KVM register writes. Keeping it as data lets unit tests check the
 exact values without KVM.
 """

@@ -17,7 +17,7 @@ from typing import Protocol
 
 
 class BusDevice(Protocol):
-    """A device that owns one address range on a :class:`pyvmm.bus.Bus`."""
+    """A device that owns one address range on a :class:`pyvmm.vmm.bus.Bus`."""
 
     def read(self, offset: int, data: memoryview) -> None:
         """Fill ``data`` with the value at ``offset`` (little-endian)."""

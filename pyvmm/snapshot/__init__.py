@@ -9,9 +9,9 @@
 * :mod:`pyvmm.snapshot.files`: all-or-nothing file writes;
 * :mod:`pyvmm.snapshot.overrides`: the restored machine's config (TAP and
   vsock socket renames);
-* :mod:`pyvmm.snapshot.machine_snapshots`: the orchestration, in what order
+* :mod:`pyvmm.vmm.snapshots`: the orchestration, in what order
   a machine is checked, saved, rebuilt and loaded: the mixin
-  ``SnapshotSupport`` that gives :class:`pyvmm.machine.Machine` its
+  ``SnapshotSupport`` that gives :class:`pyvmm.vmm.machine.Machine` its
   ``snapshot()`` and ``restore()``.
 
 Only ``machine_snapshots`` knows about a machine's parts; the other modules

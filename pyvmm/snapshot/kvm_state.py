@@ -1,7 +1,7 @@
 """Save and restore what KVM holds: vCPU registers and the in-kernel devices.
 
 Saving happens while every vCPU thread is parked (out of ``KVM_RUN``, see
-:mod:`pyvmm.vcpu`); vCPU ioctls other than ``KVM_RUN`` may come from any
+:mod:`pyvmm.vmm.vcpu`); vCPU ioctls other than ``KVM_RUN`` may come from any
 thread. Restoring happens on fresh vCPUs before their first ``KVM_RUN``,
 in the order KVM needs:
 

@@ -24,17 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyvmm.config import MachineConfig
-from pyvmm.devices.acpi_pm import AcpiPmState, PvPanicState
-from pyvmm.devices.boot_timer import BootTimerState
-from pyvmm.devices.i8042 import I8042State
-from pyvmm.devices.serial import SerialState
+from pyvmm.devices.legacy.acpi_pm import AcpiPmState, PvPanicState
+from pyvmm.devices.legacy.boot_timer import BootTimerState
+from pyvmm.devices.legacy.i8042 import I8042State
+from pyvmm.devices.legacy.serial import SerialState
+from pyvmm.devices.virtio.block import VirtioBlockState
+from pyvmm.devices.virtio.mmio import MmioTransportState
+from pyvmm.devices.virtio.net import VirtioNetState
+from pyvmm.devices.virtio.rng import VirtioRngState
+from pyvmm.devices.virtio.vsock import VirtioVsockState
 from pyvmm.errors import ConfigError
 from pyvmm.snapshot import codec
-from pyvmm.virtio.block import VirtioBlockState
-from pyvmm.virtio.mmio import MmioTransportState
-from pyvmm.virtio.net import VirtioNetState
-from pyvmm.virtio.rng import VirtioRngState
-from pyvmm.virtio.vsock import VirtioVsockState
 
 MAGIC = b"PYVMMSNP"
 FORMAT_VERSION = 1

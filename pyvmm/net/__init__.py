@@ -1,1 +1,0 @@
-"""Host network back ends for virtio-net (a TAP device today)."""

@@ -1,0 +1,1 @@
+"""Test support: mock guest drivers, device harnesses and the nested-host fixture."""

@@ -1,0 +1,1 @@
+"""Tests of pure logic and host back ends; nothing here opens /dev/kvm."""
