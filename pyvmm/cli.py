@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 from contextlib import ExitStack
-from pathlib import Path
 
 import click
 
@@ -121,14 +120,7 @@ def run(
 ) -> None:
     """Boot a kernel; the serial console is on stdin/stdout (Ctrl-A X quits)."""
     _setup_logging(log_level)
-    from pyvmm.config import (
-        DEFAULT_LINUX_CMDLINE,
-        MachineConfig,
-        parse_drive,
-        parse_memory_size,
-        parse_net,
-        parse_vsock,
-    )
+    from pyvmm.config import DEFAULT_LINUX_CMDLINE, build_machine_config
 
     if config_file is not None:
         _refuse_flags_beside_config(click.get_current_context())
@@ -142,22 +134,20 @@ def run(
             kernel, initrd = _default_guest(initrd)
             if cmdline is None:  # the default guest starts a shell on the console
                 cmdline = f"{DEFAULT_LINUX_CMDLINE} quiet pyvmm.shell"
-        vcpus = _parse_int(cpus, "cpus")
-        config = MachineConfig(
-            kernel=Path(kernel),
-            initrd=Path(initrd) if initrd is not None else None,
-            cmdline=DEFAULT_LINUX_CMDLINE if cmdline is None else cmdline,
-            vcpus=vcpus,
-            mem_size=parse_memory_size(memory),
-            serial_out=Path(serial_out) if serial_out else None,
+        config = build_machine_config(
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=cmdline,
+            vcpus=cpus,
+            memory=memory,
+            serial_out=serial_out or None,
             cpu_template=cpu_template,
-            rng=rng or rng_rate is not None,
-            rng_rate_limit=rng_rate,
-            drives=tuple(parse_drive(drive) for drive in drives),
-            nets=tuple(parse_net(net) for net in nets),
-            vsock=parse_vsock(vsock) if vsock is not None else None,
+            rng=rng,
+            rng_rate=rng_rate,
+            drives=drives,
+            nets=nets,
+            vsock=vsock,
         )
-        config.validate()
     except (ConfigError, HostError) as error:
         _fail(str(error))
     sys.exit(_run_machine(config, timeout))
@@ -182,9 +172,7 @@ def _config_from_file(path: str) -> object:
     from pyvmm.api.machine_config import to_machine_config
     from pyvmm.api.vm_config import VmResources
 
-    config = to_machine_config(VmResources.from_config_file(path))
-    config.validate()
-    return config
+    return to_machine_config(VmResources.from_config_file(path))
 
 
 def _default_guest(initrd: str | None) -> tuple[str, str]:
@@ -194,13 +182,6 @@ def _default_guest(initrd: str | None) -> tuple[str, str]:
 
     package = fetch_kernel("cloud")
     return str(package.vmlinuz), initrd or str(build_initramfs(package))
-
-
-def _parse_int(text: str, name: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, not {text!r}") from None
 
 
 def _run_machine(config: object, timeout: float | None) -> int:

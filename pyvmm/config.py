@@ -1,15 +1,26 @@
-"""A validated machine configuration.
+"""A machine configuration: typed values, checked once, when they are made.
 
-Everything a user can get wrong is checked here, before any KVM object
-exists, and reported as a one-line :class:`ConfigError`.
+Every dataclass here validates itself in ``__post_init__``: a
+:class:`MachineConfig` that exists is one pyvmm can build (what is left to
+find out - a drive image that cannot be opened, a TAP that cannot be
+created - shows when the machine is built, as a one-line error too). Front
+ends make configs from their own grammar: :func:`build_machine_config`
+for the CLI's strings and the library's keyword arguments, the API's
+models for Firecracker's JSON; nothing downstream parses text again.
+
+Rate limits are :class:`RateLimitSpec` values (Firecracker's token-bucket
+shape); the devices turn them into running limiters
+(:mod:`pyvmm.devices.rate_limiter`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyvmm import layout
@@ -17,26 +28,175 @@ from pyvmm.errors import ConfigError
 
 DEFAULT_MEMORY_SIZE = 128 << 20
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off"
+#: The CPUID templates a config may name ("auto": "pvm" on PVM hosts, else "none").
+CPU_TEMPLATES = ("auto", "none", "pvm")
+
+U64_MAX = (1 << 64) - 1
+#: vsock CIDs 0-2 are reserved; 2**32 - 1 means "any".
+MIN_GUEST_CID = 3
+GUEST_CID_LIMIT = (1 << 32) - 1
+#: ``sun_path`` holds 108 bytes including the terminating NUL.
+MAX_UDS_PATH_BYTES = 107
+
+
+# --- rate limits -------------------------------------------------------------------
+
+
+def _check_count(name: str, value: object, minimum: int, maximum: int = U64_MAX) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, not {value!r}")
+    if not minimum <= value <= maximum:
+        bound = "positive" if minimum == 1 else f"at least {minimum}"
+        if value > maximum:
+            raise ConfigError(f"{name} is too large (at most {maximum})")
+        raise ConfigError(f"{name} must be {bound}, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class TokenBucketSpec:
+    """``size`` tokens refilled linearly over ``refill_time_ms``, plus a one-time burst."""
+
+    size: int
+    refill_time_ms: int
+    one_time_burst: int = 0
+
+    def __post_init__(self) -> None:
+        _check_count("token bucket size", self.size, 1)
+        _check_count("token bucket refill_time", self.refill_time_ms, 1)
+        _check_count("token bucket one_time_burst", self.one_time_burst, 0)
+
+    def describe(self, unit: str) -> str:
+        burst = f" (+{self.one_time_burst} once)" if self.one_time_burst else ""
+        return f"{self.size}{unit}/{self.refill_time_ms}ms{burst}"
+
+
+@dataclass(frozen=True)
+class RateLimitSpec:
+    """A bandwidth bucket (bytes) and an ops bucket (requests); at least one of them."""
+
+    bandwidth: TokenBucketSpec | None = None
+    ops: TokenBucketSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.bandwidth is None and self.ops is None:
+            raise ConfigError("a rate limit needs a bandwidth or an ops bucket")
+
+    def __str__(self) -> str:
+        parts = [
+            f"{name}={bucket.describe(unit)}"
+            for name, unit, bucket in (("bw", "B", self.bandwidth), ("ops", "", self.ops))
+            if bucket is not None
+        ]
+        return ",".join(parts)
+
+
+_RATE_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_RATE_TIME_UNITS = {"ms": 1, "s": 1000}
+_RATE_SIZE_RE = re.compile(r"(\d{1,20})([KMG]?)(?:i?B)?", re.IGNORECASE)
+_RATE_TIME_RE = re.compile(r"(\d{1,20})(ms|s)")
+
+
+def parse_rate_limit(text: str) -> RateLimitSpec:
+    """``bw=SIZE[/TIME],ops=N[/TIME]``: the CLI's shorthand for a :class:`RateLimitSpec`.
+
+    Grammar (whitespace around items ignored, each key at most once, at
+    least one key)::
+
+        spec  := item ("," item)*
+        item  := "bw=" SIZE ["/" TIME] | "ops=" N ["/" TIME]
+        SIZE  := DIGITS [K|M|G] [B|iB]     binary units: 10M = 10 * 2**20 bytes
+        N     := DIGITS [K|M|G]            same multipliers (1K = 1024 ops)
+        TIME  := DIGITS ("ms" | "s")       the refill time; default 1s
+
+    So ``bw=10M/1s,ops=1000/1s`` allows 10 MiB and 1000 requests a second.
+    No one-time burst here (Firecracker's JSON form has it).
+    """
+    if not text or not text.strip():
+        raise ConfigError("empty rate limit (expected e.g. bw=10M/1s,ops=1000/1s)")
+    buckets: dict[str, TokenBucketSpec] = {}
+    for raw in text.split(","):
+        item = raw.strip()
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in ("bw", "ops"):
+            raise ConfigError(f"rate limit item {item!r}: expected bw=SIZE[/TIME] or ops=N[/TIME]")
+        if key in buckets:
+            raise ConfigError(f"rate limit gives {key}= twice")
+        amount, slash, period = value.strip().partition("/")
+        size = _rate_size(key, amount.strip())
+        refill_ms = _rate_time(key, period.strip()) if slash else 1000
+        buckets[key] = TokenBucketSpec(size, refill_ms)
+    return RateLimitSpec(buckets.get("bw"), buckets.get("ops"))
+
+
+def _rate_size(key: str, text: str) -> int:
+    match = _RATE_SIZE_RE.fullmatch(text)
+    if match is None or (key == "ops" and text.lower().endswith("b")):
+        what = "SIZE like 10M" if key == "bw" else "a count like 1000"
+        raise ConfigError(f"rate limit {key}={text[:40]!r}: expected {what}")
+    value = int(match.group(1)) * _RATE_SIZE_UNITS[match.group(2).upper()]
+    if value <= 0:
+        raise ConfigError(f"rate limit {key}= must be positive, got {text!r}")
+    if value > U64_MAX:
+        raise ConfigError(f"rate limit {key}={text[:40]!r} is too large")
+    return value
+
+
+def _rate_time(key: str, text: str) -> int:
+    match = _RATE_TIME_RE.fullmatch(text)
+    if match is None:
+        raise ConfigError(f"rate limit {key}: time {text[:40]!r} should be like 100ms or 1s")
+    value = int(match.group(1)) * _RATE_TIME_UNITS[match.group(2)]
+    if value <= 0:
+        raise ConfigError(f"rate limit {key}: time must be positive, got {text!r}")
+    if value > U64_MAX:
+        raise ConfigError(f"rate limit {key}: time {text[:40]!r} is too long")
+    return value
+
+
+# --- sizes -----------------------------------------------------------------------
 
 _SIZE_UNITS = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d{1,16}(?:\.\d{1,9})?)\s*([bkmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
-def parse_memory_size(text: str) -> int:
-    """Bytes from ``128`` (MiB), ``512M``, ``1G``, ``1.5G`` or ``4096B``."""
-    match = _SIZE_RE.match(text)
+def parse_memory_size(text: str | int) -> int:
+    """Bytes from ``128`` (MiB), ``512M``, ``1G``, ``1.5G`` or ``4096B``; an int is MiB."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if not 0 < text <= layout.MAX_MEMORY_SIZE >> 20:
+            raise ConfigError(f"memory size {text} MiB is out of range")
+        return text << 20
+    match = _SIZE_RE.match(str(text))
     if not match:
-        raise ConfigError(f"memory size {text!r} is not a size (examples: 128, 512M, 2G)")
+        raise ConfigError(f"memory size {str(text)[:40]!r} is not a size (examples: 128, 512M, 2G)")
     number, unit = match.groups()
-    size = float(number) * _SIZE_UNITS[unit.lower()]
-    if size != int(size):
+    whole, _, fraction = number.partition(".")
+    scale = _SIZE_UNITS[unit.lower()]
+    parts = int(fraction or 0) * scale
+    if parts % 10 ** len(fraction):
         raise ConfigError(f"memory size {text!r} is not a whole number of bytes")
-    return int(size)
+    return int(whole) * scale + parts // 10 ** len(fraction)
 
 
 def host_memory_size() -> int:
     """Physical RAM of the host in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_count(text: str | int, name: str) -> int:
+    """A whole number from the CLI (``2``, ``0x10``) or the library (an int)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    try:
+        if len(str(text)) > 20:  # no 400-digit numbers: they only lead to overflow later
+            raise ValueError
+        return int(str(text), 0)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {str(text)[:40]!r}") from None
+
+
+# --- devices -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -46,7 +206,7 @@ class DriveConfig:
     path: Path
     read_only: bool = False
     root: bool = False  # boot from it: root=/dev/vdX on the kernel command line
-    rate_limit: str | None = None  # "bw=10M/1s,ops=1000/1s" (pyvmm.devices.rate_limiter grammar)
+    rate_limit: RateLimitSpec | None = None
     drive_id: str | None = None  # the API's name for it (PATCH /drives/{id})
 
 
@@ -71,57 +231,52 @@ def parse_drive(text: str) -> DriveConfig:
             path = item
         else:
             raise ConfigError(
-                f"drive option {item!r} is not one of path=IMG, ro, root, bw=RATE, ops=RATE"
+                f"drive option {item[:40]!r} is not one of path=IMG, ro, root, bw=RATE, ops=RATE"
             )
     if not path:
-        raise ConfigError(f"drive {text!r} has no path=IMG")
-    return DriveConfig(Path(path), read_only, root, ",".join(limits) or None)
+        raise ConfigError(f"drive {text[:60]!r} has no path=IMG")
+    limit = parse_rate_limit(",".join(limits)) if limits else None
+    return DriveConfig(Path(path), read_only, root, limit)
 
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def check_mac(mac: str) -> str:
+    """``mac`` if it is six hex bytes like 02:00:00:00:00:01, else ConfigError."""
+    if not isinstance(mac, str) or not _MAC_RE.match(mac):
+        raise ConfigError(
+            f"MAC address {str(mac)[:40]!r} is not six hex bytes like 02:00:00:00:00:01"
+        )
+    return mac
 
 
 @dataclass(frozen=True)
 class NetConfig:
     """A virtio-net device backed by a host TAP device.
 
-    The rate limits use the drive grammar (``"bw=10M/1s,ops=1000/1s"``, see
-    ``pyvmm.devices.rate_limiter.parse_rate_limit``): bytes and frames the guest may
-    receive (rx) and send (tx), as Firecracker's ``rx_rate_limiter`` and
-    ``tx_rate_limiter``.
+    ``rx_rate_limit`` and ``tx_rate_limit`` limit the bytes and frames the
+    guest may receive and send (Firecracker's ``rx_rate_limiter`` and
+    ``tx_rate_limiter``).
     """
 
     tap: str
     mac: str | None = None  # default: derived from the TAP name, locally administered
-    rx_rate_limit: str | None = None
-    tx_rate_limit: str | None = None
-    iface_id: str | None = None  # the API's name for it (network overrides on restore)
+    rx_rate_limit: RateLimitSpec | None = None
+    tx_rate_limit: RateLimitSpec | None = None
+    iface_id: str | None = None  # the API's name for it (PATCH, network overrides)
+
+    def __post_init__(self) -> None:
+        if not self.tap:
+            raise ConfigError("a network interface needs a TAP device name")
+        if self.mac is not None:
+            check_mac(self.mac)
 
     def mac_bytes(self) -> bytes:
         if self.mac is not None:
             return bytes(int(part, 16) for part in self.mac.split(":"))
         digest = hashlib.sha256(self.tap.encode()).digest()
         return bytes([0x02, *digest[:5]])  # unicast, locally administered
-
-    def validate(self) -> None:
-        """Check the rate limits, naming the option (``rx_bw`` ...) that is wrong."""
-        from pyvmm.devices.rate_limiter import parse_rate_limit
-
-        for direction, spec in (("rx", self.rx_rate_limit), ("tx", self.tx_rate_limit)):
-            if spec is None:
-                continue
-            for item in spec.split(","):
-                key, _, value = item.strip().partition("=")
-                try:
-                    parse_rate_limit(item)
-                except ConfigError as exc:
-                    raise ConfigError(
-                        f"network {self.tap} option {direction}_{key}={value!r}: {exc}"
-                    ) from None
-            try:
-                parse_rate_limit(spec)  # the whole: a key given twice
-            except ConfigError as exc:
-                raise ConfigError(f"network {self.tap} {direction} rate limit: {exc}") from None
 
 
 _NET_RATE_KEYS = ("rx_bw", "rx_ops", "tx_bw", "tx_ops")
@@ -130,8 +285,7 @@ _NET_RATE_KEYS = ("rx_bw", "rx_ops", "tx_bw", "tx_ops")
 def parse_net(text: str) -> NetConfig:
     """``tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,rx_bw=RATE][,rx_ops=RATE][,tx_bw=RATE][,tx_ops=RATE]``.
 
-    RATE is ``AMOUNT[/TIME]`` as in drives (``10M/1s``, ``1000/100ms``);
-    :meth:`NetConfig.validate` checks it.
+    RATE is ``AMOUNT[/TIME]`` as in drives (``10M/1s``, ``1000/100ms``).
     """
     tap: str | None = None
     mac: str | None = None
@@ -142,13 +296,7 @@ def parse_net(text: str) -> NetConfig:
         if key == "tap" and value:
             tap = value
         elif key == "mac" and value:
-            if not _MAC_RE.match(value):
-                raise ConfigError(
-                    f"MAC address {value!r} is not six hex bytes like 02:00:00:00:00:01"
-                )
-            if int(value[:2], 16) & 1:
-                raise ConfigError(f"MAC address {value} is a multicast address")
-            mac = value
+            mac = check_mac(value)
         elif key in _NET_RATE_KEYS and value:
             if key in seen:
                 raise ConfigError(f"network option {key}= is given twice")
@@ -157,12 +305,34 @@ def parse_net(text: str) -> NetConfig:
             rates[direction].append(f"{kind}={value}")
         else:
             raise ConfigError(
-                f"network option {item!r} is not one of tap=NAME, mac=MAC, "
+                f"network option {item[:40]!r} is not one of tap=NAME, mac=MAC, "
                 "rx_bw=RATE, rx_ops=RATE, tx_bw=RATE, tx_ops=RATE"
             )
     if not tap:
-        raise ConfigError(f"network interface {text!r} has no tap=NAME")
-    return NetConfig(tap, mac, ",".join(rates["rx"]) or None, ",".join(rates["tx"]) or None)
+        raise ConfigError(f"network interface {text[:60]!r} has no tap=NAME")
+    for direction in ("rx", "tx"):
+        for item in rates[direction]:
+            kind, _, value = item.partition("=")
+            try:
+                parse_rate_limit(item)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"network {tap} option {direction}_{kind}={value[:40]!r}: {exc}"
+                ) from None
+    rx, tx = (parse_rate_limit(",".join(rates[d])) if rates[d] else None for d in ("rx", "tx"))
+    return NetConfig(tap, mac, rx, tx)
+
+
+def check_guest_cid(cid: object) -> int:
+    """``cid`` if it can be a guest CID (3 <= cid < 2**32 - 1), else ConfigError."""
+    if isinstance(cid, bool) or not isinstance(cid, int):
+        raise ConfigError(f"vsock guest CID must be an integer, not {cid!r}")
+    if not MIN_GUEST_CID <= cid < GUEST_CID_LIMIT:
+        raise ConfigError(
+            f"vsock guest CID {cid} is out of range: it must be >= {MIN_GUEST_CID} "
+            f"and < {GUEST_CID_LIMIT} (0-2 are reserved, {GUEST_CID_LIMIT} means any)"
+        )
+    return cid
 
 
 @dataclass(frozen=True)
@@ -176,12 +346,16 @@ class VsockConfig:
     guest_cid: int
     uds_path: Path
 
-    def validate(self) -> None:
-        from pyvmm.devices.virtio.vsock import check_guest_cid
-        from pyvmm.host.vsock_uds import check_uds_path
-
+    def __post_init__(self) -> None:
         check_guest_cid(self.guest_cid)
-        check_uds_path(self.uds_path)
+        raw = os.fsencode(self.uds_path)
+        if not raw:
+            raise ConfigError("vsock uds_path is empty")
+        if len(raw) > MAX_UDS_PATH_BYTES:
+            raise ConfigError(
+                f"vsock uds_path {str(self.uds_path)[:60]!r} is {len(raw)} bytes; a Unix "
+                f"socket path holds at most {MAX_UDS_PATH_BYTES}"
+            )
 
 
 def parse_vsock(text: str) -> VsockConfig:
@@ -191,24 +365,24 @@ def parse_vsock(text: str) -> VsockConfig:
     for item in (part.strip() for part in text.split(",")):
         key, _, value = item.partition("=")
         if key == "cid" and value:
-            try:
-                cid = int(value, 0)
-            except ValueError:
-                raise ConfigError(f"vsock cid={value!r} is not a number") from None
+            cid = parse_count(value, "vsock cid")
         elif key in ("uds", "uds_path") and value:
             uds = value
         else:
-            raise ConfigError(f"vsock option {item!r} is not one of cid=N, uds=PATH")
+            raise ConfigError(f"vsock option {item[:40]!r} is not one of cid=N, uds=PATH")
     if cid is None:
-        raise ConfigError(f"vsock {text!r} has no cid=N")
+        raise ConfigError(f"vsock {text[:60]!r} has no cid=N")
     if uds is None:
-        raise ConfigError(f"vsock {text!r} has no uds=PATH")
+        raise ConfigError(f"vsock {text[:60]!r} has no uds=PATH")
     return VsockConfig(cid, Path(uds))
+
+
+# --- the machine -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class MachineConfig:
-    """What to boot and with how much hardware."""
+    """What to boot and with how much hardware; checked when made (see the module doc)."""
 
     kernel: Path
     initrd: Path | None = None
@@ -216,60 +390,119 @@ class MachineConfig:
     vcpus: int = 1
     mem_size: int = DEFAULT_MEMORY_SIZE
     serial_out: Path | None = None
-    cpu_template: str = "auto"  # "auto": "pvm" on PVM hosts, else "none"
+    cpu_template: str = "auto"
     rng: bool = False  # a virtio-rng device fed by os.getrandom
-    rng_rate_limit: str | None = None  # entropy bytes/requests: "bw=1K/1s,ops=100/1s"
+    rng_rate_limit: RateLimitSpec | None = None
     drives: tuple[DriveConfig, ...] = ()
     nets: tuple[NetConfig, ...] = ()
     vsock: VsockConfig | None = None
     track_dirty_pages: bool = False  # log written pages: diff snapshots need it
+    #: Set by ``__post_init__``: one id per virtio device, in device order.
+    device_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` for the first problem found."""
-        if not 1 <= self.vcpus <= layout.MAX_VCPUS:
-            raise ConfigError(f"cpus must be between 1 and {layout.MAX_VCPUS}, not {self.vcpus}")
-        mib = self.mem_size / (1 << 20)
-        if self.mem_size % layout.PAGE_SIZE:
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.vcpus, bool)
+            or not isinstance(self.vcpus, int)
+            or not 1 <= self.vcpus <= layout.MAX_VCPUS
+        ):
+            raise ConfigError(f"cpus must be between 1 and {layout.MAX_VCPUS}, not {self.vcpus!r}")
+        self._check_memory()
+        if self.cpu_template not in CPU_TEMPLATES:
             raise ConfigError(
-                f"memory size {self.mem_size} bytes is not a multiple of the "
+                f"unknown CPU template {self.cpu_template!r}; choose one of "
+                + ", ".join(CPU_TEMPLATES)
+            )
+        if sum(drive.root for drive in self.drives) > 1:
+            raise ConfigError("only one drive can be the root drive")
+        if self.rng_rate_limit is not None and not self.rng:
+            raise ConfigError("an rng rate limit needs the rng device")
+        ids = self._device_ids()
+        if len(ids) > layout.MAX_VIRTIO_DEVICES:
+            raise ConfigError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices are supported")
+        object.__setattr__(self, "device_ids", ids)
+
+    def _check_memory(self) -> None:
+        size = self.mem_size
+        _check_count("memory size", size, 1, layout.MAX_MEMORY_SIZE)
+        mib = size / (1 << 20)
+        if size % layout.PAGE_SIZE:
+            raise ConfigError(
+                f"memory size {size} bytes is not a multiple of the "
                 f"{layout.PAGE_SIZE}-byte page size"
             )
-        if self.mem_size < layout.MIN_MEMORY_SIZE:
+        if size < layout.MIN_MEMORY_SIZE:
             raise ConfigError(
                 f"memory size {mib:g} MiB is too small; the minimum is "
                 f"{layout.MIN_MEMORY_SIZE >> 20} MiB"
             )
         limit = min(layout.MAX_MEMORY_SIZE, host_memory_size())
-        if self.mem_size > limit:
+        if size > limit:
             raise ConfigError(
                 f"memory size {mib:g} MiB is too large; this host allows at most {limit >> 20} MiB"
             )
-        from pyvmm.vmm.cpuid import TEMPLATES
 
-        if self.cpu_template != "auto" and self.cpu_template not in TEMPLATES:
-            names = ", ".join(["auto", *TEMPLATES])
-            raise ConfigError(f"unknown CPU template {self.cpu_template!r}; choose one of {names}")
-        if sum(drive.root for drive in self.drives) > 1:
-            raise ConfigError("only one drive can be the root drive")
-        for drive in self.drives:
-            if not drive.path.is_file():
-                raise ConfigError(f"drive image {drive.path} does not exist or is not a file")
-            if drive.rate_limit is not None:
-                from pyvmm.devices.rate_limiter import parse_rate_limit
+    def _device_ids(self) -> tuple[str, ...]:
+        """Virtio device ids, drives first (so drive n is /dev/vd<a+n>): unique, never empty."""
+        ids = [drive.drive_id or f"drive{n}" for n, drive in enumerate(self.drives)]
+        ids += [net.iface_id or f"net{n}" for n, net in enumerate(self.nets)]
+        ids += ["rng"] * self.rng + ["vsock"] * (self.vsock is not None)
+        duplicates = {name for name in ids if ids.count(name) > 1}
+        if duplicates:
+            raise ConfigError(f"device id {sorted(duplicates)[0]!r} is used twice")
+        return tuple(ids)
 
-                parse_rate_limit(drive.rate_limit)
-        for net in self.nets:
-            net.validate()
-        if self.rng_rate_limit is not None:
-            from pyvmm.devices.rate_limiter import parse_rate_limit
 
-            if not self.rng:
-                raise ConfigError("an rng rate limit needs the rng device")
-            try:
-                parse_rate_limit(self.rng_rate_limit)
-            except ConfigError as exc:
-                raise ConfigError(f"rng rate {self.rng_rate_limit!r}: {exc}") from None
-        if self.vsock is not None:
-            self.vsock.validate()
-        if self.serial_out is not None and self.serial_out.is_dir():
-            raise ConfigError(f"serial output {self.serial_out} is a directory")
+def build_machine_config(
+    *,
+    kernel: str | os.PathLike[str],
+    initrd: str | os.PathLike[str] | None = None,
+    cmdline: str | None = None,
+    vcpus: int | str = 1,
+    memory: int | str = DEFAULT_MEMORY_SIZE >> 20,
+    drives: Iterable[DriveConfig | str] = (),
+    nets: Iterable[NetConfig | str] = (),
+    vsock: VsockConfig | str | None = None,
+    rng: bool = False,
+    rng_rate: RateLimitSpec | str | None = None,
+    cpu_template: str = "auto",
+    serial_out: str | os.PathLike[str] | None = None,
+    track_dirty_pages: bool = False,
+) -> MachineConfig:
+    """The one constructor the CLI and the library share: their values, parsed and checked.
+
+    Strings use the CLI's grammar (``parse_drive``, ``parse_net``,
+    ``parse_vsock``, ``parse_rate_limit``); ``memory`` is MiB as an int or a
+    size string (``512M``); an rng rate implies the rng device.
+    """
+    if isinstance(rng_rate, str):
+        try:
+            rng_rate = parse_rate_limit(rng_rate)
+        except ConfigError as exc:
+            raise ConfigError(f"rng rate {rng_rate[:40]!r}: {exc}") from None
+    return MachineConfig(
+        kernel=Path(kernel),
+        initrd=Path(initrd) if initrd is not None else None,
+        cmdline=DEFAULT_LINUX_CMDLINE if cmdline is None else cmdline,
+        vcpus=parse_count(vcpus, "cpus"),
+        mem_size=parse_memory_size(memory),
+        serial_out=Path(serial_out) if serial_out is not None else None,
+        cpu_template=cpu_template,
+        rng=rng or rng_rate is not None,
+        rng_rate_limit=rng_rate,
+        drives=tuple(parse_drive(d) if isinstance(d, str) else d for d in drives),
+        nets=tuple(parse_net(n) if isinstance(n, str) else n for n in nets),
+        vsock=parse_vsock(vsock) if isinstance(vsock, str) else vsock,
+        track_dirty_pages=track_dirty_pages,
+    )
+
+
+def finite_timeout(value: float | None, name: str = "timeout") -> float | None:
+    """``value`` if it is a usable number of seconds (> 0, finite), else ConfigError."""
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or math.isnan(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+    if math.isinf(value) or value > 10**9:
+        raise ConfigError(f"{name} {value!r} is too large (at most 1e9 seconds)")
+    return float(value)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pyvmm import layout
@@ -219,31 +219,72 @@ class GuestMemory:
 
 
 class DirtyTrackingMemory(GuestMemory):
-    """Guest memory that remembers which pages the VMM touched, for diff snapshots.
+    """Guest memory that knows every page written since the last look, for diff snapshots.
 
-    KVM's dirty log sees only the guest's own writes; devices write guest
-    RAM from Python (used rings, read data). Every range handed out by
-    :meth:`_locate` (so by every accessor) is recorded as possibly written,
-    reads included: over-reporting only makes a diff snapshot larger.
-    Buffers kept across calls (the virtqueues bind their rings once) are
-    not seen again; the snapshot code adds those ring pages itself.
+    Three writers, all seen here so that no caller has to remember them:
+
+    * the VMM's own accesses: every range :meth:`_locate` hands out (so
+      every accessor's) is recorded, reads included - over-reporting only
+      makes a diff snapshot larger;
+    * buffers handed out once and written through for a long time (the
+      virtqueues bind their rings with :meth:`locate`): those ranges are
+      *pinned* and reported dirty every time;
+    * the guest itself: KVM's dirty log, read through the function
+      :meth:`attach_dirty_log` is given (the VM registers its slots with
+      logging on and hands over ``Vm.get_dirty_log``).
     """
 
     def __init__(self, regions: Iterable[tuple[int, int]], *, file: int | None = None) -> None:
         super().__init__(regions, file=file)
-        #: Guest page frame numbers (address >> 12) touched since :meth:`take_dirty`.
-        self.dirty_pages: set[int] = set()
+        self._dirty: set[int] = set()  # guest page frame numbers (address >> 12)
+        self._pinned: set[int] = set()
+        self._dirty_log: DirtyLogReader | None = None
 
     def _locate(self, addr: int, length: int) -> tuple[MemoryRegion, int]:
         found = super()._locate(addr, length)
-        self.dirty_pages.update(range(addr >> 12, ((addr + (length or 1) - 1) >> 12) + 1))
+        self._dirty.update(_pages(addr, length))
         return found
 
-    def mark_dirty(self, addr: int, length: int) -> None:
-        """Record ``[addr, addr+length)`` as written."""
-        self.dirty_pages.update(range(addr >> 12, ((addr + (length or 1) - 1) >> 12) + 1))
+    def locate(self, addr: int, length: int) -> tuple[mmap.mmap, int]:
+        found = super().locate(addr, length)
+        self._pinned.update(_pages(addr, length))
+        return found
+
+    def attach_dirty_log(self, read: DirtyLogReader) -> None:
+        """``read(slot, pages)`` returns KVM's dirty bitmap of region ``slot`` (and clears it)."""
+        self._dirty_log = read
 
     def take_dirty(self) -> set[int]:
-        """The pages recorded so far; recording starts afresh."""
-        taken, self.dirty_pages = self.dirty_pages, set()
+        """Pages written since the previous call (or since mapping); recording starts afresh.
+
+        Reading KVM's log clears it, so pages taken here must be saved or
+        handed back with :meth:`put_back`.
+        """
+        taken, self._dirty = self._dirty | self._pinned, set()
+        if self._dirty_log is not None:
+            for slot, region in enumerate(self._regions):
+                bitmap = self._dirty_log(slot, region.size // layout.PAGE_SIZE)
+                taken.update(_bitmap_pages(bitmap, region.guest_addr // layout.PAGE_SIZE))
         return taken
+
+    def put_back(self, pages: Iterable[int]) -> None:
+        """Report ``pages`` as dirty again (a snapshot that used them failed)."""
+        self._dirty.update(pages)
+
+
+DirtyLogReader = Callable[[int, int], bytes]
+
+
+def _pages(addr: int, length: int) -> range:
+    return range(addr >> 12, ((addr + (length or 1) - 1) >> 12) + 1)
+
+
+def _bitmap_pages(bitmap: bytes, first_page: int) -> list[int]:
+    """Page frame numbers of the set bits of a KVM dirty bitmap (bit n = ``first_page + n``)."""
+    pages = []
+    value = int.from_bytes(bitmap, "little")
+    while value:
+        low = value & -value
+        pages.append(first_page + low.bit_length() - 1)
+        value ^= low
+    return pages

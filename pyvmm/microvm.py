@@ -32,10 +32,7 @@ from pyvmm.config import (
     MachineConfig,
     NetConfig,
     VsockConfig,
-    parse_drive,
-    parse_memory_size,
-    parse_net,
-    parse_vsock,
+    build_machine_config,
 )
 from pyvmm.vmm.machine import Machine, VmState
 from pyvmm.vmm.stop_reason import StopReason
@@ -167,23 +164,22 @@ class MicroVM:
         if config is None:
             if kernel is None:
                 raise TypeError("MicroVM needs a config or kernel=")
-            config = MachineConfig(
-                kernel=Path(kernel),
-                initrd=Path(initrd) if initrd is not None else None,
+            config = build_machine_config(
+                kernel=kernel,
+                initrd=initrd,
                 cmdline=cmdline,
                 vcpus=vcpus,
-                mem_size=memory << 20 if isinstance(memory, int) else parse_memory_size(memory),
-                drives=tuple(parse_drive(d) if isinstance(d, str) else d for d in drives),
-                nets=tuple(parse_net(n) if isinstance(n, str) else n for n in nets),
+                memory=memory,
+                drives=drives,
+                nets=nets,
                 rng=rng,
                 cpu_template=cpu_template,
-                vsock=parse_vsock(vsock) if isinstance(vsock, str) else vsock,
+                vsock=vsock,
                 track_dirty_pages=track_dirty_pages,
             )
-        self.config = config
         self.console = SerialConsole()
         self._closed = False
-        try:  # Machine validates the config
+        try:
             self._machine = Machine(
                 config, serial_out=self.console.feed, console_in=self.console.input_fd
             )
@@ -224,9 +220,13 @@ class MicroVM:
         except BaseException:
             vm.console.close_input()
             raise
-        vm.config = vm._machine.config
         vm._watch_for_stop()
         return vm
+
+    @property
+    def config(self) -> MachineConfig:
+        """The VM's whole configuration (a restored VM's too; live changes included)."""
+        return self._machine.config
 
     @property
     def machine(self) -> Machine:

@@ -2,7 +2,8 @@
 
 The router (:mod:`pyvmm.api.routes`) parses requests, enforces the
 pre-boot/post-boot rules and keeps the configuration; everything that acts
-on a VM goes through this protocol, which the lead implements on top of
+on a VM goes through this protocol, which
+:class:`pyvmm.api.vmm.MachineController` implements on top of
 :class:`pyvmm.vmm.machine.Machine` (and tests implement with a fake).
 
 Contract for implementers:
@@ -16,15 +17,17 @@ Contract for implementers:
   ``fault_message`` is that message behind Firecracker's prefix for the
   action ("Start microvm error: ..."). Any other exception is a bug and
   becomes a 500.
-- :attr:`state` is one of :data:`NOT_STARTED`, :data:`RUNNING`,
-  :data:`PAUSED`: "Not started" until :meth:`start` or :meth:`load_snapshot`
-  succeeds, and never "Not started" again afterwards.
+- :attr:`state` is the machine's :class:`~pyvmm.vmm.lifecycle.VmState`
+  (the lifecycle's own vocabulary): ``NOT_STARTED`` until :meth:`start` or
+  :meth:`load_snapshot` succeeds, and never again afterwards.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from pyvmm.vmm.lifecycle import VmState
 
 if TYPE_CHECKING:
     from pyvmm.api.models import (
@@ -36,10 +39,6 @@ if TYPE_CHECKING:
     )
     from pyvmm.api.vm_config import VmResources
 
-NOT_STARTED = "Not started"
-RUNNING = "Running"
-PAUSED = "Paused"
-VM_STATES = (NOT_STARTED, RUNNING, PAUSED)
 
 
 @dataclass(frozen=True)
@@ -47,14 +46,15 @@ class InstanceInfo:
     """``GET /``: who this VMM is and what state its VM is in."""
 
     id: str
-    state: str
+    state: VmState
     vmm_version: str
     app_name: str = "pyvmm"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "state": self.state,
+            # Firecracker never reports a stopped VM: its process exits with the guest.
+            "state": (VmState.RUNNING if self.state is VmState.STOPPED else self.state).value,
             "vmm_version": self.vmm_version,
             "app_name": self.app_name,
         }
@@ -64,8 +64,8 @@ class VmmController(Protocol):
     """The VMM side of the API; see the module docstring for the contract."""
 
     @property
-    def state(self) -> str:
-        """ "Not started", "Running" or "Paused"."""
+    def state(self) -> VmState:
+        """Where the machine is in its lifecycle."""
         ...
 
     def instance_info(self) -> InstanceInfo:

@@ -16,20 +16,21 @@ Mapped:
   no counterpart and change nothing.
 - ``drives`` -> ``drives``, root drive first (so it is ``/dev/vda``):
   ``path_on_host``, ``is_read_only``, ``is_root_device``, and
-  ``rate_limiter`` as the ``bw=SIZE/TIMEms,ops=N/TIMEms`` shorthand. A root
+  ``rate_limiter`` as a :class:`~pyvmm.config.RateLimitSpec` (one-time
+  bursts included). A root
   drive with a ``partuuid`` is not flagged ``root``; instead
   ``root=PARTUUID=<uuid> ro|rw`` goes on the command line, as Firecracker
   does. ``cache_type`` changes nothing: pyvmm always honours guest flushes
   (which is "Writeback"; "Unsafe" would only allow skipping them).
 - ``network-interfaces`` -> ``nets``: ``host_dev_name`` -> ``tap``,
   ``guest_mac`` -> ``mac``, ``iface_id`` -> ``iface_id``, and
-  ``rx_rate_limiter``/``tx_rate_limiter`` in the same shorthand.
+  ``rx_rate_limiter``/``tx_rate_limiter`` as specs.
 - ``vsock`` -> ``vsock`` (``guest_cid``, ``uds_path``).
 - ``entropy`` -> ``rng=True``, its ``rate_limiter`` -> ``rng_rate_limit``.
 
-Refused with a :class:`~pyvmm.errors.ConfigError`, because ``MachineConfig``
-cannot express it and silently dropping it would run a different VM than
-the one configured: a rate limiter with a ``one_time_burst``.
+The way back, :func:`to_vm_resources`, describes a running or restored
+machine's config in the API's terms (``GET /vm/config`` after a snapshot
+load or a PATCH).
 
 Not part of the machine (the controller handles them): ``logger``,
 ``metrics``, ``mmds-config`` and the MMDS data.
@@ -37,10 +38,17 @@ Not part of the machine (the controller handles them): ``logger``,
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from pyvmm.api.fields import show
-from pyvmm.api.models import RateLimiterConfig
+from pyvmm.api.models import (
+    BootSource,
+    Drive,
+    Entropy,
+    NetworkInterface,
+    RateLimiterConfig,
+    Vsock,
+)
 from pyvmm.api.vm_config import VmResources
 from pyvmm.config import (
     DEFAULT_LINUX_CMDLINE,
@@ -53,7 +61,7 @@ from pyvmm.errors import ConfigError
 
 
 def to_machine_config(resources: VmResources) -> MachineConfig:
-    """The :class:`MachineConfig` that boots ``resources`` (not yet validated)."""
+    """The :class:`MachineConfig` that boots ``resources`` (checked as it is made)."""
     boot = resources.boot_source
     if boot is None:
         raise ConfigError("Cannot start microvm without kernel configuration (PUT /boot-source)")
@@ -70,28 +78,25 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
                 path=Path(drive.path_on_host),
                 read_only=drive.is_read_only,
                 root=root,
-                rate_limit=_rate_limit_shorthand(
-                    drive.rate_limiter, f"drive {show(drive.drive_id)}"
-                ),
+                rate_limit=drive.rate_limiter.to_spec() if drive.rate_limiter else None,
                 drive_id=drive.drive_id,
             )
         )
-    nets = []
-    for net in resources.nets.values():
-        where = f"network interface {show(net.iface_id)}"
-        nets.append(
-            NetConfig(
-                tap=net.host_dev_name,
-                mac=net.guest_mac,
-                rx_rate_limit=_rate_limit_shorthand(net.rx_rate_limiter, f"{where} rx"),
-                tx_rate_limit=_rate_limit_shorthand(net.tx_rate_limiter, f"{where} tx"),
-                iface_id=net.iface_id,
-            )
+    nets = [
+        NetConfig(
+            tap=net.host_dev_name,
+            mac=net.guest_mac,
+            rx_rate_limit=net.rx_rate_limiter.to_spec() if net.rx_rate_limiter else None,
+            tx_rate_limit=net.tx_rate_limiter.to_spec() if net.tx_rate_limiter else None,
+            iface_id=net.iface_id,
         )
+        for net in resources.nets.values()
+    ]
     vsock = None
     if resources.vsock is not None:
         vsock = VsockConfig(resources.vsock.guest_cid, Path(resources.vsock.uds_path))
     entropy = resources.entropy
+    limiter = entropy.rate_limiter if entropy is not None else None
     return MachineConfig(
         kernel=Path(boot.kernel_image_path),
         initrd=Path(boot.initrd_path) if boot.initrd_path is not None else None,
@@ -100,9 +105,7 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
         mem_size=resources.machine_config.mem_size_mib << 20,
         cpu_template="auto",
         rng=entropy is not None,
-        rng_rate_limit=(
-            _rate_limit_shorthand(entropy.rate_limiter, "entropy") if entropy is not None else None
-        ),
+        rng_rate_limit=limiter.to_spec() if limiter is not None else None,
         drives=tuple(drives),
         nets=tuple(nets),
         vsock=vsock,
@@ -110,15 +113,54 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
     )
 
 
-def _rate_limit_shorthand(limiter: RateLimiterConfig | None, where: str) -> str | None:
-    """``bw=SIZE/TIMEms,ops=N/TIMEms`` (:func:`pyvmm.devices.rate_limiter.parse_rate_limit`)."""
-    if limiter is None:
-        return None
-    items = []
-    for key, bucket in (("bw", limiter.bandwidth), ("ops", limiter.ops)):
-        if bucket is None or not bucket.enabled:
-            continue
-        if bucket.one_time_burst:
-            raise ConfigError(f"{where}: pyvmm rate limiters cannot have a one_time_burst yet")
-        items.append(f"{key}={bucket.size}/{bucket.refill_time}ms")
-    return ",".join(items) or None
+def to_vm_resources(config: MachineConfig, resources: VmResources) -> None:
+    """Describe ``config`` (a running or restored machine's) in ``resources``, in place.
+
+    What only the API knew (a drive's ``partuuid``, cache type or I/O
+    engine) is kept where the drive is still there; logger, metrics and
+    MMDS are not part of the machine and stay as they are.
+    """
+    resources.boot_source = BootSource(
+        kernel_image_path=str(config.kernel),
+        boot_args=config.cmdline,
+        initrd_path=str(config.initrd) if config.initrd is not None else None,
+    )
+    resources.machine_config = dataclasses.replace(
+        resources.machine_config,
+        vcpu_count=config.vcpus,
+        mem_size_mib=config.mem_size >> 20,
+        track_dirty_pages=config.track_dirty_pages,
+    )
+    ids = config.device_ids
+    drives = {}
+    for drive_id, drive in zip(ids, config.drives, strict=False):
+        old = resources.drives.get(drive_id)
+        drives[drive_id] = Drive(
+            drive_id=drive_id,
+            path_on_host=str(drive.path),
+            is_root_device=drive.root or (old is not None and old.is_root_device),
+            is_read_only=drive.read_only,
+            partuuid=old.partuuid if old is not None else None,
+            cache_type=old.cache_type if old is not None else "Unsafe",
+            rate_limiter=RateLimiterConfig.from_spec(drive.rate_limit),
+            io_engine=old.io_engine if old is not None else "Sync",
+        )
+    resources.drives = drives
+    net_ids = ids[len(config.drives) : len(config.drives) + len(config.nets)]
+    resources.nets = {
+        iface_id: NetworkInterface(
+            iface_id=iface_id,
+            host_dev_name=net.tap,
+            guest_mac=(net.mac or net.mac_bytes().hex(":")).lower(),
+            rx_rate_limiter=RateLimiterConfig.from_spec(net.rx_rate_limit),
+            tx_rate_limiter=RateLimiterConfig.from_spec(net.tx_rate_limit),
+        )
+        for iface_id, net in zip(net_ids, config.nets, strict=True)
+    }
+    vsock = config.vsock
+    resources.vsock = Vsock(vsock.guest_cid, str(vsock.uds_path)) if vsock is not None else None
+    resources.entropy = (
+        Entropy(rate_limiter=RateLimiterConfig.from_spec(config.rng_rate_limit))
+        if config.rng
+        else None
+    )

@@ -25,14 +25,14 @@ configuration (one root drive, unique MACs, files that exist) live in
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pyvmm import layout
 from pyvmm.api.fields import Fields, is_valid_id, show
-from pyvmm.devices.rate_limiter import Clock, RateLimiter
+from pyvmm.config import RateLimitSpec, TokenBucketSpec
+from pyvmm.devices.rate_limiter import KEEP, LimiterPatch
 from pyvmm.errors import ConfigError
 
 U32_MAX = (1 << 32) - 1
@@ -104,18 +104,33 @@ class RateLimiterConfig:
             return None
         return RateLimiterConfig(bandwidth, ops)
 
-    def build(self, clock: Clock = time.monotonic_ns) -> RateLimiter:
-        """A :class:`~pyvmm.devices.rate_limiter.RateLimiter` with the enabled buckets."""
-        config = {
-            name: {
-                "size": bucket.size,
-                "refill_time": bucket.refill_time,
-                "one_time_burst": bucket.one_time_burst,
-            }
-            for name, bucket in (("bandwidth", self.bandwidth), ("ops", self.ops))
-            if bucket is not None and bucket.enabled
-        }
-        return RateLimiter.from_config(config, clock)
+    def to_spec(self) -> RateLimitSpec | None:
+        """The machine config's limit: the enabled buckets (None when nothing is limited)."""
+        buckets = [
+            TokenBucketSpec(b.size, b.refill_time, b.one_time_burst) if b and b.enabled else None
+            for b in (self.bandwidth, self.ops)
+        ]
+        return RateLimitSpec(*buckets) if any(buckets) else None
+
+    def to_patch(self) -> LimiterPatch:
+        """Firecracker's PATCH meaning: an absent bucket stays, a disabled one goes."""
+        spec = self.to_spec()
+        return LimiterPatch(
+            bandwidth=KEEP if self.bandwidth is None else spec.bandwidth if spec else None,
+            ops=KEEP if self.ops is None else spec.ops if spec else None,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: RateLimitSpec | None) -> RateLimiterConfig | None:
+        """The API's shape of a configured limit (``GET /vm/config``)."""
+        if spec is None:
+            return None
+        return cls(
+            *(
+                TokenBucketConfig(b.size, b.refill_time_ms, b.one_time_burst) if b else None
+                for b in (spec.bandwidth, spec.ops)
+            )
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {"bandwidth": _json_or_none(self.bandwidth), "ops": _json_or_none(self.ops)}

@@ -52,12 +52,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvmm.api import models
-from pyvmm.api.controller import NOT_STARTED, PAUSED, VmmController
+from pyvmm.api.controller import VmmController
 from pyvmm.api.fields import is_valid_id, loads_strict
 from pyvmm.api.http_protocol import DEFAULT_MAX_BODY, Response
 from pyvmm.api.mmds import MmdsLimitError
 from pyvmm.api.vm_config import VmResources
 from pyvmm.errors import ConfigError, PyvmmError
+from pyvmm.vmm.lifecycle import VmState
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ class Router:
     # --- helpers for the handlers -----------------------------------------------------
     @property
     def started(self) -> bool:
-        return self.controller.state != NOT_STARTED
+        return self.controller.state is not VmState.NOT_STARTED
 
     def _pre_boot(self, boot_specific: bool = False) -> None:
         if self.started:
@@ -493,7 +494,7 @@ class Router:
     def _put_snapshot_create(self, value: Any, path_id: str | None) -> Response:
         params = models.parse_snapshot_create(value)
         self._post_boot()
-        if self.controller.state != PAUSED:
+        if self.controller.state is not VmState.PAUSED:
             raise _Fault(
                 "Create snapshot error: the microVM must be paused first "
                 '(PATCH /vm {"state": "Paused"})'

@@ -14,15 +14,13 @@ virtio device's counters and the latencies of pause, resume and snapshots.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from pyvmm.api.controller import NOT_STARTED, PAUSED, RUNNING, InstanceInfo
-from pyvmm.api.machine_config import to_machine_config
-from pyvmm.devices.rate_limiter import KEEP, LimiterPatch
+from pyvmm.api.controller import InstanceInfo
+from pyvmm.api.machine_config import to_machine_config, to_vm_resources
 from pyvmm.errors import ConfigError, VmStateError
 from pyvmm.logs import configure_logging
 from pyvmm.metrics import MetricsWriter
@@ -88,12 +86,8 @@ class MachineController:
 
     # --- state ------------------------------------------------------------------------
     @property
-    def state(self) -> str:
-        if self.machine is None:
-            return NOT_STARTED
-        # A stopped machine still counts as started ("Running" in Firecracker's terms,
-        # until the process exits).
-        return PAUSED if self.machine.state is VmState.PAUSED else RUNNING
+    def state(self) -> VmState:
+        return self.machine.state if self.machine is not None else VmState.NOT_STARTED
 
     def instance_info(self) -> InstanceInfo:
         return InstanceInfo(id=self.instance_id, state=self.state, vmm_version=self._version)
@@ -107,7 +101,6 @@ class MachineController:
         from pyvmm.vmm.machine import Machine
 
         config = to_machine_config(resources)
-        config.validate()
         machine = Machine(config, serial_out=self._serial_out, console_in=self._console_in)
         with self._timed("start_vm"):
             machine.start()  # on failure it has closed itself
@@ -137,6 +130,7 @@ class MachineController:
             )
         self.machine = machine
         self._watch(machine)
+        to_vm_resources(machine.config, resources)  # GET /vm/config shows what was restored
 
     def configure_logger(self, config: Logger) -> None:
         configure_logging(
@@ -178,12 +172,17 @@ class MachineController:
     def patch_drive(
         self, drive_id: str, path_on_host: str | None, rate_limiter: RateLimiterConfig | None
     ) -> None:
-        self._machine().update_drive(drive_id, path_on_host, _limiter_patch(rate_limiter))
+        patch = rate_limiter.to_patch() if rate_limiter is not None else None
+        self._machine().update_drive(drive_id, path_on_host, patch)
 
     def patch_net(
         self, iface_id: str, rx: RateLimiterConfig | None, tx: RateLimiterConfig | None
     ) -> None:
-        self._machine().update_net(iface_id, _limiter_patch(rx), _limiter_patch(tx))
+        self._machine().update_net(
+            iface_id,
+            rx.to_patch() if rx is not None else None,
+            tx.to_patch() if tx is not None else None,
+        )
 
     # --- helpers ----------------------------------------------------------------------
     def close(self) -> None:
@@ -224,19 +223,12 @@ class MachineController:
         return data
 
 
-def _limiter_patch(config: RateLimiterConfig | None) -> LimiterPatch | None:
-    """Firecracker's PATCH meaning: an absent bucket stays, a disabled one goes."""
-    if config is None:
-        return None
-    built = config.build()
-    return LimiterPatch(
-        bandwidth=KEEP if config.bandwidth is None else built.bandwidth,
-        ops=KEEP if config.ops is None else built.ops,
-    )
-
-
 def machine_metrics(machine: Machine) -> dict[str, Any]:
-    """Counters of one machine: ``vcpu`` exits by kind, and one group per virtio device."""
+    """Counters of one machine: ``vcpu`` exits by kind, and one group per virtio device.
+
+    Device groups are named as Firecracker names them (``block_rootfs``,
+    ``net_eth0``, ``entropy``, ``vsock``).
+    """
     groups: dict[str, Any] = {}
     exits: dict[str, int] = {}
     for thread in machine.vcpu_threads:
@@ -244,15 +236,6 @@ def machine_metrics(machine: Machine) -> dict[str, Any]:
             exits[kind] = exits.get(kind, 0) + count
     if exits:
         groups["vcpu"] = exits
-    kinds: dict[str, int] = {}
-    for transport in machine.virtio_transports:
-        device = transport.device
-        name = type(device).__name__.removeprefix("Virtio").lower()
-        index = kinds.get(name, 0)
-        kinds[name] = index + 1
-        stats = getattr(device, "stats", None)
-        if dataclasses.is_dataclass(stats):
-            groups[f"{name}{index}"] = dataclasses.asdict(stats)
-        elif hasattr(device, "bytes_served"):
-            groups[f"{name}{index}"] = {"bytes": device.bytes_served}
+    if machine.state is not VmState.NOT_STARTED:
+        groups.update(machine.devices.device_stats())
     return groups

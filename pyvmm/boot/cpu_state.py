@@ -11,38 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pyvmm.kvm.registers import DescriptorTable, Segment
+
+__all__ = ["BootCpuState", "BootMode", "DescriptorTable", "Segment"]
+
 
 class BootMode(Enum):
     """How the kernel is entered."""
 
     LINUX_64 = "linux64"  # 64-bit boot protocol: long mode, rsi = zero page
     PVH_32 = "pvh32"  # PVH: 32-bit flat protected mode, ebx = hvm_start_info
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A segment register as KVM's ``struct kvm_segment`` holds it."""
-
-    base: int = 0
-    limit: int = 0xFFFF
-    selector: int = 0
-    type: int = 0
-    present: int = 1
-    dpl: int = 0
-    db: int = 0
-    s: int = 1
-    l: int = 0  # noqa: E741 - the field's name in struct kvm_segment
-    g: int = 0
-    avl: int = 0
-    unusable: int = 0
-
-
-@dataclass(frozen=True)
-class DescriptorTable:
-    """GDTR/IDTR: base and limit."""
-
-    base: int
-    limit: int
 
 
 @dataclass(frozen=True)
@@ -63,8 +41,8 @@ class BootCpuState:
     ss: Segment = field(default_factory=Segment)
     tr: Segment = field(default_factory=Segment)
     ldt: Segment = field(default_factory=Segment)
-    gdt: DescriptorTable = DescriptorTable(0, 0)
-    idt: DescriptorTable = DescriptorTable(0, 0)
+    gdt: DescriptorTable = field(default_factory=DescriptorTable)
+    idt: DescriptorTable = field(default_factory=DescriptorTable)
     cr0: int = 0
     cr3: int = 0
     cr4: int = 0

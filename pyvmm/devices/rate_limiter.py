@@ -29,28 +29,24 @@ Bucket semantics (:class:`TokenBucket`)
   where the last term is zero unless an oversized request went through.
 - ``consume(0)`` always succeeds, even in debt.
 
-Configuration
--------------
-:meth:`RateLimiter.from_config` takes Firecracker's JSON shape::
-
-    {"bandwidth": {"size": 10485760, "one_time_burst": 0, "refill_time": 1000},
-     "ops": {"size": 1000, "refill_time": 1000}}
-
-``size`` and ``refill_time`` (milliseconds) are required positive integers,
-``one_time_burst`` an optional non-negative integer; a missing or null
-bucket means unlimited; unknown fields are rejected.
-
-:func:`parse_rate_limit` reads the CLI shorthand (grammar there).
+Configuration and state
+-----------------------
+A limiter is made from a config's :class:`~pyvmm.config.RateLimitSpec`
+(:meth:`RateLimiter.from_spec`; the CLI shorthand and Firecracker's JSON are
+parsed into specs by their front ends). Its buckets' budgets are state:
+:meth:`RateLimiter.save` goes into the device's snapshot state, and a
+restored device continues with the budget it had. A running device's
+limiter changes through a :class:`LimiterPatch` (Firecracker's PATCH).
 """
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pyvmm.config import RateLimitSpec, TokenBucketSpec
 from pyvmm.errors import ConfigError
 
 _NS_PER_MS = 1_000_000
@@ -94,6 +90,15 @@ class TokenBucket:
         # Budget in units of 1/refill_ns tokens: refill over dt ns adds dt * size.
         self._scaled = self._full
         self._last = clock()
+
+    @classmethod
+    def from_spec(
+        cls, spec: TokenBucketSpec | None, clock: Clock = time.monotonic_ns
+    ) -> TokenBucket | None:
+        """A full bucket as ``spec`` describes it (None for no bucket)."""
+        if spec is None:
+            return None
+        return cls(spec.size, spec.refill_time_ms, spec.one_time_burst, clock)
 
     # --- queries -----------------------------------------------------------------
 
@@ -235,20 +240,25 @@ class RateLimiter:
         )
 
     @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any] | None, clock: Clock = time.monotonic_ns
-    ) -> RateLimiter:
-        """Parse Firecracker's ``rate_limiter`` JSON object (see the module doc)."""
-        where = "rate_limiter"
-        if config is None:
-            return cls()
-        if not isinstance(config, Mapping):
-            raise ConfigError(f"{where} must be an object, got {type(config).__name__}")
-        _reject_unknown(where, config, ("bandwidth", "ops"))
+    def from_spec(
+        cls, spec: RateLimitSpec | None, clock: Clock = time.monotonic_ns
+    ) -> RateLimiter | None:
+        """The running limiter a config's :class:`~pyvmm.config.RateLimitSpec` describes."""
+        if spec is None:
+            return None
         return cls(
-            _bucket_from_config(f"{where}.bandwidth", config.get("bandwidth"), clock),
-            _bucket_from_config(f"{where}.ops", config.get("ops"), clock),
+            TokenBucket.from_spec(spec.bandwidth, clock), TokenBucket.from_spec(spec.ops, clock)
         )
+
+
+def restore_limiter(state: RateLimiterState | None) -> RateLimiter | None:
+    """The limiter a device saved (None: it had none); ValueError if the state is bad."""
+    if state is None:
+        return None
+    try:
+        return RateLimiter.restore(state)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class _Keep:
@@ -266,115 +276,44 @@ KEEP = _Keep()
 class LimiterPatch:
     """A change to a running device's limiter, as Firecracker's PATCH bodies mean it.
 
-    Each bucket is :data:`KEEP` (absent from the PATCH: unchanged), None
-    (a disabled bucket: remove the limit) or a new :class:`TokenBucket`.
+    Each bucket is :data:`KEEP` (absent from the PATCH: unchanged, its
+    budget too), None (a disabled bucket: remove the limit) or the spec of a
+    new, full bucket. The same patch applies to the config
+    (:meth:`apply_to_spec`) and to the running limiter (:meth:`apply`), so
+    the two cannot drift apart.
     """
 
-    bandwidth: TokenBucket | _Keep | None = KEEP
-    ops: TokenBucket | _Keep | None = KEEP
+    bandwidth: TokenBucketSpec | _Keep | None = KEEP
+    ops: TokenBucketSpec | _Keep | None = KEEP
 
-    def apply(self, current: RateLimiter | None) -> RateLimiter | None:
-        """The limiter after the patch; None when no bucket is left."""
-        bandwidth = current.bandwidth if current is not None else None
-        ops = current.ops if current is not None else None
-        if not isinstance(self.bandwidth, _Keep):
-            bandwidth = self.bandwidth
-        if not isinstance(self.ops, _Keep):
-            ops = self.ops
+    def apply_to_spec(self, current: RateLimitSpec | None) -> RateLimitSpec | None:
+        """The configured limit after the patch; None when no bucket is left."""
+        bandwidth = self._pick(self.bandwidth, current.bandwidth if current else None)
+        ops = self._pick(self.ops, current.ops if current else None)
+        if bandwidth is None and ops is None:
+            return None
+        return RateLimitSpec(bandwidth, ops)
+
+    def apply(
+        self, current: RateLimiter | None, clock: Clock = time.monotonic_ns
+    ) -> RateLimiter | None:
+        """The running limiter after the patch; None when no bucket is left."""
+        kept = current or RateLimiter()
+        bandwidth = (
+            kept.bandwidth
+            if isinstance(self.bandwidth, _Keep)
+            else TokenBucket.from_spec(self.bandwidth, clock)
+        )
+        ops = kept.ops if isinstance(self.ops, _Keep) else TokenBucket.from_spec(self.ops, clock)
         if bandwidth is None and ops is None:
             return None
         return RateLimiter(bandwidth, ops)
 
-
-def _bucket_from_config(where: str, config: Any, clock: Clock) -> TokenBucket | None:
-    if config is None:
-        return None
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"{where} must be an object, got {type(config).__name__}")
-    _reject_unknown(where, config, ("size", "one_time_burst", "refill_time"))
-    for field in ("size", "refill_time"):
-        if field not in config:
-            raise ConfigError(f"{where}.{field} is required")
-    values = {}
-    for field, minimum in (("size", 1), ("refill_time", 1), ("one_time_burst", 0)):
-        value = config.get(field, 0)
-        try:
-            _check_int(field, value, minimum)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}.{exc}") from None
-        values[field] = value
-    return TokenBucket(values["size"], values["refill_time"], values["one_time_burst"], clock)
-
-
-def _reject_unknown(where: str, config: Mapping[str, Any], known: tuple[str, ...]) -> None:
-    unknown = sorted(str(k) for k in config if k not in known)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown field {unknown[0]!r} (expected one of {', '.join(known)})"
-        )
-
-
-# --- the CLI shorthand ---------------------------------------------------------------
-
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-_TIME_UNITS = {"ms": 1, "s": 1000}
-_SIZE_RE = re.compile(r"(\d+)([KMG]?)(?:i?B)?", re.IGNORECASE)
-_TIME_RE = re.compile(r"(\d+)(ms|s)")
-
-
-def parse_rate_limit(text: str, clock: Clock = time.monotonic_ns) -> RateLimiter:
-    """Parse ``bw=SIZE[/TIME],ops=N[/TIME]`` into a :class:`RateLimiter`.
-
-    Grammar (whitespace around items ignored, each key at most once, at
-    least one key)::
-
-        spec  := item ("," item)*
-        item  := "bw=" SIZE ["/" TIME] | "ops=" N ["/" TIME]
-        SIZE  := DIGITS [K|M|G] [B|iB]     binary units: 10M = 10 * 2**20 bytes
-        N     := DIGITS [K|M|G]            same multipliers (1K = 1024 ops)
-        TIME  := DIGITS ("ms" | "s")       the refill time; default 1s
-
-    So ``bw=10M/1s,ops=1000/1s`` allows 10 MiB and 1000 requests a second.
-    Bucket sizes and times must be positive; no one-time burst (use the JSON
-    form for that).
-    """
-    if not text or not text.strip():
-        raise ConfigError("empty rate limit (expected e.g. bw=10M/1s,ops=1000/1s)")
-    buckets: dict[str, TokenBucket] = {}
-    for raw in text.split(","):
-        item = raw.strip()
-        key, sep, value = item.partition("=")
-        key = key.strip().lower()
-        if not sep or key not in ("bw", "ops"):
-            raise ConfigError(f"rate limit item {item!r}: expected bw=SIZE[/TIME] or ops=N[/TIME]")
-        if key in buckets:
-            raise ConfigError(f"rate limit gives {key}= twice")
-        amount_text, slash, time_text = value.strip().partition("/")
-        size = _parse_size(key, amount_text.strip())
-        refill_ms = _parse_time(key, time_text.strip()) if slash else 1000
-        buckets[key] = TokenBucket(size, refill_ms, 0, clock)
-    return RateLimiter(buckets.get("bw"), buckets.get("ops"))
-
-
-def _parse_size(key: str, text: str) -> int:
-    match = _SIZE_RE.fullmatch(text)
-    if match is None or (key == "ops" and text.lower().endswith("b")):
-        what = "SIZE like 10M" if key == "bw" else "a count like 1000"
-        raise ConfigError(f"rate limit {key}={text!r}: expected {what}")
-    value = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
-    if value <= 0:
-        raise ConfigError(f"rate limit {key}= must be positive, got {text!r}")
-    return value
-
-
-def _parse_time(key: str, text: str) -> int:
-    match = _TIME_RE.fullmatch(text)
-    if match is None:
-        raise ConfigError(f"rate limit {key}: time {text!r} should be like 100ms or 1s")
-    value = int(match.group(1)) * _TIME_UNITS[match.group(2)]
-    if value <= 0:
-        raise ConfigError(f"rate limit {key}: time must be positive, got {text!r}")
-    return value
+    @staticmethod
+    def _pick(
+        patch: TokenBucketSpec | _Keep | None, current: TokenBucketSpec | None
+    ) -> TokenBucketSpec | None:
+        return current if isinstance(patch, _Keep) else patch
 
 
 # --- checks ----------------------------------------------------------------------

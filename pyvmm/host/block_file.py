@@ -75,22 +75,26 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class BlockFile:
     """An open disk image; see the module docstring for the contracts."""
 
-    def __init__(self, path: str | os.PathLike[str], read_only: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], read_only: bool = False, *, lock: bool = True
+    ) -> None:
+        """Open ``path``; ``lock=False`` only for :meth:`reopen` (the lock moves over later)."""
         self.path = os.fspath(path)
         self.read_only = read_only
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO given as an image must not hang the open; it is refused below.
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             fd = os.open(self.path, flags)
         except OSError as exc:
             raise ConfigError(f"cannot open drive image {self.path}: {exc.strerror}") from exc
         try:
-            mode = os.fstat(fd).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            st = os.fstat(fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise ConfigError(f"drive image {self.path} is not a file or block device")
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise ConfigError(f"drive image {self.path} is in use by another process") from exc
+            os.set_blocking(fd, True)
+            self._identity = (st.st_dev, st.st_ino)
+            if lock:
+                self._lock(fd)
             # lseek works for block devices too, where st_size is 0.
             self.size_bytes = os.lseek(fd, 0, os.SEEK_END)
         except BaseException:
@@ -105,6 +109,36 @@ class BlockFile:
             FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
             FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
         ]
+
+    def _lock(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise ConfigError(f"drive image {self.path} is in use by another process") from exc
+
+    def same_file(self, path: str | os.PathLike[str]) -> bool:
+        """True if ``path`` names the file this image has open (same device and inode)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
+    def reopen(self) -> BlockFile:
+        """A second, unlocked handle on the same file (its size read afresh).
+
+        For a drive pointed at the file it already uses: a new lock would
+        conflict with our own. Call :meth:`take_lock` on it once this handle
+        is closed.
+        """
+        return BlockFile(self.path, self.read_only, lock=False)
+
+    def take_lock(self) -> None:
+        """Lock the image (after :meth:`reopen`, once the old handle is closed)."""
+        self._lock(self._fd)
+
+    def subscribe(self, ops: object, wake: object) -> None:
+        """Nothing to watch: requests come from the guest, never from the file."""
 
     def _probe_punch_hole(self) -> bool:
         """Punch one byte past the end of file: a no-op that fails if unsupported."""

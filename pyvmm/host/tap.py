@@ -29,11 +29,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import shutil
 import struct
 import subprocess
 
+from pyvmm.devices.virtio.net import VNET_HDR_SIZE, RxOffloads
 from pyvmm.errors import HostError
+from pyvmm.host.events import EventOps, Wake
 
 TUN_PATH = "/dev/net/tun"
 IFNAMSIZ = 16
@@ -59,8 +62,6 @@ TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
 TUN_F_UFO = 0x10
 
-#: struct virtio_net_hdr_v1, the header with num_buffers (virtio 1.2, 5.1.6).
-VNET_HDR_SIZE = 12
 
 #: struct ifreq: char ifr_name[16]; then a union, of which we use short ifr_flags;
 #: the whole struct is 40 bytes on x86-64.
@@ -130,8 +131,13 @@ class Tap:
             raise
         return cls(fd, actual, vnet_hdr)
 
-    def set_offload(self, flags: int) -> None:
-        """Tell the kernel which offloads the reader accepts (``TUN_F_*``)."""
+    def set_offload(self, offloads: RxOffloads) -> None:
+        """Tell the kernel which offloads the reader (the guest) accepts."""
+        flags = (
+            (TUN_F_CSUM if offloads.csum else 0)
+            | (TUN_F_TSO4 if offloads.tso4 else 0)
+            | (TUN_F_TSO6 if offloads.tso6 else 0)
+        )
         try:
             fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
         except OSError as exc:
@@ -146,6 +152,15 @@ class Tap:
         if len(buffers) > _IOV_MAX:
             return os.write(self.fd, b"".join(buffers))
         return os.writev(self.fd, buffers)
+
+    def subscribe(self, ops: EventOps, wake: Wake) -> None:
+        """Frames for the guest: ``wake()`` on every new one (edge-triggered).
+
+        Edge-triggered because a frame waiting for guest buffers keeps the fd
+        readable; the guest's next RX kick drains the TAP, and a throttled RX
+        side is retried by the device's own timer.
+        """
+        ops.add_reader(self.fd, lambda events: wake(), select.EPOLLIN | select.EPOLLET)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -15,10 +15,10 @@ VMM. It owns every host fd of the device; the device model
   its backlog is full), the guest gets RST. A ``uds_path`` so long that
   ``<uds_path>_P`` no longer fits a Unix socket address fails the same way.
 
-Wiring (see ``pyvmm.devices.virtio.vsock``): construct it with the event loop
-before the loop thread starts (it registers the listening socket), then
-``attach(lambda: transport.process_queue(0))``: whenever a host socket has
-news the back end records it and calls that ``wake``; the device then
+Wiring (see ``pyvmm.devices.virtio.vsock``): construct it (it binds and
+listens, replacing a stale socket file), then ``subscribe(loop, wake)`` with
+``wake = lambda: transport.process_queue(0)`` before the loop thread starts:
+whenever a host socket has news the back end records it and calls ``wake``; the device then
 collects the news with :meth:`take_events` under the transport lock. The
 back end never calls the device, and never calls ``wake`` from a method the
 device calls, so nothing re-enters the transport lock. :meth:`close`
@@ -41,7 +41,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -53,13 +52,12 @@ from pyvmm.devices.virtio.vsock_connection import (
     HOST_READABLE,
     HOST_WRITABLE,
 )
-from pyvmm.errors import ConfigError, HostError
-from pyvmm.vmm.event_loop import EventLoop
+from pyvmm.host.events import EventOps, Wake
+from pyvmm.host.unix_socket import MAX_UDS_PATH_BYTES, ListeningSocket, check_socket_path
 
 _logger = logging.getLogger("pyvmm.host.vsock_uds")
 
-#: sockaddr_un.sun_path is 108 bytes, NUL included.
-MAX_UDS_PATH_BYTES = 107
+__all__ = ["MAX_UDS_PATH_BYTES", "UdsStream", "VsockUds", "check_uds_path", "parse_connect_line"]
 #: "CONNECT 4294967295\n" is 19 bytes; a longer line is refused.
 MAX_CONNECT_LINE = 32
 #: Host clients that have not finished their CONNECT line, at most.
@@ -77,23 +75,8 @@ _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 
 def check_uds_path(uds_path: str | os.PathLike[str]) -> Path:
-    """Return ``uds_path`` if a new listening socket can be created there, else ConfigError."""
-    raw = os.fsencode(uds_path)
-    if not raw:
-        raise ConfigError("vsock uds_path is empty")
-    path = Path(uds_path)
-    if len(raw) > MAX_UDS_PATH_BYTES:
-        raise ConfigError(
-            f"vsock uds_path {str(path)!r} is {len(raw)} bytes; a Unix socket path "
-            f"holds at most {MAX_UDS_PATH_BYTES}"
-        )
-    if not path.parent.is_dir():
-        raise ConfigError(f"vsock uds_path {str(path)!r}: directory {str(path.parent)!r} missing")
-    if os.path.lexists(path):
-        raise ConfigError(
-            f"vsock uds_path {str(path)!r} already exists (a stale socket? remove it first)"
-        )
-    return path
+    """``uds_path`` if the device can listen there (a stale socket is removed), else ConfigError."""
+    return check_socket_path(uds_path, "vsock uds_path")
 
 
 def parse_connect_line(line: bytes) -> int | None:
@@ -173,15 +156,15 @@ class VsockUds:
 
     def __init__(
         self,
-        loop: EventLoop,
         uds_path: str | os.PathLike[str],
         *,
         connect_timeout: float = 2.0,
         response_timeout: float = 5.0,
         max_streams: int = MAX_STREAMS,
     ) -> None:
-        self.uds_path = check_uds_path(uds_path)
-        self._loop = loop
+        self._listener: ListeningSocket | None = ListeningSocket(uds_path, "vsock uds_path")
+        self.uds_path = self._listener.path
+        self._loop: EventOps = _NOT_SUBSCRIBED
         self.connect_timeout = connect_timeout
         self.response_timeout = response_timeout
         self.max_streams = max_streams
@@ -189,24 +172,14 @@ class VsockUds:
         self._streams: set[UdsStream] = set()
         self._handshakes = 0
         self._events: dict[UdsStream, int] = {}
-        self._wake: Callable[[], None] = _no_wake
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.setblocking(False)
-            listener.bind(os.fspath(self.uds_path))
-            listener.listen(128)
-            self._inode = os.stat(self.uds_path).st_ino
-        except OSError as exc:
-            listener.close()
-            raise HostError(
-                f"cannot listen on vsock uds_path {str(self.uds_path)!r}: {exc}"
-            ) from exc
-        self._listener: socket.socket | None = listener
-        loop.add_reader(listener.fileno(), self._on_accept)
+        self._wake: Wake = _no_wake
 
-    def attach(self, wake: Callable[[], None]) -> None:
-        """Call ``wake()`` (on the loop thread) whenever host sockets have news for the device."""
+    def subscribe(self, ops: EventOps, wake: Wake) -> None:
+        """Serve the listening socket on ``ops``; ``wake()`` whenever host sockets have news."""
+        self._loop = ops
         self._wake = wake
+        if self._listener is not None:
+            ops.add_reader(self._listener.fileno(), self._on_accept)
 
     # --- VsockBackend ------------------------------------------------------------------------
     def connect(self, port: int) -> UdsStream:
@@ -242,12 +215,9 @@ class VsockUds:
         """Close the listener and every stream; remove ``uds_path``. Idempotent."""
         listener, self._listener = self._listener, None
         if listener is not None:
-            self._loop.remove_reader(listener.fileno())
+            if self._loop is not _NOT_SUBSCRIBED:
+                self._loop.remove_reader(listener.fileno())
             listener.close()
-            with contextlib.suppress(OSError):
-                st = os.lstat(self.uds_path)
-                if stat.S_ISSOCK(st.st_mode) and st.st_ino == self._inode:
-                    os.unlink(self.uds_path)
         with self._lock:
             streams = list(self._streams)
         for stream in streams:
@@ -297,11 +267,11 @@ class VsockUds:
     # --- event-loop callbacks ---------------------------------------------------------------------
     def _on_accept(self, _events: int) -> None:
         listener = self._listener
-        if listener is None:
+        if listener is None or listener.sock is None:
             return
         for _ in range(_ACCEPT_BATCH):
             try:
-                sock, _addr = listener.accept()
+                sock, _addr = listener.sock.accept()
             except BlockingIOError:
                 return
             except OSError as exc:  # EMFILE and the like: the client waits in the backlog
@@ -387,3 +357,13 @@ class VsockUds:
 
 def _no_wake() -> None:
     return None
+
+
+class _NotSubscribed:
+    """The event loop of a back end not yet subscribed: any use is a wiring bug."""
+
+    def __getattr__(self, name: str) -> object:
+        raise RuntimeError("VsockUds.subscribe(loop, wake) must be called before use")
+
+
+_NOT_SUBSCRIBED: EventOps = _NotSubscribed()  # type: ignore[assignment]

@@ -26,11 +26,6 @@ class KvmIoctlError(HostError):
         super().__init__(f"{request} failed: {name} ({os.strerror(err)})")
 
 
-def request_number(name: str) -> int:
-    """The ioctl number of ``name`` (e.g. ``"KVM_RUN"``) as the header defines it."""
-    return int(getattr(lib, name))
-
-
 def ioctl_ptr(fd: int, request: str, arg: object = ffi.NULL) -> int:
     """Issue ``request`` with a pointer argument (a cffi object or NULL)."""
     result = lib.pyvmm_ioctl_ptr(fd, getattr(lib, request), arg)

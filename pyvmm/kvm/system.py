@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import errno
 import os
 
 from pyvmm.errors import HostError
 from pyvmm.kvm._kvm_cffi import ffi, lib
 from pyvmm.kvm.cpuid import CpuidEntry, entries_from_struct
-from pyvmm.kvm.ioctl import KvmIoctlError, ioctl_ptr, ioctl_val
+from pyvmm.kvm.ioctl import ioctl_ptr, ioctl_val
 from pyvmm.kvm.vm import Vm
 
 KVM_DEVICE = "/dev/kvm"
@@ -54,15 +53,6 @@ class Kvm:
     def msr_index_list(self) -> list[int]:
         """MSRs that KVM saves/restores for a vCPU (``KVM_GET_MSR_INDEX_LIST``)."""
         return self._index_list("KVM_GET_MSR_INDEX_LIST")
-
-    def msr_feature_index_list(self) -> list[int]:
-        """Feature MSRs (``KVM_GET_MSR_FEATURE_INDEX_LIST``); empty if unsupported."""
-        try:
-            return self._index_list("KVM_GET_MSR_FEATURE_INDEX_LIST")
-        except KvmIoctlError as err:
-            if err.errno in (errno.EINVAL, errno.ENOTTY):
-                return []
-            raise
 
     def _index_list(self, request: str) -> list[int]:
         msrs = ffi.new(

@@ -11,6 +11,7 @@ from pyvmm.kvm import exits
 from pyvmm.kvm._kvm_cffi import ffi, lib
 from pyvmm.kvm.cpuid import CpuidEntry, entries_from_struct, struct_from_entries
 from pyvmm.kvm.ioctl import KvmIoctlError, get_blob, ioctl_ptr, ioctl_val, set_blob
+from pyvmm.kvm.registers import SEGMENT_NAMES, DescriptorTable, Fpu, Regs, Segment, Sregs
 
 _IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data[8], len, is_write
@@ -21,6 +22,12 @@ _MAX_MSRS = 256
 _INTERRUPTED = exits.Interrupted()
 _SHUTDOWN = exits.Shutdown()
 _HALT = exits.Halt()
+_REGS_FIELDS = tuple(Regs.__dataclass_fields__)
+_SEGMENT_FIELDS = tuple(Segment.__dataclass_fields__)
+
+
+def _segment(raw: object) -> Segment:
+    return Segment(**{name: getattr(raw, name) for name in _SEGMENT_FIELDS})
 
 
 class Vcpu:
@@ -98,30 +105,75 @@ class Vcpu:
         self._run[self._immediate_exit_offset] = int(value)
 
     # --- registers --------------------------------------------------------
-    def get_regs(self) -> object:
-        """``struct kvm_regs`` (a cffi object: change fields, pass to set_regs)."""
+    def get_regs(self) -> Regs:
+        """The general registers."""
         regs = ffi.new("struct kvm_regs *")
         ioctl_ptr(self.fd, "KVM_GET_REGS", regs)
-        return regs
+        return Regs(**{name: getattr(regs, name) for name in _REGS_FIELDS})
 
-    def set_regs(self, regs: object) -> None:
-        ioctl_ptr(self.fd, "KVM_SET_REGS", regs)
+    def set_regs(self, regs: Regs) -> None:
+        ioctl_ptr(
+            self.fd,
+            "KVM_SET_REGS",
+            ffi.new("struct kvm_regs *", {name: getattr(regs, name) for name in _REGS_FIELDS}),
+        )
 
-    def get_sregs(self) -> object:
-        sregs = ffi.new("struct kvm_sregs *")
-        ioctl_ptr(self.fd, "KVM_GET_SREGS", sregs)
-        return sregs
+    def get_sregs(self) -> Sregs:
+        """Segments, descriptor tables and control registers."""
+        raw = ffi.new("struct kvm_sregs *")
+        ioctl_ptr(self.fd, "KVM_GET_SREGS", raw)
+        segments = {name: _segment(getattr(raw, name)) for name in SEGMENT_NAMES}
+        return Sregs(
+            **segments,
+            gdt=DescriptorTable(raw.gdt.base, raw.gdt.limit),
+            idt=DescriptorTable(raw.idt.base, raw.idt.limit),
+            cr0=raw.cr0,
+            cr2=raw.cr2,
+            cr3=raw.cr3,
+            cr4=raw.cr4,
+            cr8=raw.cr8,
+            efer=raw.efer,
+            apic_base=raw.apic_base,
+            interrupt_bitmap=tuple(raw.interrupt_bitmap),
+        )
 
-    def set_sregs(self, sregs: object) -> None:
-        ioctl_ptr(self.fd, "KVM_SET_SREGS", sregs)
+    def set_sregs(self, sregs: Sregs) -> None:
+        raw = ffi.new("struct kvm_sregs *")
+        for name in SEGMENT_NAMES:
+            target, segment = getattr(raw, name), getattr(sregs, name)
+            for key in _SEGMENT_FIELDS:
+                setattr(target, key, getattr(segment, key))
+        raw.gdt.base, raw.gdt.limit = sregs.gdt.base, sregs.gdt.limit
+        raw.idt.base, raw.idt.limit = sregs.idt.base, sregs.idt.limit
+        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+            setattr(raw, name, getattr(sregs, name))
+        raw.interrupt_bitmap = list(sregs.interrupt_bitmap)
+        ioctl_ptr(self.fd, "KVM_SET_SREGS", raw)
 
-    def get_fpu(self) -> object:
-        fpu = ffi.new("struct kvm_fpu *")
-        ioctl_ptr(self.fd, "KVM_GET_FPU", fpu)
-        return fpu
+    def get_fpu(self) -> Fpu:
+        raw = ffi.new("struct kvm_fpu *")
+        ioctl_ptr(self.fd, "KVM_GET_FPU", raw)
+        return Fpu(
+            fpr=bytes(ffi.buffer(raw.fpr)),
+            fcw=raw.fcw,
+            fsw=raw.fsw,
+            ftwx=raw.ftwx,
+            last_opcode=raw.last_opcode,
+            last_ip=raw.last_ip,
+            last_dp=raw.last_dp,
+            xmm=bytes(ffi.buffer(raw.xmm)),
+            mxcsr=raw.mxcsr,
+        )
 
-    def set_fpu(self, fpu: object) -> None:
-        ioctl_ptr(self.fd, "KVM_SET_FPU", fpu)
+    def set_fpu(self, fpu: Fpu) -> None:
+        if len(fpu.fpr) != 128 or len(fpu.xmm) != 256:
+            raise ValueError("FPU state: fpr must be 128 bytes and xmm 256 bytes")
+        raw = ffi.new("struct kvm_fpu *")
+        ffi.buffer(raw.fpr)[:] = fpu.fpr
+        ffi.buffer(raw.xmm)[:] = fpu.xmm
+        for name in ("fcw", "fsw", "ftwx", "last_opcode", "last_ip", "last_dp", "mxcsr"):
+            setattr(raw, name, getattr(fpu, name))
+        ioctl_ptr(self.fd, "KVM_SET_FPU", raw)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         """Values of the MSRs in ``indices`` that KVM could read."""

@@ -65,13 +65,6 @@ class Vm:
         """Writes to ``event_fd`` inject an edge on ``gsi``, without a vCPU exit."""
         ioctl_ptr(self.fd, "KVM_IRQFD", ffi.new("struct kvm_irqfd *", {"fd": event_fd, "gsi": gsi}))
 
-    def unregister_irqfd(self, event_fd: int, gsi: int) -> None:
-        irqfd = ffi.new(
-            "struct kvm_irqfd *",
-            {"fd": event_fd, "gsi": gsi, "flags": lib.KVM_IRQFD_FLAG_DEASSIGN},
-        )
-        ioctl_ptr(self.fd, "KVM_IRQFD", irqfd)
-
     def register_ioeventfd(
         self,
         event_fd: int,

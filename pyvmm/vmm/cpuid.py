@@ -9,6 +9,7 @@ guest kernel mode (see ENVIRONMENT.md).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from pyvmm.kvm.cpuid import CpuidEntry
@@ -45,6 +46,18 @@ PVM_TEMPLATE = CpuidTemplate(
     (HiddenFeature("cx16", 1, "ecx", 13),),
 )
 TEMPLATES = {template.name: template for template in (NO_TEMPLATE, PVM_TEMPLATE)}
+
+
+def host_is_pvm() -> bool:
+    """True when /dev/kvm is provided by the PVM module (see ENVIRONMENT.md)."""
+    return os.path.exists("/sys/module/kvm_pvm")
+
+
+def resolve_template(name: str) -> CpuidTemplate:
+    """The CPUID template called ``name``; "auto" picks the one this host needs."""
+    if name == "auto":
+        return PVM_TEMPLATE if host_is_pvm() else NO_TEMPLATE
+    return TEMPLATES[name]
 
 
 def vcpu_cpuid(

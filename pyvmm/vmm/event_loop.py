@@ -1,9 +1,14 @@
-"""The device event loop: one thread, one epoll, one owner per fd.
+"""The device event loop: one ``io`` thread, one epoll, one owner per fd.
 
-Back ends that wait on file descriptors (console input today; ioeventfds,
-TAP devices and sockets later) subscribe a callback for an fd. Timers run
-on the same thread. Other threads talk to the loop only through
-:meth:`EventLoop.call_soon`, which wakes it with an eventfd.
+Everything that waits on a file descriptor subscribes a callback for its fd:
+queue kicks (ioeventfds), TAP devices, vsock sockets, console input. Timers
+(rate-limiter retries, handshake timeouts) run on the same thread. Other
+threads talk to the loop only through :meth:`EventLoop.call_soon`, which
+wakes it with an eventfd.
+
+A callback that raises ends the loop, and the error is handed to the loop's
+owner (``on_error``, which stops the VM with it): devices never keep running
+half-dead behind a loop nobody serves.
 """
 
 from __future__ import annotations
@@ -11,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
-import logging
 import os
 import select
 import threading
 import time
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+from pyvmm.vmm.threads import NO_SETUP, ThreadRole, ThreadSetup, spawn
 
 FdCallback = Callable[[int], None]  # receives the epoll event mask
 
@@ -26,8 +30,17 @@ FdCallback = Callable[[int], None]  # receives the epoll event mask
 class EventLoop:
     """An epoll loop with fd subscriptions, timers and a thread-safe wake-up."""
 
-    def __init__(self, name: str = "pyvmm-events") -> None:
+    def __init__(
+        self,
+        name: str = "pyvmm-io",
+        *,
+        on_error: Callable[[str], None] | None = None,
+        setup: ThreadSetup = NO_SETUP,
+    ) -> None:
+        """``on_error(message)`` learns why the loop thread died (default: it is logged)."""
         self.name = name
+        self._on_error = on_error or (lambda message: None)
+        self._setup = setup
         self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake_fd, select.EPOLLIN)
@@ -40,7 +53,6 @@ class EventLoop:
         self._pause_request: threading.Event | None = None
         self._pause_cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
 
     def add_reader(self, fd: int, callback: FdCallback, events: int = select.EPOLLIN) -> None:
         """Call ``callback(events)`` on the loop thread whenever ``fd`` is ready."""
@@ -66,8 +78,9 @@ class EventLoop:
         os.eventfd_write(self._wake_fd, 1)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
+        self._thread = spawn(
+            ThreadRole.IO, self.name, self._run, on_error=self._on_error, setup=self._setup
+        )
 
     def pause(self, timeout: float = 5.0) -> None:
         """Park the loop thread between two rounds; returns once it is parked.
@@ -123,12 +136,8 @@ class EventLoop:
             self._wake_fd = -1
 
     def _run(self) -> None:
-        try:
-            while not self._stopping:
-                self._run_once()
-        except BaseException as error:  # reported to the owner, never lost
-            log.exception("event loop failed")
-            self.error = error
+        while not self._stopping:
+            self._run_once()
 
     def _run_once(self) -> None:
         timeout = -1.0

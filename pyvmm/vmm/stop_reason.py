@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyvmm.vmm.serial_tail import SerialTail
 
 
 class StopKind(Enum):
@@ -42,3 +46,18 @@ class StopReason:
 
     def __str__(self) -> str:
         return f"{self.kind.value}: {self.message}"
+
+
+def explain(reason: StopReason, tail: SerialTail | None) -> StopReason:
+    """``reason`` with what the serial console shows: a panic, or the last line printed."""
+    if tail is None:
+        return reason
+    if reason.kind is StopKind.RESET:
+        panic = tail.panic_line()
+        if panic is not None:
+            return StopReason(StopKind.GUEST_CRASH, f"guest kernel panicked: {panic}")
+    if reason.kind is StopKind.TIMEOUT:
+        last = tail.last_line()
+        shown = f"the guest last printed: {last[:200]!r}" if last else "it printed nothing"
+        return StopReason(reason.kind, f"{reason.message}; {shown}")
+    return reason

@@ -21,18 +21,19 @@ import threading
 from collections.abc import Callable
 
 from pyvmm.kvm import exits
-from pyvmm.kvm._kvm_cffi import lib
+from pyvmm.kvm.constants import SystemEventKind
 from pyvmm.kvm.ioctl import KvmIoctlError
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.vmm.bus import Bus
 from pyvmm.vmm.stop_reason import StopKind, StopReason
+from pyvmm.vmm.threads import NO_SETUP, ThreadRole, ThreadSetup, spawn
 
 log = logging.getLogger(__name__)
 
 _SYSTEM_EVENTS = {
-    lib.KVM_SYSTEM_EVENT_SHUTDOWN: StopReason(StopKind.POWEROFF, "guest powered off"),
-    lib.KVM_SYSTEM_EVENT_RESET: StopReason(StopKind.RESET, "guest reset"),
-    lib.KVM_SYSTEM_EVENT_CRASH: StopReason(StopKind.GUEST_CRASH, "guest crashed"),
+    SystemEventKind.SHUTDOWN: StopReason(StopKind.POWEROFF, "guest powered off"),
+    SystemEventKind.RESET: StopReason(StopKind.RESET, "guest reset"),
+    SystemEventKind.CRASH: StopReason(StopKind.GUEST_CRASH, "guest crashed"),
 }
 
 
@@ -101,6 +102,7 @@ class VcpuThread:
         mmio_bus: Bus,
         on_stop: Callable[[StopReason], None],
         kick_signal: int,
+        setup: ThreadSetup = NO_SETUP,
     ) -> None:
         self.vcpu = vcpu
         self._pio_bus = pio_bus
@@ -115,7 +117,14 @@ class VcpuThread:
         # Exits by kind (see EXIT_KINDS), counted in place by the run loop and
         # read by the metrics writer from another thread.
         self._exit_counts = [0] * len(EXIT_KINDS)
-        self._thread = threading.Thread(target=self._run, name=f"vcpu{vcpu.id}", daemon=True)
+        self._thread = spawn(
+            ThreadRole.VCPU,
+            f"vcpu{vcpu.id}",
+            self._run,
+            on_error=lambda message: on_stop(StopReason(StopKind.VMM_ERROR, message)),
+            setup=setup,
+            start=False,
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -164,37 +173,33 @@ class VcpuThread:
         interrupted = exits.Interrupted
         counts = self._exit_counts
         log.debug("vcpu%d: entering the guest", vcpu.id)  # boot benchmarks time this line
-        try:
-            while not self._stop_requested:
-                exit = run()
-                # Fast paths for the common exits (same effect as handle_exit,
-                # without the pattern matching); everything else goes there.
-                kind = type(exit)
-                if kind is io_out and exit.count == 1:
-                    counts[0] += 1
-                    pio_write(exit.port, exit.data)
-                elif kind is io_in and exit.count == 1:
-                    counts[1] += 1
-                    pio_read(exit.port, exit.data)
-                elif kind is mmio_out:
-                    counts[2] += 1
-                    mmio_write(exit.addr, exit.data)
-                elif kind is mmio_in:
-                    counts[3] += 1
-                    mmio_read(exit.addr, exit.data)
-                elif kind is interrupted:
-                    counts[4] += 1
-                    if self._pause_requested and not self._stop_requested:
-                        self._park()
-                else:
-                    counts[5] += 1
-                    reason = handle_exit(exit, pio_bus, mmio_bus)
-                    if reason is not None:
-                        self._on_stop(reason)
-                        return
-        except Exception as error:  # never lose a failure: it stops the VM
-            log.exception("vcpu%d failed", vcpu.id)
-            self._on_stop(StopReason(StopKind.VMM_ERROR, f"vcpu{vcpu.id}: {error}"))
+        while not self._stop_requested:
+            exit = run()
+            # Fast paths for the common exits (same effect as handle_exit,
+            # without the pattern matching); everything else goes there.
+            kind = type(exit)
+            if kind is io_out and exit.count == 1:
+                counts[0] += 1
+                pio_write(exit.port, exit.data)
+            elif kind is io_in and exit.count == 1:
+                counts[1] += 1
+                pio_read(exit.port, exit.data)
+            elif kind is mmio_out:
+                counts[2] += 1
+                mmio_write(exit.addr, exit.data)
+            elif kind is mmio_in:
+                counts[3] += 1
+                mmio_read(exit.addr, exit.data)
+            elif kind is interrupted:
+                counts[4] += 1
+                if self._pause_requested and not self._stop_requested:
+                    self._park()
+            else:
+                counts[5] += 1
+                reason = handle_exit(exit, pio_bus, mmio_bus)
+                if reason is not None:
+                    self._on_stop(reason)
+                    return
 
     def exit_counts(self) -> dict[str, int]:
         """Exits so far by kind (Firecracker's vCPU metric names); any thread may ask."""

@@ -6,10 +6,12 @@ is the one that turns it into KVM register writes.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
-from pyvmm.boot.cpu_state import BootCpuState, Segment
+from pyvmm.boot.cpu_state import BootCpuState
 from pyvmm.kvm.cpuid import CpuidEntry
+from pyvmm.kvm.registers import SEGMENT_NAMES
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.vmm.cpuid import CpuidTemplate, vcpu_cpuid
 
@@ -74,38 +76,33 @@ def configure_vcpu(
     tsc_khz = vcpu.get_tsc_khz()
     vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, vcpu.id, num_vcpus, template, tsc_khz))
     vcpu.set_msrs(boot_msrs(msr_indices))
-    fpu = vcpu.get_fpu()
-    fpu.fcw = 0x37F
-    fpu.mxcsr = 0x1F80
-    vcpu.set_fpu(fpu)
+    vcpu.set_fpu(dataclasses.replace(vcpu.get_fpu(), fcw=0x37F, mxcsr=0x1F80))
     vcpu.set_lapic(set_lint_modes(vcpu.get_lapic()))
-
-
-def _copy_segment(target: object, segment: Segment) -> None:
-    target.base = segment.base
-    target.limit = segment.limit
-    target.selector = segment.selector
-    target.type = segment.type
-    target.present = segment.present
-    target.dpl = segment.dpl
-    target.db = segment.db
-    target.s = segment.s
-    target.l = segment.l
-    target.g = segment.g
-    target.avl = segment.avl
-    target.unusable = segment.unusable
 
 
 def set_boot_state(vcpu: Vcpu, state: BootCpuState) -> None:
     """Put the boot vCPU at the kernel's entry point."""
-    sregs = vcpu.get_sregs()
-    for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
-        _copy_segment(getattr(sregs, name), getattr(state, name))
-    sregs.gdt.base, sregs.gdt.limit = state.gdt.base, state.gdt.limit
-    sregs.idt.base, sregs.idt.limit = state.idt.base, state.idt.limit
-    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = state.cr0, state.cr3, state.cr4, state.efer
-    vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip, regs.rsp, regs.rbp = state.rip, state.rsp, state.rsp
-    regs.rsi, regs.rbx, regs.rflags = state.rsi, state.rbx, state.rflags
-    vcpu.set_regs(regs)
+    segments = {name: getattr(state, name) for name in SEGMENT_NAMES}
+    vcpu.set_sregs(
+        dataclasses.replace(
+            vcpu.get_sregs(),
+            **segments,
+            gdt=state.gdt,
+            idt=state.idt,
+            cr0=state.cr0,
+            cr3=state.cr3,
+            cr4=state.cr4,
+            efer=state.efer,
+        )
+    )
+    vcpu.set_regs(
+        dataclasses.replace(
+            vcpu.get_regs(),
+            rip=state.rip,
+            rsp=state.rsp,
+            rbp=state.rsp,
+            rsi=state.rsi,
+            rbx=state.rbx,
+            rflags=state.rflags,
+        )
+    )

@@ -9,13 +9,11 @@ other threads (a new rate limiter) go through the transport lock.
 from __future__ import annotations
 
 import os
-import select
 from collections.abc import Callable
 
 from pyvmm.devices.rate_limiter import LimiterPatch
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.mmio import MmioTransport
-from pyvmm.devices.virtio.net import RX_QUEUE, VirtioNet
 from pyvmm.vmm.event_loop import EventLoop
 
 
@@ -56,19 +54,6 @@ def queue_server(
         serve(index)
 
     return serve
-
-
-def watch_net_backend(loop: EventLoop, device: VirtioNet, serve: Callable[[int], None]) -> None:
-    """Serve virtio-net's RX queue whenever its back end (the TAP) has frames.
-
-    Edge-triggered, since a frame waiting for guest buffers keeps the fd
-    readable; the guest's next RX kick drains the TAP. Through ``serve``, so
-    a throttled RX side is retried by its timer: the TAP gives no new edge
-    for frames already queued.
-    """
-    loop.add_reader(
-        device.backend.fd, lambda events: serve(RX_QUEUE), select.EPOLLIN | select.EPOLLET
-    )
 
 
 def queue_kick_handler(

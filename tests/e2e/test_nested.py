@@ -216,6 +216,7 @@ def test_timeout_is_reported_and_the_host_stays_usable(linux_host) -> None:  # n
 # A real-mode guest: mov cx, N; l: out 0x80, al; loop l; hlt
 KVM_LOOP = """
 import mmap, sys, time
+from dataclasses import replace
 from pyvmm.kvm import Kvm, exits
 n = int(sys.argv[1])
 code = bytes([0xB9, n & 0xFF, n >> 8, 0xE6, 0x80, 0xE2, 0xFC, 0xF4])
@@ -226,11 +227,8 @@ with Kvm() as kvm:
     vm.set_user_memory_region(0, 0, memory)
     vcpu = vm.create_vcpu(0)
     sregs = vcpu.get_sregs()
-    sregs.cs.base, sregs.cs.selector = 0, 0
-    vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip, regs.rflags = 0x1000, 2
-    vcpu.set_regs(regs)
+    vcpu.set_sregs(replace(sregs, cs=replace(sregs.cs, base=0, selector=0)))
+    vcpu.set_regs(replace(vcpu.get_regs(), rip=0x1000, rflags=2))
     outs, start = 0, time.perf_counter()
     while isinstance(out := vcpu.run(), exits.IoOut) and out.port == 0x80:
         outs += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -59,11 +60,8 @@ def test_real_mode_guest_io_exits_and_kick(kvm: Kvm) -> None:
     vcpu = vm.create_vcpu(0)
     try:
         sregs = vcpu.get_sregs()
-        sregs.cs.base, sregs.cs.selector = 0, 0
-        vcpu.set_sregs(sregs)
-        regs = vcpu.get_regs()
-        regs.rip, regs.rflags = 0x1000, 2
-        vcpu.set_regs(regs)
+        vcpu.set_sregs(replace(sregs, cs=replace(sregs.cs, base=0, selector=0)))
+        vcpu.set_regs(replace(vcpu.get_regs(), rip=0x1000, rflags=2))
 
         out = vcpu.run()
         assert isinstance(out, exits.IoOut)

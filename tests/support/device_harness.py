@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
+
+from pyvmm.config import parse_rate_limit
+from pyvmm.devices.rate_limiter import RateLimiter
 
 
 class CountingIrq:
@@ -40,3 +45,10 @@ class FakeClock:
 
     def advance_ms(self, ms: float) -> None:
         self.now += int(ms * 1_000_000)
+
+
+def limiter(text: str, clock: Callable[[], int] = time.monotonic_ns) -> RateLimiter:
+    """A running limiter from the CLI shorthand (``"ops=2/100ms"``), on ``clock``."""
+    built = RateLimiter.from_spec(parse_rate_limit(text), clock)
+    assert built is not None
+    return built

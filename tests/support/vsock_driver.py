@@ -307,6 +307,8 @@ class VsockEnv:
     device: VirtioVsock
     guest: VsockGuest
     uds: Path
+    #: What the event loop thread reported dying of (nothing, in a passing test).
+    loop_errors: list[str]
 
     def listen(self, port: int) -> socket.socket:
         """A host service for guest connections to port ``port`` (at ``<uds>_<port>``)."""
@@ -372,21 +374,22 @@ def vsock_env(
 ) -> Iterator[VsockEnv]:
     """Guest RAM, an event loop thread, VsockUds at ``uds`` and a VirtioVsock, brought up."""
     mem = GuestMemory([(0, GUEST_MEM_SIZE)])
-    loop = EventLoop("vsock-test")
-    backend = VsockUds(loop, uds, **backend_kw)
+    errors: list[str] = []
+    loop = EventLoop("vsock-test", on_error=errors.append)
+    backend = VsockUds(uds, **backend_kw)
     device = VirtioVsock(GUEST_CID, backend, **(device_kw or {}))
     guest = VsockGuest(mem, device)
-    backend.attach(lambda: guest.mmio.process_queue(0))
+    backend.subscribe(loop, lambda: guest.mmio.process_queue(0))
     if start_loop:
         loop.start()
     try:
-        yield VsockEnv(loop, backend, device, guest, uds)
+        yield VsockEnv(loop, backend, device, guest, uds, errors)
     finally:
         loop.stop()
         backend.close()
         loop.close()
         mem.close()
-    assert loop.error is None
+    assert errors == []
     assert not guest.needs_reset()
 
 

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from pyvmm.devices.rate_limiter import RateLimiter
+from pyvmm.devices.rate_limiter import RateLimiter, RateLimiterState, restore_limiter
 from pyvmm.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, copy_config
 from pyvmm.devices.virtio.queue import VIRTQ_DESC_F_WRITE as WRITE
 from pyvmm.devices.virtio.queue import Descriptor, DescriptorChain, QueueError
@@ -321,6 +321,7 @@ class VirtioBlockState:
     capacity: int
     read_only: bool
     stats: dict[str, int] = field(default_factory=dict)
+    rate_limiter: RateLimiterState | None = None
 
 
 class VirtioBlock(VirtioDevice):
@@ -654,7 +655,8 @@ class VirtioBlock(VirtioDevice):
 
     # --- persistence --------------------------------------------------------------------
     def save(self) -> VirtioBlockState:
-        return VirtioBlockState(self.capacity, self.read_only, asdict(self.stats))
+        limiter = self.rate_limiter.save() if self.rate_limiter is not None else None
+        return VirtioBlockState(self.capacity, self.read_only, asdict(self.stats), limiter)
 
     def restore(self, state: VirtioBlockState) -> None:
         """Load a :meth:`save` result; the drive must be the same size and mode."""
@@ -670,3 +672,4 @@ class VirtioBlock(VirtioDevice):
                 raise ValueError(f"virtio-blk state: stats {name}={value!r}")
             setattr(stats, name, value)
         self.stats = stats
+        self.rate_limiter = restore_limiter(state.rate_limiter)

@@ -120,14 +120,17 @@ class VirtioDevice:
     * ``avail_features``: the device-specific feature bits it offers (the
       transport adds the transport bits such as VIRTIO_F_VERSION_1).
 
-    Subclasses implement :meth:`process_queue` and, if they have state worth
-    keeping, :meth:`save`/:meth:`restore`; a device with a config space
+    Subclasses implement :meth:`process_queue` and :meth:`save`/:meth:`restore`
+    (every device: persistence is a contract); a device with a config space
     overrides :meth:`read_config`/:meth:`write_config`.
     """
 
     device_type: int = 0
     queue_max_sizes: tuple[int, ...] = ()
     avail_features: int = 0
+    #: The queue to serve when the device's host back end has news for the guest
+    #: (a TAP with frames, vsock sockets with data): the receive queue.
+    backend_queue: int = 0
     # A rate-limited device sets ``throttled`` when it left requests in the
     # ring, and ``retry_after`` (seconds) for when its owner should process
     # the queue again.
@@ -272,9 +275,16 @@ class VirtioDevice:
         self.acked_features = 0
 
     def save(self) -> object:
-        """The device's own state (not the queues or memory, which the transport saves)."""
-        return None
+        """The device's own state (not the queues or memory, which the transport saves).
+
+        Every device implements it, even one with little state: a device that
+        cannot be saved fails loudly here rather than restoring half-made.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved in a snapshot")
 
     def restore(self, state: object) -> None:
-        """Load the state from :meth:`save`; called on an inactive device."""
-        return None
+        """Load the state from :meth:`save`; called on an inactive device.
+
+        Raises ValueError (or TypeError) for a state that does not fit the device.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be restored from a snapshot")

@@ -484,8 +484,7 @@ class MmioTransport:
             self.acked_features = state.acked_features
             self.queue_sel = state.queue_sel
             self.device.restore(state.device)
-            if self._running_status():
-                self.device.activate(self.mem, self.queues, self.interrupt, self.acked_features)
-
-    def _running_status(self) -> bool:
-        return self.status & STATUS_DRIVER_OK != 0 and self.status & STATUS_DEVICE_NEEDS_RESET == 0
+            if self.status & STATUS_DRIVER_OK:
+                # The same checks as a driver's DRIVER_OK: a state file whose rings
+                # are not usable marks the device as needing a reset, never more.
+                self._activate()

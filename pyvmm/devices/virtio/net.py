@@ -8,7 +8,7 @@ The back end is injected (:class:`NetBackend`, normally
 ``pyvmm.host.tap.Tap``). When it speaks the same header (``vnet_hdr``), the
 device passes headers through both ways and offers the checksum and TSO
 offloads; on activation it tells the back end which offloads the guest
-accepts for RX (GUEST_CSUM -> TUN_F_CSUM, GUEST_TSO4 -> TUN_F_TSO4, ...).
+accepts for RX (:class:`RxOffloads`: GUEST_CSUM, GUEST_TSO4, GUEST_TSO6).
 Without ``vnet_hdr`` the device strips the header on TX, prepends a zeroed
 one on RX and offers no offloads.
 
@@ -61,9 +61,9 @@ essential: the TAP fd is edge-triggered and gives no new edge for frames
 already queued. :class:`NetStats` counts how often each direction became
 throttled.
 
-Persistence: :meth:`VirtioNet.save` keeps the MAC and the counters (not the
-limiters' buckets: a restored device starts with full buckets). A pending RX
-frame is not saved: it is dropped, as a real NIC may drop frames.
+Persistence: :meth:`VirtioNet.save` keeps the MAC, the counters and both
+limiters' buckets (a restored device continues with the budgets it had). A
+pending RX frame is not saved: it is dropped, as a real NIC may drop frames.
 """
 
 from __future__ import annotations
@@ -71,12 +71,11 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from pyvmm.devices.rate_limiter import RateLimiter
+from pyvmm.devices.rate_limiter import RateLimiter, RateLimiterState, restore_limiter
 from pyvmm.devices.virtio.device import VIRTIO_ID_NET, VirtioDevice, copy_config
 from pyvmm.devices.virtio.queue import QueueError
-from pyvmm.host.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE
 
 if TYPE_CHECKING:
     from pyvmm.devices.virtio.device import VirtioInterrupt
@@ -117,13 +116,27 @@ OFFLOAD_FEATURES = (
 )
 BASE_FEATURES = 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_NET_F_MRG_RXBUF
 
-#: Guest RX feature -> TAP offload flag (what the guest accepts from the host).
-#: GUEST_TSO* is only valid with GUEST_CSUM (5.1.3.1), and the TAP wants CSUM too.
-GUEST_OFFLOADS = (
-    (VIRTIO_NET_F_GUEST_CSUM, TUN_F_CSUM),
-    (VIRTIO_NET_F_GUEST_TSO4, TUN_F_TSO4),
-    (VIRTIO_NET_F_GUEST_TSO6, TUN_F_TSO6),
-)
+#: struct virtio_net_hdr_v1, the header with num_buffers (virtio 1.2, 5.1.6).
+VNET_HDR_SIZE = 12
+
+
+class RxOffloads(NamedTuple):
+    """What the guest accepts in frames it receives; the back end passes these through."""
+
+    csum: bool = False  # partial checksums (GUEST_CSUM)
+    tso4: bool = False  # GUEST_TSO4
+    tso6: bool = False  # GUEST_TSO6
+
+    @classmethod
+    def from_features(cls, acked: int) -> RxOffloads:
+        """From the negotiated features; TSO is only valid with checksums (5.1.3.1)."""
+        if not acked >> VIRTIO_NET_F_GUEST_CSUM & 1:
+            return cls()
+        return cls(
+            True,
+            bool(acked >> VIRTIO_NET_F_GUEST_TSO4 & 1),
+            bool(acked >> VIRTIO_NET_F_GUEST_TSO6 & 1),
+        )
 
 #: struct virtio_net_config, the fields we offer: u8 mac[6]; le16 status;
 #: le16 max_virtqueue_pairs.
@@ -145,7 +158,7 @@ class NetBackend(Protocol):
 
     def readv(self, buffers: list[memoryview]) -> int: ...
     def writev(self, buffers: list[memoryview]) -> int: ...
-    def set_offload(self, flags: int) -> None: ...
+    def set_offload(self, offloads: RxOffloads) -> None: ...
 
 
 @dataclass
@@ -173,6 +186,8 @@ class NetStats:
 class VirtioNetState:
     mac: bytes
     stats: dict[str, int] = field(default_factory=dict)
+    rx_rate_limiter: RateLimiterState | None = None
+    tx_rate_limiter: RateLimiterState | None = None
 
 
 class VirtioNet(VirtioDevice):
@@ -226,16 +241,11 @@ class VirtioNet(VirtioDevice):
     ) -> None:
         super().activate(mem, queues, interrupt, acked_features)
         if self.vnet_hdr:
-            offload = 0
-            for feature, flag in GUEST_OFFLOADS:
-                if acked_features >> feature & 1:
-                    offload |= flag
-            if not offload & TUN_F_CSUM:
-                offload = 0  # the TAP refuses TSO without CSUM
+            offloads = RxOffloads.from_features(acked_features)
             try:
-                self.backend.set_offload(offload)
+                self.backend.set_offload(offloads)
             except OSError as exc:  # pragma: no cover - the TAP accepts these flags
-                _logger.warning("virtio-net: set_offload(%#x): %s", offload, exc)
+                _logger.warning("virtio-net: set_offload(%s): %s", offloads, exc)
 
     def reset(self) -> None:
         super().reset()
@@ -503,7 +513,12 @@ class VirtioNet(VirtioDevice):
         if self.pending_len:
             self.stats.rx_drops += 1
             self.pending_len = 0
-        return VirtioNetState(self.mac, asdict(self.stats))
+        return VirtioNetState(
+            self.mac,
+            asdict(self.stats),
+            self.rx_rate_limiter.save() if self.rx_rate_limiter is not None else None,
+            self.tx_rate_limiter.save() if self.tx_rate_limiter is not None else None,
+        )
 
     def restore(self, state: VirtioNetState) -> None:
         if state.mac != self.mac:
@@ -517,6 +532,8 @@ class VirtioNet(VirtioDevice):
             setattr(stats, name, value)
         self.stats = stats
         self.pending_len = 0
+        self.rx_rate_limiter = restore_limiter(state.rx_rate_limiter)
+        self.tx_rate_limiter = restore_limiter(state.tx_rate_limiter)
 
 
 def _skip(views: list[memoryview], count: int) -> list[memoryview]:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pyvmm.devices.rate_limiter import RateLimiter
+from pyvmm.devices.rate_limiter import RateLimiter, RateLimiterState, restore_limiter
 from pyvmm.devices.virtio.device import VIRTIO_ID_RNG, VirtioDevice
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ MAX_BYTES_PER_CHAIN = 64 * 1024
 @dataclass(frozen=True)
 class VirtioRngState:
     bytes_served: int
+    rate_limiter: RateLimiterState | None = None
 
 
 class VirtioRng(VirtioDevice):
@@ -119,9 +120,12 @@ class VirtioRng(VirtioDevice):
         self.throttled = False
 
     def save(self) -> VirtioRngState:
-        return VirtioRngState(bytes_served=self.bytes_served)
+        limiter = self.rate_limiter.save() if self.rate_limiter is not None else None
+        return VirtioRngState(bytes_served=self.bytes_served, rate_limiter=limiter)
 
     def restore(self, state: VirtioRngState) -> None:
         if not isinstance(state.bytes_served, int) or state.bytes_served < 0:
             raise ValueError(f"virtio-rng state: bytes_served={state.bytes_served!r}")
         self.bytes_served = state.bytes_served
+        if self._budget is None:
+            self.rate_limiter = restore_limiter(state.rate_limiter)

@@ -15,10 +15,10 @@ connecting to host port P reaches the socket listening at ``<uds_path>_P``).
 
 Wiring, for the VMM::
 
-    backend = VsockUds(loop, uds_path)          # binds and listens on uds_path
-    device = VirtioVsock(guest_cid, backend)    # check_guest_cid() first for a clear error
+    backend = VsockUds(uds_path)                # binds and listens on uds_path
+    device = VirtioVsock(guest_cid, backend)    # the CID was checked by the config
     transport = MmioTransport(device, irq, mem)
-    backend.attach(lambda: transport.process_queue(RX_QUEUE))
+    backend.subscribe(loop, lambda: transport.process_queue(RX_QUEUE))
     # the three queue kicks -> transport.process_queue(i), as for every device
     ...
     backend.close()                             # at shutdown: closes sockets, removes uds_path
@@ -57,6 +57,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from pyvmm.config import check_guest_cid
 from pyvmm.devices.virtio.device import VIRTIO_ID_VSOCK, VirtioDevice, copy_config
 from pyvmm.devices.virtio.queue import QueueError
 from pyvmm.devices.virtio.vsock_connection import (
@@ -77,11 +78,9 @@ from pyvmm.devices.virtio.vsock_connection import (
 from pyvmm.devices.virtio.vsock_packet import (
     CONFIG,
     EVENT,
-    GUEST_CID_LIMIT,
     HDR,
     HDR_SIZE,
     MAX_PKT_PAYLOAD,
-    MIN_GUEST_CID,
     VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
     VIRTIO_VSOCK_OP_CREDIT_REQUEST,
     VIRTIO_VSOCK_OP_CREDIT_UPDATE,
@@ -95,7 +94,6 @@ from pyvmm.devices.virtio.vsock_packet import (
     VIRTIO_VSOCK_TYPE_STREAM,
     VSOCK_HOST_CID,
 )
-from pyvmm.errors import ConfigError
 
 if TYPE_CHECKING:
     from pyvmm.devices.virtio.queue import Descriptor, DescriptorChain, Queue
@@ -116,18 +114,6 @@ HOST_PORT_BASE = 1 << 30
 RST_BACKLOG_LIMIT = 256
 #: Hard cap on queued RSTs (the oldest are forgotten beyond it).
 _RST_QUEUE_MAX = 4 * MAX_CONNECTIONS
-
-
-def check_guest_cid(cid: object) -> int:
-    """Return ``cid`` if it can be a guest CID (3 <= cid < 2**32 - 1), else raise ConfigError."""
-    if isinstance(cid, bool) or not isinstance(cid, int):
-        raise ConfigError(f"vsock guest CID must be an integer, not {cid!r}")
-    if not MIN_GUEST_CID <= cid < GUEST_CID_LIMIT:
-        raise ConfigError(
-            f"vsock guest CID {cid} is out of range: it must be >= {MIN_GUEST_CID} "
-            f"and < {GUEST_CID_LIMIT} (0-2 are reserved, {GUEST_CID_LIMIT} means any)"
-        )
-    return cid
 
 
 class VsockBackend(Protocol):

@@ -23,10 +23,7 @@ EVENT = struct.Struct("<I")
 
 # --- well-known CIDs -------------------------------------------------------------------
 VSOCK_HOST_CID = 2
-#: Guest CIDs must be >= this (0 hypervisor, 1 local, 2 host) ...
-MIN_GUEST_CID = 3
-#: ... and below this (U32_MAX is VMADDR_CID_ANY).
-GUEST_CID_LIMIT = 0xFFFF_FFFF
+# Which guest CIDs are valid: pyvmm.config.check_guest_cid.
 
 # --- type ---------------------------------------------------------------------------------
 VIRTIO_VSOCK_TYPE_STREAM = 1

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from pyvmm.api import models
 from pyvmm.api.fields import Fields, loads_strict, show
+from pyvmm.config import RateLimitSpec, TokenBucketSpec
+from pyvmm.devices.rate_limiter import KEEP, LimiterPatch
 from pyvmm.errors import ConfigError
 
 
@@ -63,7 +65,7 @@ def test_loads_strict_rejects_nan_duplicates_and_deep_nesting():
 # --- rate limiters ----------------------------------------------------------------------
 
 
-def test_rate_limiter_parses_buckets_and_builds_a_limiter():
+def test_rate_limiter_parses_buckets_into_the_config_spec():
     limiter = models.parse_rate_limiter(
         {
             "bandwidth": {"size": 1000, "refill_time": 100, "one_time_burst": 50},
@@ -74,10 +76,17 @@ def test_rate_limiter_parses_buckets_and_builds_a_limiter():
     assert limiter == models.RateLimiterConfig(
         models.TokenBucketConfig(1000, 100, 50), models.TokenBucketConfig(10, 1000)
     )
-    built = limiter.build(clock=lambda: 0)
-    assert built.bandwidth.size == 1000 and built.bandwidth.one_time_burst == 50
-    assert built.ops.size == 10
+    spec = limiter.to_spec()
+    assert spec == RateLimitSpec(TokenBucketSpec(1000, 100, 50), TokenBucketSpec(10, 1000))
+    assert models.RateLimiterConfig.from_spec(spec) == limiter
     assert limiter.to_json()["ops"] == {"size": 10, "one_time_burst": None, "refill_time": 1000}
+
+
+def test_a_patch_body_keeps_absent_buckets_and_removes_disabled_ones():
+    patch = models.parse_rate_limiter({"ops": {"size": 0, "refill_time": 0}}, "patch").to_patch()
+    assert patch == LimiterPatch(bandwidth=KEEP, ops=None)
+    patch = models.parse_rate_limiter({"bandwidth": {"size": 5, "refill_time": 9}}, "p").to_patch()
+    assert patch == LimiterPatch(bandwidth=TokenBucketSpec(5, 9), ops=KEEP)
 
 
 def test_rate_limiter_errors_name_the_bucket_field():

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pyvmm.api import models
-from pyvmm.api.controller import NOT_STARTED, PAUSED, RUNNING, InstanceInfo, VmmController
+from pyvmm.api.controller import InstanceInfo, VmmController
 from pyvmm.api.http import ApiServer
 from pyvmm.api.routes import (
     LOAD_SNAPSHOT_NOT_ALLOWED,
@@ -23,13 +23,14 @@ from pyvmm.api.routes import (
 )
 from pyvmm.api.vm_config import VmResources
 from pyvmm.errors import ConfigError, HostError
+from pyvmm.vmm.lifecycle import VmState
 
 
 class FakeController:
     """Records calls; ``fail`` makes the next call of that name raise."""
 
     def __init__(self) -> None:
-        self._state = NOT_STARTED
+        self._state = VmState.NOT_STARTED
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.fail: dict[str, BaseException] = {}
 
@@ -47,11 +48,11 @@ class FakeController:
 
     def start(self, resources: VmResources) -> None:
         self._record("start", resources)
-        self._state = RUNNING
+        self._state = VmState.RUNNING
 
     def load_snapshot(self, params: models.SnapshotLoadParams, resources: VmResources) -> None:
         self._record("load_snapshot", params)
-        self._state = RUNNING if params.resume_vm else PAUSED
+        self._state = VmState.RUNNING if params.resume_vm else VmState.PAUSED
 
     def configure_logger(self, config: models.Logger) -> None:
         self._record("configure_logger", config)
@@ -61,11 +62,11 @@ class FakeController:
 
     def pause(self) -> None:
         self._record("pause")
-        self._state = PAUSED
+        self._state = VmState.PAUSED
 
     def resume(self) -> None:
         self._record("resume")
-        self._state = RUNNING
+        self._state = VmState.RUNNING
 
     def send_ctrl_alt_del(self) -> None:
         self._record("send_ctrl_alt_del")
@@ -363,7 +364,7 @@ def test_a_failed_start_is_reported_and_can_be_retried(api, files, controller):
     assert api.fault("PUT", "/actions", {"action_type": "InstanceStart"}) == (
         "Start microvm error: this host's KVM lacks KVM_CAP_IRQCHIP"
     )
-    assert controller.state == NOT_STARTED
+    assert controller.state == VmState.NOT_STARTED
     controller.fail["start"] = OSError(2, "No such file or directory", "/dev/kvm")
     assert api.fault("PUT", "/actions", {"action_type": "InstanceStart"}) == (
         "Start microvm error: No such file or directory: /dev/kvm"
@@ -555,7 +556,7 @@ def test_snapshot_load_then_resume(api, controller):
         "PUT", "/snapshot/load", {"snapshot_path": "/s", "mem_file_path": "/m"}
     )
     assert status == 204 and headers == {"Deprecation": "true"}
-    assert controller.state == PAUSED
+    assert controller.state == VmState.PAUSED
     api.ok("PATCH", "/vm", {"state": "Resumed"})
     assert api.fault("PUT", "/actions", {"action_type": "InstanceStart"}) == (
         NOT_SUPPORTED_POST_BOOT

@@ -16,11 +16,17 @@ from hypothesis import strategies as st
 
 from pyvmm import layout
 from pyvmm.api import models
-from pyvmm.api.machine_config import to_machine_config
+from pyvmm.api.machine_config import to_machine_config, to_vm_resources
 from pyvmm.api.mmds import MmdsLimitError, MmdsNotInitializedError, MmdsStore, merge_patch
 from pyvmm.api.vm_config import VmResources
-from pyvmm.config import DEFAULT_LINUX_CMDLINE, DriveConfig, NetConfig, VsockConfig
-from pyvmm.devices.rate_limiter import parse_rate_limit
+from pyvmm.config import (
+    DEFAULT_LINUX_CMDLINE,
+    DriveConfig,
+    NetConfig,
+    RateLimitSpec,
+    TokenBucketSpec,
+    VsockConfig,
+)
 from pyvmm.errors import ConfigError
 
 
@@ -376,12 +382,10 @@ def test_to_machine_config_maps_every_supported_field(files):
             Path(files["data.ext4"]),
             read_only=False,
             root=False,
-            rate_limit="bw=10485760/1000ms,ops=500/100ms",
+            rate_limit=RateLimitSpec(TokenBucketSpec(10485760, 1000), TokenBucketSpec(500, 100)),
             drive_id="scratch",
         ),
     )
-    limiter = parse_rate_limit(config.drives[1].rate_limit)
-    assert limiter.bandwidth.size == 10485760 and limiter.ops.refill_time_ms == 100
     assert config.nets == (NetConfig(tap="tap0", mac="06:00:ac:10:00:02", iface_id="eth0"),)
 
 
@@ -415,11 +419,15 @@ def test_to_machine_config_maps_vsock_and_every_rate_limiter(files):
     )
     config = to_machine_config(resources)
     assert config.vsock == VsockConfig(3, Path("/run/v.sock"))
-    assert config.rng and config.rng_rate_limit == "bw=1000/100ms"
-    assert config.nets == (NetConfig("tap0", None, "ops=1000/100ms", None, "eth0"),)
+    assert config.rng and config.rng_rate_limit == RateLimitSpec(
+        bandwidth=TokenBucketSpec(1000, 100)
+    )
+    ops = RateLimitSpec(ops=TokenBucketSpec(1000, 100))
+    assert config.nets == (NetConfig("tap0", None, ops, None, "eth0"),)
 
 
-def test_to_machine_config_refuses_a_one_time_burst(files):
+def test_to_machine_config_keeps_a_one_time_burst(files):
+    """Firecracker accepts one_time_burst at PUT and honours it at InstanceStart; so do we."""
     resources = VmResources.from_json(
         {
             "boot-source": {"kernel_image_path": files["vmlinux"]},
@@ -433,5 +441,23 @@ def test_to_machine_config_refuses_a_one_time_burst(files):
             ],
         }
     )
-    with pytest.raises(ConfigError, match='drive "d": pyvmm rate limiters cannot have a one_time'):
-        to_machine_config(resources)
+    (drive,) = to_machine_config(resources).drives
+    assert drive.rate_limit == RateLimitSpec(ops=TokenBucketSpec(1, 1, one_time_burst=5))
+
+
+def test_a_machine_config_reads_back_as_the_same_resources(files):
+    """What GET /vm/config shows after a snapshot load: the restored machine's config."""
+    original = VmResources.from_json(example_config(files))
+    config = to_machine_config(original)
+    restored = VmResources()
+    to_vm_resources(config, restored)
+    assert to_machine_config(restored) == config
+    shown = restored.to_json()
+    assert [d["drive_id"] for d in shown["drives"]] == ["rootfs", "scratch"]
+    assert shown["drives"][1]["rate_limiter"]["ops"] == {
+        "size": 500,
+        "one_time_burst": None,
+        "refill_time": 100,
+    }
+    assert shown["machine-config"]["vcpu_count"] == 2
+    assert shown["network-interfaces"][0]["host_dev_name"] == "tap0"

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyvmm.devices.rate_limiter import RateLimiter, TokenBucket, parse_rate_limit
+from pyvmm.config import RateLimitSpec, TokenBucketSpec
+from pyvmm.devices.rate_limiter import LimiterPatch, RateLimiter, TokenBucket
 from pyvmm.errors import ConfigError
 from tests.support.device_harness import FakeClock
 
@@ -179,77 +180,31 @@ def test_limiter_save_restore(clock: FakeClock) -> None:
 # --- configuration -------------------------------------------------------------------
 
 
-def test_from_config_reads_firecracker_shape(clock: FakeClock) -> None:
-    limiter = RateLimiter.from_config(
-        {
-            "bandwidth": {"size": 1000, "one_time_burst": 500, "refill_time": 100},
-            "ops": {"size": 10, "refill_time": 1000},
-        },
-        clock=clock,
-    )
-    assert limiter.bandwidth is not None and limiter.ops is not None
+def test_from_spec_builds_full_buckets(clock: FakeClock) -> None:
+    spec = RateLimitSpec(TokenBucketSpec(1000, 100, one_time_burst=500), TokenBucketSpec(10, 1000))
+    limiter = RateLimiter.from_spec(spec, clock)
+    assert limiter is not None and limiter.bandwidth is not None and limiter.ops is not None
     assert (limiter.bandwidth.size, limiter.bandwidth.refill_time_ms) == (1000, 100)
     assert limiter.bandwidth.one_time_burst == 500
     assert (limiter.ops.size, limiter.ops.one_time_burst) == (10, 0)
-    assert RateLimiter.from_config({"ops": None}).unlimited
-    assert RateLimiter.from_config(None).unlimited
+    assert limiter.bandwidth.budget == 1000
+    assert RateLimiter.from_spec(None) is None
 
 
-@pytest.mark.parametrize(
-    ("config", "message"),
-    [
-        ({"bandwith": {}}, r"rate_limiter: unknown field 'bandwith'"),
-        ({"ops": {"size": 1, "refill_time": 1, "x": 1}}, r"rate_limiter\.ops: unknown field 'x'"),
-        ({"ops": {"refill_time": 1}}, r"rate_limiter\.ops\.size is required"),
-        ({"ops": {"size": 1}}, r"rate_limiter\.ops\.refill_time is required"),
-        ({"bandwidth": {"size": 0, "refill_time": 1}}, r"bandwidth\.size must be positive"),
-        ({"bandwidth": {"size": -5, "refill_time": 1}}, r"bandwidth\.size must be positive"),
-        ({"bandwidth": {"size": 1, "refill_time": 0}}, r"bandwidth\.refill_time must be pos"),
-        (
-            {"bandwidth": {"size": 1, "refill_time": 1, "one_time_burst": -1}},
-            r"bandwidth\.one_time_burst must be at least 0",
-        ),
-        ({"ops": {"size": "10", "refill_time": 1}}, r"ops\.size must be an integer"),
-        ({"ops": {"size": True, "refill_time": 1}}, r"ops\.size must be an integer"),
-        ({"ops": {"size": 1.5, "refill_time": 1}}, r"ops\.size must be an integer"),
-        ({"ops": [1]}, r"rate_limiter\.ops must be an object"),
-        ([1], r"rate_limiter must be an object"),
-    ],
-)
-def test_from_config_errors_name_the_field(config: object, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        RateLimiter.from_config(config)  # type: ignore[arg-type]
-
-
-def test_parse_rate_limit_shorthand(clock: FakeClock) -> None:
-    limiter = parse_rate_limit("bw=10M/1s, ops=1000/100ms", clock=clock)
-    assert limiter.bandwidth is not None and limiter.ops is not None
-    assert (limiter.bandwidth.size, limiter.bandwidth.refill_time_ms) == (10 << 20, 1000)
-    assert (limiter.ops.size, limiter.ops.refill_time_ms) == (1000, 100)
-    only_bw = parse_rate_limit("bw=64KiB")
-    assert only_bw.ops is None and only_bw.bandwidth is not None
-    assert (only_bw.bandwidth.size, only_bw.bandwidth.refill_time_ms) == (65536, 1000)
-    assert parse_rate_limit("ops=2K/2s").ops.size == 2048  # type: ignore[union-attr]
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("", "empty"),
-        ("bw", "expected bw=SIZE"),
-        ("iops=5", "expected bw=SIZE"),
-        ("bw=10X", "expected SIZE"),
-        ("ops=10MB", "expected a count"),
-        ("bw=1M,bw=2M", "twice"),
-        ("bw=0", "positive"),
-        ("bw=1M/1h", "like 100ms"),
-        ("ops=10/0ms", "positive"),
-        ("bw=1M,", "expected bw=SIZE"),
-    ],
-)
-def test_parse_rate_limit_errors(text: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        parse_rate_limit(text)
+def test_a_patch_keeps_absent_buckets_with_their_budget(clock: FakeClock) -> None:
+    """Firecracker's PATCH: an absent bucket stays (budget too), a disabled one goes."""
+    spec = RateLimitSpec(TokenBucketSpec(1000, 1000), TokenBucketSpec(10, 1000))
+    limiter = RateLimiter.from_spec(spec, clock)
+    assert limiter is not None and limiter.consume(600, 4)
+    patch = LimiterPatch(ops=TokenBucketSpec(50, 100))
+    patched = patch.apply(limiter, clock)
+    assert patched is not None and patched.bandwidth is limiter.bandwidth
+    assert patched.bandwidth.budget == 400 and patched.ops.budget == 50
+    assert patch.apply_to_spec(spec) == RateLimitSpec(spec.bandwidth, TokenBucketSpec(50, 100))
+    removed = LimiterPatch(bandwidth=None, ops=None)
+    assert removed.apply(limiter, clock) is None and removed.apply_to_spec(spec) is None
+    assert LimiterPatch().apply_to_spec(spec) == spec
+    assert LimiterPatch(ops=None).apply_to_spec(None) is None
 
 
 # --- the guarantee ------------------------------------------------------------------

@@ -15,8 +15,9 @@ import time
 
 import pytest
 
+from pyvmm.devices.virtio.net import VNET_HDR_SIZE, RxOffloads
 from pyvmm.errors import HostError
-from pyvmm.host.tap import VNET_HDR_SIZE, Tap, create_tap_with_address, run_ip
+from pyvmm.host.tap import Tap, create_tap_with_address, run_ip
 
 HOST_IP = bytes([10, 251, 0, 1])
 GUEST_IP = bytes([10, 251, 0, 2])
@@ -115,7 +116,8 @@ def test_name_collision_is_a_clear_host_error(tap):
 def test_kernel_picks_a_name_and_offloads_are_accepted():
     with Tap.open() as tap:
         assert tap.name and tap.fd >= 0
-        tap.set_offload(0x01 | 0x02 | 0x04)
+        tap.set_offload(RxOffloads(csum=True, tso4=True, tso6=True))
+        tap.set_offload(RxOffloads())
     assert tap.fd == -1
 
 
@@ -137,23 +139,23 @@ def test_rx_rate_limit_over_a_real_tap(tap):
     per queue): the datagrams are all queued in the TAP at once, so after
     the first throttle only the retry timer can deliver the rest.
     """
-    from pyvmm.devices.rate_limiter import parse_rate_limit
     from pyvmm.memory import GuestMemory
     from pyvmm.vmm.event_loop import EventLoop
-    from pyvmm.vmm.virtio_service import queue_server, watch_net_backend
+    from pyvmm.vmm.virtio_service import queue_server
+    from tests.support.device_harness import limiter
     from tests.unit.devices.virtio.test_net import Guest
 
     count, port = 8, 40_009
     guest_mac = ":".join(f"{b:02x}" for b in GUEST_MAC)
     run_ip("neigh", "replace", "10.251.0.2", "lladdr", guest_mac, "dev", tap.name)
     with GuestMemory([(0, 0x80_0000)]) as mem:
-        g = Guest(mem, size=64, backend=tap, rx_limiter=parse_rate_limit("ops=1/40ms"))
+        g = Guest(mem, size=64, backend=tap, rx_limiter=limiter("ops=1/40ms"))
         posted = dict(g.post_rx(*[2048] * 64, kick=False))
         loop = EventLoop()
         loop.start()
         try:
             serve = queue_server(loop, g.mmio, g.net)
-            watch_net_backend(loop, g.net, serve)
+            tap.subscribe(loop, lambda: serve(g.net.backend_queue))
             start = time.monotonic()
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                 for i in range(count):

@@ -70,14 +70,22 @@ def test_uds_path_errors(sockdir):
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(sockdir / "stale.sock"))
     stale.close()  # a socket file nobody listens on any more
-    with pytest.raises(ConfigError, match="already exists"):
-        VsockUds(EventLoop(), sockdir / "stale.sock")
+    # A socket file nobody listens on is stale: replaced (a killed VMM leaves one behind).
+    VsockUds(sockdir / "stale.sock").close()
+    assert not (sockdir / "stale.sock").exists()
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(sockdir / "live.sock"))
+    live.listen()
+    with pytest.raises(ConfigError, match="in use"):
+        VsockUds(sockdir / "live.sock")
+    live.close()
     assert check_uds_path(sockdir / "v.sock") == sockdir / "v.sock"
 
 
 def test_close_removes_the_socket_and_closes_streams(sockdir):
     loop = EventLoop()
-    backend = VsockUds(loop, sockdir / "v.sock")
+    backend = VsockUds(sockdir / "v.sock")
+    backend.subscribe(loop, lambda: None)
     assert (sockdir / "v.sock").is_socket()
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(sockdir / "v.sock_9"))
@@ -97,7 +105,8 @@ def test_close_removes_the_socket_and_closes_streams(sockdir):
 
 def test_close_leaves_a_replaced_path_alone(sockdir):
     loop = EventLoop()
-    backend = VsockUds(loop, sockdir / "v.sock")
+    backend = VsockUds(sockdir / "v.sock")
+    backend.subscribe(loop, lambda: None)
     os.unlink(sockdir / "v.sock")
     (sockdir / "v.sock").write_text("someone else's")
     backend.close()

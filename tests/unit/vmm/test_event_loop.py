@@ -31,17 +31,24 @@ def test_reader_timer_and_call_soon_run_on_loop_thread() -> None:
     assert seen[-1][0] == "timer"
 
 
-def test_errors_in_callbacks_are_kept_not_lost() -> None:
-    loop = EventLoop()
+def test_an_error_in_a_callback_reaches_the_owner_naming_the_thread() -> None:
+    reported: list[str] = []
+    done = threading.Event()
+
+    def on_error(message: str) -> None:
+        reported.append(message)
+        done.set()
+
+    loop = EventLoop(on_error=on_error)
     loop.start()
 
     def fail() -> None:
         raise RuntimeError("boom")
 
     loop.call_soon(fail)
-    loop.stop()
+    assert done.wait(5)
     loop.close()
-    assert isinstance(loop.error, RuntimeError)
+    assert reported == ["thread 'pyvmm-io' (io) failed: RuntimeError: boom"]
 
 
 def test_stop_is_idempotent() -> None:

@@ -9,7 +9,6 @@ from collections import deque
 
 import pytest
 
-from pyvmm.devices.rate_limiter import parse_rate_limit
 from pyvmm.devices.virtio.device import VIRTIO_ID_NET
 from pyvmm.devices.virtio.mmio import (
     STATUS_DEVICE_NEEDS_RESET,
@@ -31,15 +30,16 @@ from pyvmm.devices.virtio.net import (
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
+    VNET_HDR_SIZE,
     NetStats,
+    RxOffloads,
     VirtioNet,
     VirtioNetState,
 )
 from pyvmm.devices.virtio.queue import VIRTQ_USED_F_NO_NOTIFY
-from pyvmm.host.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE
 from pyvmm.vmm.event_loop import EventLoop
 from pyvmm.vmm.virtio_service import queue_server
-from tests.support.device_harness import CountingIrq, FakeClock
+from tests.support.device_harness import CountingIrq, FakeClock, limiter
 from tests.support.virtio_driver import MockDriver, TransportAccess, bring_up
 
 MAC = bytes.fromhex("52540012345a")
@@ -61,7 +61,7 @@ class FakeBackend:
         self.incoming: deque[bytes] = deque()
         self.sent: list[bytes] = []
         self.buffer_counts: list[int] = []
-        self.offload: int | None = None
+        self.offload: RxOffloads | None = None
         self.fail_write: OSError | None = None
 
     def readv(self, buffers: list[memoryview]) -> int:
@@ -83,8 +83,8 @@ class FakeBackend:
         self.sent.append(data)
         return len(data)
 
-    def set_offload(self, flags: int) -> None:
-        self.offload = flags
+    def set_offload(self, offloads: RxOffloads) -> None:
+        self.offload = offloads
 
 
 class Guest(TransportAccess):
@@ -194,11 +194,13 @@ def test_offloads_follow_acked_features(mem):
         1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_TSO6
     )
     g = Guest(mem, features=BASIC | guest_rx | 1 << VIRTIO_NET_F_CSUM)
-    assert g.backend.offload == TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+    assert g.backend.offload == RxOffloads(csum=True, tso4=True, tso6=True)
     g = Guest(mem, features=BASIC | 1 << VIRTIO_NET_F_GUEST_CSUM)
-    assert g.backend.offload == TUN_F_CSUM
+    assert g.backend.offload == RxOffloads(csum=True)
+    g = Guest(mem, features=BASIC | 1 << VIRTIO_NET_F_GUEST_TSO4)  # TSO needs checksums
+    assert g.backend.offload == RxOffloads()
     g = Guest(mem, features=BASIC)
-    assert g.backend.offload == 0
+    assert g.backend.offload == RxOffloads()
 
 
 def test_tx_frame_passes_header_and_frame_zero_copy(mem):
@@ -386,7 +388,7 @@ def post_tx(g: Guest, *frames: bytes) -> None:
 
 def test_tx_limiter_leaves_frames_in_the_ring(mem):
     clock = FakeClock()
-    g = Guest(mem, tx_limiter=parse_rate_limit("ops=2/100ms", clock))
+    g = Guest(mem, tx_limiter=limiter("ops=2/100ms", clock))
     post_tx(g, frame(60, 1), frame(60, 2), frame(60, 3))
     assert g.backend.sent == [HDR + frame(60, 1), HDR + frame(60, 2)]
     assert g.tx.used_idx() == 2  # the third chain is still the driver's, in the ring
@@ -406,7 +408,7 @@ def test_tx_limiter_leaves_frames_in_the_ring(mem):
 
 def test_tx_bandwidth_counts_frame_bytes_without_the_header(mem):
     clock = FakeClock()
-    g = Guest(mem, tx_limiter=parse_rate_limit("bw=1000/1s", clock))
+    g = Guest(mem, tx_limiter=limiter("bw=1000/1s", clock))
     post_tx(g, frame(600), frame(400), frame(100))
     assert len(g.backend.sent) == 2  # 600 + 400 bytes: the bucket is empty
     assert g.net.retry_after == pytest.approx(0.1)  # 100 bytes at 1000/s
@@ -417,18 +419,18 @@ def test_tx_bandwidth_counts_frame_bytes_without_the_header(mem):
 
 def test_tx_limiter_charges_nothing_for_dropped_chains(mem):
     clock = FakeClock()
-    limiter = parse_rate_limit("ops=1/1s", clock)
-    g = Guest(mem, tx_limiter=limiter)
+    bucket = limiter("ops=1/1s", clock)
+    g = Guest(mem, tx_limiter=bucket)
     assert g.send([g.tx.readable(HDR[:8])])[1] == 0  # shorter than the header: dropped
     assert g.net.stats.tx_drops == 1
-    assert limiter.ops.budget == 1
+    assert bucket.ops.budget == 1
     g.send([g.tx.readable(HDR + frame(60))])
-    assert len(g.backend.sent) == 1 and limiter.ops.budget == 0
+    assert len(g.backend.sent) == 1 and bucket.ops.budget == 0
 
 
 def test_rx_limiter_holds_one_frame_and_reads_no_more(mem):
     clock = FakeClock()
-    g = Guest(mem, rx_limiter=parse_rate_limit("ops=2/100ms", clock))
+    g = Guest(mem, rx_limiter=limiter("ops=2/100ms", clock))
     g.post_rx(1536, 1536, 1536, 1536, 1536, 1536, kick=False)
     g.backend.incoming.extend(bytes(VNET_HDR_SIZE) + frame(60, i) for i in range(5))
     g.mmio.process_queue(0)  # the TAP fd became readable
@@ -458,7 +460,7 @@ def test_rx_limiter_holds_one_frame_and_reads_no_more(mem):
 
 def test_rx_limiter_delivers_the_frames_in_order(mem):
     clock = FakeClock()
-    g = Guest(mem, rx_limiter=parse_rate_limit("bw=100/1s", clock))
+    g = Guest(mem, rx_limiter=limiter("bw=100/1s", clock))
     posted = g.post_rx(1536, 1536, 1536, kick=False)
     g.backend.incoming.extend(bytes(VNET_HDR_SIZE) + frame(60, i) for i in range(3))
     g.net.process_rx()
@@ -475,22 +477,22 @@ def test_rx_limiter_delivers_the_frames_in_order(mem):
 
 def test_rx_frame_waiting_for_buffers_keeps_its_tokens_in_the_bucket(mem):
     clock = FakeClock()
-    limiter = parse_rate_limit("ops=1/1s", clock)
-    g = Guest(mem, rx_limiter=limiter)
+    bucket = limiter("ops=1/1s", clock)
+    g = Guest(mem, rx_limiter=bucket)
     g.backend.incoming.extend(bytes(VNET_HDR_SIZE) + frame(60, i) for i in range(2))
     g.mmio.process_queue(0)  # no RX buffers: pending, but not throttled
     assert g.net.pending_len and not g.net.throttled
-    assert limiter.ops.budget == 1  # charged only once the frame goes
+    assert bucket.ops.budget == 1  # charged only once the frame goes
     g.post_rx(1536, 1536)
     assert len(g.rx_completions()) == 1
-    assert limiter.ops.budget == 0
+    assert bucket.ops.budget == 0
     assert g.net.throttled and g.net.pending_len  # the second frame waits for a token
     assert len(g.backend.incoming) == 0
 
 
 def test_reset_clears_throttling(mem):
     clock = FakeClock()
-    g = Guest(mem, tx_limiter=parse_rate_limit("ops=1/1s", clock))
+    g = Guest(mem, tx_limiter=limiter("ops=1/1s", clock))
     post_tx(g, frame(60), frame(60))
     assert g.net.throttled
     g.wr(Reg.STATUS, 0)
@@ -501,7 +503,7 @@ def test_reset_clears_throttling(mem):
 
 def test_stats_round_trip_with_throttle_counters(mem):
     clock = FakeClock()
-    g = Guest(mem, tx_limiter=parse_rate_limit("ops=1/1s", clock))
+    g = Guest(mem, tx_limiter=limiter("ops=1/1s", clock))
     post_tx(g, frame(60), frame(60))
     other = VirtioNet(FakeBackend(), MAC)
     other.restore(g.net.save())
@@ -535,7 +537,7 @@ def run_on_loop(loop: EventLoop, callback) -> None:
 
 def test_retry_timer_drains_a_throttled_rx_side(mem):
     """One TAP edge, five queued frames: the timer (not another edge) delivers the rest."""
-    g = Guest(mem, rx_limiter=parse_rate_limit("ops=1/20ms"))
+    g = Guest(mem, rx_limiter=limiter("ops=1/20ms"))
     g.post_rx(*[1536] * 6, kick=False)
     g.backend.incoming.extend(bytes(VNET_HDR_SIZE) + frame(60, i) for i in range(5))
     loop = EventLoop()
@@ -553,7 +555,7 @@ def test_retry_timer_drains_a_throttled_rx_side(mem):
 
 
 def test_retry_timer_drains_a_throttled_tx_ring(mem):
-    g = Guest(mem, tx_limiter=parse_rate_limit("ops=1/20ms"))
+    g = Guest(mem, tx_limiter=limiter("ops=1/20ms"))
     for i in range(4):
         g.tx.send([g.tx.readable(HDR + frame(60, i))])
     loop = EventLoop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from pyvmm.devices.rate_limiter import parse_rate_limit
 from pyvmm.devices.virtio.device import VIRTIO_ID_RNG, VIRTIO_MMIO_INT_VRING
 from pyvmm.devices.virtio.mmio import (
     STATUS_DEVICE_NEEDS_RESET,
@@ -21,7 +20,7 @@ from pyvmm.devices.virtio.rng import (
     VirtioRng,
     VirtioRngState,
 )
-from tests.support.device_harness import CountingIrq, FakeClock
+from tests.support.device_harness import CountingIrq, FakeClock, limiter
 from tests.support.virtio_driver import MockDriver, TransportAccess, bring_up
 
 VERSION_1 = 1 << VIRTIO_F_VERSION_1
@@ -242,7 +241,7 @@ def test_save_restore(mem):
 
 def test_rate_limiter_bandwidth_with_its_own_retry_time(mem):
     clock = FakeClock()
-    g = Guest(mem, rate_limiter=parse_rate_limit("bw=8/100ms", clock))
+    g = Guest(mem, rate_limiter=limiter("bw=8/100ms", clock))
     heads = [g.driver.send([g.driver.writable(4)]) for _ in range(3)]
     g.notify()
     assert g.driver.used_idx() == 2
@@ -260,7 +259,7 @@ def test_rate_limiter_bandwidth_with_its_own_retry_time(mem):
 
 def test_rate_limiter_ops(mem):
     clock = FakeClock()
-    g = Guest(mem, rate_limiter=parse_rate_limit("ops=1/1s", clock))
+    g = Guest(mem, rate_limiter=limiter("ops=1/1s", clock))
     g.driver.send([g.driver.writable(16)])
     g.driver.send([g.driver.writable(16)])
     g.notify()
@@ -272,20 +271,20 @@ def test_rate_limiter_ops(mem):
 
 def test_rate_limiter_chain_without_writable_buffers_is_free(mem):
     clock = FakeClock()
-    limiter = parse_rate_limit("ops=1/1s", clock)
-    g = Guest(mem, rate_limiter=limiter)
+    bucket = limiter("ops=1/1s", clock)
+    g = Guest(mem, rate_limiter=bucket)
     g.driver.send([g.driver.readable(b"abc")])
     g.driver.send([g.driver.writable(4)])
     g.notify()
     assert g.driver.used_idx() == 2 and not g.rng.throttled
-    assert limiter.ops.budget == 0
+    assert bucket.ops.budget == 0
 
 
 def test_rate_limiter_chain_larger_than_the_bucket(mem):
     """All or nothing, as Firecracker: a full bucket lets it through, in debt."""
     clock = FakeClock()
-    limiter = parse_rate_limit("bw=16/1s", clock)
-    g = Guest(mem, rate_limiter=limiter)
+    bucket = limiter("bw=16/1s", clock)
+    g = Guest(mem, rate_limiter=bucket)
     head = g.driver.send([g.driver.writable(64)])
     g.driver.send([g.driver.writable(4)])
     g.notify()
@@ -299,14 +298,14 @@ def test_rate_limiter_chain_larger_than_the_bucket(mem):
 
 def test_rate_limiter_charges_only_the_bytes_written(mem):
     clock = FakeClock()
-    limiter = parse_rate_limit("bw=100/1s", clock)
-    g = Guest(mem, entropy=Entropy(short_by=3), rate_limiter=limiter)
+    bucket = limiter("bw=100/1s", clock)
+    g = Guest(mem, entropy=Entropy(short_by=3), rate_limiter=bucket)
     g.driver.send([g.driver.writable(10)])
     g.notify()
     assert g.driver.used_elem(0)[1] == 7
-    assert limiter.bandwidth.budget == 93
+    assert bucket.bandwidth.budget == 93
 
 
 def test_budget_and_rate_limiter_are_exclusive():
     with pytest.raises(ValueError, match="not both"):
-        VirtioRng(budget=lambda n: n, rate_limiter=parse_rate_limit("bw=1K"))
+        VirtioRng(budget=lambda n: n, rate_limiter=limiter("bw=1K"))

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from pyvmm.config import check_guest_cid
 from pyvmm.devices.virtio import vsock as vsock_module
 from pyvmm.devices.virtio.device import VIRTIO_ID_VSOCK
 from pyvmm.devices.virtio.mmio import TRANSPORT_FEATURES, Reg
-from pyvmm.devices.virtio.vsock import VirtioVsock, VirtioVsockState, check_guest_cid
+from pyvmm.devices.virtio.vsock import VirtioVsock, VirtioVsockState
 from pyvmm.devices.virtio.vsock_packet import (
     HDR,
     VIRTIO_VSOCK_OP_CREDIT_REQUEST,
@@ -358,7 +359,7 @@ def test_random_packets_never_break_the_device(env):
         )
         g.dispatch()
     assert not g.needs_reset()
-    assert env.loop.error is None
+    assert env.loop_errors == []
     assert env.device.connections <= 4
 
 
