@@ -27,7 +27,6 @@ from pyvmm.snapshot.kvm_state import restore_vcpu, restore_vm, save_vcpu, save_v
 from pyvmm.snapshot.memory_file import (
     PAGE,
     bitmap_pages,
-    memory_state,
     open_memory_file,
     write_diff,
     write_full,
@@ -57,7 +56,7 @@ class SnapshotSupport:
       ``_track_dirty``, ``_closed`` and ``_paused_clock``;
     * holds ``_lifecycle_lock`` while it snapshots or restores, as the
       lifecycle methods do;
-    * sets ``_state``, ``_paused_clock``, ``_has_base``, ``_restored``,
+    * sets ``_state``, ``_paused_clock``, ``_has_base``, ``_base_id``, ``_restored``,
       ``_serial_append``, ``start_ns`` and ``first_run_ns``;
     * calls ``cls(config, serial_out, console_in, console_escape)``,
       ``_build(mem_file=fd)``, ``resume()`` and ``close()``.
@@ -88,19 +87,18 @@ class SnapshotSupport:
             started = time.monotonic()
             dirty = self._take_dirty_pages() if self._track_dirty else set()
             try:
-                memory = memory_state(self.memory)
                 with atomic_files(mem_path, state_path) as (mem_fd, state_fd):
                     if diff:
-                        runs = write_diff(self.memory, dirty, mem_fd)
-                        memory = dataclasses.replace(memory, diff=True, dirty=runs)
+                        memory = write_diff(self.memory, dirty, mem_fd, self._base_id)
                     else:
-                        write_full(self.memory, mem_fd)
+                        memory = write_full(self.memory, mem_fd)
                     write_all(state_fd, self._save_state(memory))
             except BaseException:
                 if self._track_dirty:  # the next diff must still see these pages
                     self.memory.dirty_pages |= dirty
                 raise
             self._has_base = True
+            self._base_id = memory.snapshot_id  # what the next diff is relative to
             log.debug(
                 "%s snapshot written in %.3f s",
                 "diff" if diff else "full",
@@ -182,12 +180,14 @@ class SnapshotSupport:
             config = dataclasses.replace(config, track_dirty_pages=track_dirty_pages)
         machine = cls(config, serial_out, console_in, console_escape)
         machine._serial_append = True
-        machine._load_snapshot(state, mem_path)
+        machine._load_snapshot(state, state_path, mem_path)
         if resume:
             machine.resume()
         return machine
 
-    def _load_snapshot(self, state: MicrovmState, mem_path: str | Path) -> None:
+    def _load_snapshot(
+        self, state: MicrovmState, state_path: str | Path, mem_path: str | Path
+    ) -> None:
         with self._lifecycle_lock:
             if self._state is not VmState.NOT_STARTED or self._closed:
                 raise VmStateError(f"cannot restore into a VM that is {self.state.value.lower()}")
@@ -197,7 +197,7 @@ class SnapshotSupport:
                     raise SnapshotError(
                         f"the snapshot has {len(state.vcpus)} vCPU states for {self.config.vcpus}"
                     )
-                mem_fd = open_memory_file(mem_path, state.memory)
+                mem_fd = open_memory_file(mem_path, state.memory, state_path)
                 try:
                     self._build(mem_file=mem_fd)
                 finally:
@@ -225,6 +225,7 @@ class SnapshotSupport:
             self._state = VmState.PAUSED
             self._restored = True
             self._has_base = True
+            self._base_id = state.memory.snapshot_id
             log.debug("restored in %.3f s", (self.first_run_ns - self.start_ns) / 1e9)
 
     def _restore_devices(self, state: MicrovmState) -> None:
