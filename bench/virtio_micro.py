@@ -34,10 +34,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pyvmm.devices.virtio.block import (
+    VirtioBlock,
+)
+from pyvmm.devices.virtio.block_request import (
     REQ_HEADER,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
-    VirtioBlock,
 )
 from pyvmm.devices.virtio.device import VirtioInterrupt
 from pyvmm.devices.virtio.net import VirtioNet

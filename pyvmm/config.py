@@ -91,6 +91,14 @@ class RateLimitSpec:
         return ",".join(parts)
 
 
+def _check_limit(name: str, value: object) -> None:
+    if value is not None and not isinstance(value, RateLimitSpec):
+        raise ConfigError(
+            f"{name} must be a RateLimitSpec (parse_rate_limit() reads the bw=/ops= text), "
+            f"not {type(value).__name__}"
+        )
+
+
 _RATE_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _RATE_TIME_UNITS = {"ms": 1, "s": 1000}
 _RATE_SIZE_RE = re.compile(r"(\d{1,20})([KMG]?)(?:i?B)?", re.IGNORECASE)
@@ -209,6 +217,9 @@ class DriveConfig:
     rate_limit: RateLimitSpec | None = None
     drive_id: str | None = None  # the API's name for it (PATCH /drives/{id})
 
+    def __post_init__(self) -> None:
+        _check_limit("drive rate_limit", self.rate_limit)
+
 
 def parse_drive(text: str) -> DriveConfig:
     """``path=IMG[,ro][,root][,bw=SIZE/TIME][,ops=N/TIME]`` (a bare first item is the path)."""
@@ -271,6 +282,8 @@ class NetConfig:
             raise ConfigError("a network interface needs a TAP device name")
         if self.mac is not None:
             check_mac(self.mac)
+        _check_limit("network rx_rate_limit", self.rx_rate_limit)
+        _check_limit("network tx_rate_limit", self.tx_rate_limit)
 
     def mac_bytes(self) -> bytes:
         if self.mac is not None:
@@ -365,7 +378,10 @@ def parse_vsock(text: str) -> VsockConfig:
     for item in (part.strip() for part in text.split(",")):
         key, _, value = item.partition("=")
         if key == "cid" and value:
-            cid = parse_count(value, "vsock cid")
+            try:
+                cid = parse_count(value, "vsock cid")
+            except ConfigError:
+                raise ConfigError(f"vsock cid={value[:40]!r} is not a number") from None
         elif key in ("uds", "uds_path") and value:
             uds = value
         else:
@@ -415,6 +431,7 @@ class MachineConfig:
             )
         if sum(drive.root for drive in self.drives) > 1:
             raise ConfigError("only one drive can be the root drive")
+        _check_limit("rng_rate_limit", self.rng_rate_limit)
         if self.rng_rate_limit is not None and not self.rng:
             raise ConfigError("an rng rate limit needs the rng device")
         ids = self._device_ids()

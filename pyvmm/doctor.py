@@ -56,7 +56,7 @@ def measure_guest_speed(probe: Path) -> SpeedResult:
     )
     marker = _MarkerDevice()
     machine = Machine(config)
-    machine.pio_bus.add(MARKER_PORT, 1, marker, "marker")
+    machine.add_pio_device(MARKER_PORT, 1, marker, "marker")
     reason = machine.run(timeout=120)
     marks = marker.marks
     if not {0xA0, 0xA1, 0xB0, 0xB1} <= marks.keys():
@@ -136,18 +136,14 @@ def run_doctor(echo: Callable[[str], None]) -> int:
     """Print the host report; exit status 0 if pyvmm can run VMs here."""
     from pyvmm.errors import PyvmmError
     from pyvmm.kvm import Kvm
-    from pyvmm.kvm._kvm_cffi import lib
+    from pyvmm.kvm.constants import all_capabilities
 
     usable = True
     echo(f"kvm device:        {_kvm_access()}")
     try:
         with Kvm() as kvm:
             echo(f"KVM API version:   {kvm.api_version}")
-            caps = {
-                name[len("KVM_CAP_") :].lower(): kvm.check_extension(getattr(lib, name))
-                for name in dir(lib)
-                if name.startswith("KVM_CAP_")
-            }
+            caps = {name: kvm.check_extension(cap) for name, cap in all_capabilities().items()}
             echo("capabilities:      " + ", ".join(f"{k}={v}" for k, v in sorted(caps.items())))
     except PyvmmError as error:
         echo(f"KVM:               unusable: {error}")

@@ -30,15 +30,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pyvmm.vmm.lifecycle import VmState
 
 if TYPE_CHECKING:
-    from pyvmm.api.models import (
-        Logger,
-        Metrics,
-        RateLimiterConfig,
-        SnapshotCreateParams,
-        SnapshotLoadParams,
-    )
+    from pyvmm.api.models import Logger, Metrics, RateLimiterConfig
+    from pyvmm.api.operations import SnapshotCreateParams, SnapshotLoadParams
     from pyvmm.api.vm_config import VmResources
-
 
 
 @dataclass(frozen=True)

@@ -41,14 +41,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pyvmm.api.models import (
-    BootSource,
-    Drive,
-    Entropy,
-    NetworkInterface,
-    RateLimiterConfig,
-    Vsock,
-)
+from pyvmm.api.models import BootSource, Drive, Entropy, NetworkInterface, RateLimiterConfig, Vsock
 from pyvmm.api.vm_config import VmResources
 from pyvmm.config import (
     DEFAULT_LINUX_CMDLINE,

@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvmm.api import models
+from pyvmm.api import models, operations
 from pyvmm.api.controller import VmmController
 from pyvmm.api.fields import is_valid_id, loads_strict
 from pyvmm.api.http_protocol import DEFAULT_MAX_BODY, Response
@@ -322,7 +322,7 @@ class Router:
     # --- actions ----------------------------------------------------------------------
     @_route("PUT", "/actions", "actions")
     def _put_actions(self, value: Any, path_id: str | None) -> Response:
-        action = models.parse_instance_action(value)
+        action = operations.parse_instance_action(value)
         if action == "InstanceStart":
             self._start()
         elif action == "SendCtrlAltDel":
@@ -335,7 +335,7 @@ class Router:
 
     @_route("PATCH", "/vm", "vm")
     def _patch_vm(self, value: Any, path_id: str | None) -> Response:
-        state = models.parse_vm_state(value)
+        state = operations.parse_vm_state(value)
         self._post_boot()
         if state == "Paused":
             self._call("Internal VMM error: ", self.controller.pause)
@@ -470,17 +470,17 @@ class Router:
     # --- MMDS -------------------------------------------------------------------------
     @_route("PUT", "/mmds", "mmds")
     def _put_mmds(self, value: Any, path_id: str | None) -> Response:
-        self.resources.mmds.put(models.parse_mmds_contents(value))
+        self.resources.mmds.put(operations.parse_mmds_contents(value))
         return _no_content()
 
     @_route("PATCH", "/mmds", "mmds")
     def _patch_mmds(self, value: Any, path_id: str | None) -> Response:
-        self.resources.mmds.patch(models.parse_mmds_contents(value))
+        self.resources.mmds.patch(operations.parse_mmds_contents(value))
         return _no_content()
 
     @_route("PUT", "/mmds/config", "mmds_config")
     def _put_mmds_config(self, value: Any, path_id: str | None) -> Response:
-        config = models.parse_mmds_config(value)
+        config = operations.parse_mmds_config(value)
         self._pre_boot(boot_specific=True)
         self.resources.set_mmds_config(config)
         if config.version == "V1":
@@ -492,7 +492,7 @@ class Router:
     # --- snapshots --------------------------------------------------------------------
     @_route("PUT", "/snapshot/create", "snapshot_create")
     def _put_snapshot_create(self, value: Any, path_id: str | None) -> Response:
-        params = models.parse_snapshot_create(value)
+        params = operations.parse_snapshot_create(value)
         self._post_boot()
         if self.controller.state is not VmState.PAUSED:
             raise _Fault(
@@ -504,7 +504,7 @@ class Router:
 
     @_route("PUT", "/snapshot/load", "snapshot_load")
     def _put_snapshot_load(self, value: Any, path_id: str | None) -> Response:
-        params = models.parse_snapshot_load(value)
+        params = operations.parse_snapshot_load(value)
         self._pre_boot()
         if self._boot_path:
             raise _Fault(LOAD_SNAPSHOT_NOT_ALLOWED)

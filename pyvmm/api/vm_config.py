@@ -39,7 +39,6 @@ from pyvmm.api.models import (
     MachineConfigUpdate,
     MachineConfiguration,
     Metrics,
-    MmdsConfig,
     NetworkInterface,
     PartialDrive,
     PartialNetworkInterface,
@@ -51,10 +50,10 @@ from pyvmm.api.models import (
     parse_logger,
     parse_machine_config,
     parse_metrics,
-    parse_mmds_config,
     parse_network_interface,
     parse_vsock,
 )
+from pyvmm.api.operations import MmdsConfig, parse_mmds_config
 from pyvmm.errors import ConfigError
 
 #: The config file's top-level keys, in the order they are applied.

@@ -27,13 +27,8 @@ from pyvmm.metrics import MetricsWriter
 from pyvmm.vmm.lifecycle import VmState
 
 if TYPE_CHECKING:
-    from pyvmm.api.models import (
-        Logger,
-        Metrics,
-        RateLimiterConfig,
-        SnapshotCreateParams,
-        SnapshotLoadParams,
-    )
+    from pyvmm.api.models import Logger, Metrics, RateLimiterConfig
+    from pyvmm.api.operations import SnapshotCreateParams, SnapshotLoadParams
     from pyvmm.api.vm_config import VmResources
     from pyvmm.vmm.machine import Machine
     from pyvmm.vmm.stop_reason import StopReason

@@ -5,8 +5,11 @@
 * :mod:`pyvmm.snapshot.codec`: state dataclasses to JSON and back;
 * :mod:`pyvmm.snapshot.kvm_state`: vCPU and in-kernel device state, in the
   order KVM needs;
-* :mod:`pyvmm.snapshot.memory_file`: full and diff memory files, merging;
-* :mod:`pyvmm.snapshot.files`: all-or-nothing file writes;
+* :mod:`pyvmm.snapshot.memory_file`: full and diff memory files, the
+  trailer that pairs a memory file with its state file, block checksums,
+  merging;
+* :mod:`pyvmm.snapshot.files`: opening snapshot files safely (regular files
+  only), all-or-nothing writes, removing a killed writer's temporaries;
 * :mod:`pyvmm.snapshot.overrides`: the restored machine's config (TAP and
   vsock socket renames);
 * :mod:`pyvmm.vmm.snapshots`: the orchestration, in what order
@@ -14,11 +17,12 @@
   ``SnapshotSupport`` that gives :class:`pyvmm.vmm.machine.Machine` its
   ``snapshot()`` and ``restore()``.
 
-Only ``machine_snapshots`` knows about a machine's parts; the other modules
+Only ``pyvmm.vmm.snapshots`` knows about a machine's parts; the other modules
 take and return plain state, files and KVM objects.
 """
 
-from pyvmm.snapshot.memory_file import merge_diff
-from pyvmm.snapshot.state import FORMAT_VERSION, SnapshotError, read_state
+from pyvmm.snapshot.files import SnapshotError
+from pyvmm.snapshot.memory_file import merge_diff, verify_snapshot
+from pyvmm.snapshot.state import FORMAT_VERSION, read_state
 
-__all__ = ["FORMAT_VERSION", "SnapshotError", "merge_diff", "read_state"]
+__all__ = ["FORMAT_VERSION", "SnapshotError", "merge_diff", "read_state", "verify_snapshot"]

@@ -27,10 +27,7 @@ def encode(value: Any) -> Any:
     """JSON values for ``value`` (a state dataclass or anything it may hold)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         hints = typing.get_type_hints(type(value))
-        return {
-            f.name: (encode_tagged if hints[f.name] is object else encode)(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-        }
+        return {f.name: _encode_as(getattr(value, f.name), hints[f.name]) for f in fields_of(value)}
     if isinstance(value, bytes | bytearray):
         return {"b64": base64.b64encode(value).decode()}
     if isinstance(value, Path):
@@ -42,6 +39,21 @@ def encode(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | str | float):
         return value
     raise CodecError(f"cannot save a {type(value).__name__}")
+
+
+def fields_of(value: Any) -> tuple[dataclasses.Field, ...]:
+    """The fields a state saves: ``init`` fields (derived ones are made again on load)."""
+    return tuple(f for f in dataclasses.fields(value) if f.init)
+
+
+def _encode_as(value: Any, hint: Any) -> Any:
+    """Encode ``value`` for a field typed ``hint``: ``object`` values carry their class name,
+    in a dict of them too (a device state by device name)."""
+    if hint is object:
+        return encode_tagged(value)
+    if typing.get_origin(hint) is dict and typing.get_args(hint)[1] is object:
+        return {str(key): encode_tagged(item) for key, item in value.items()}
+    return encode(value)
 
 
 def encode_tagged(value: Any) -> Any:

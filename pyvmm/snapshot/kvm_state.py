@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 
 from pyvmm.kvm import KvmIoctlError, Vcpu, Vm
-from pyvmm.kvm._kvm_cffi import lib
+from pyvmm.kvm.constants import IrqChip
 from pyvmm.kvm.cpuid import CpuidEntry
 from pyvmm.snapshot.state import SnapshotError, VcpuState, VmKvmState
 
@@ -119,9 +119,9 @@ def _restore_tsc_khz(vcpu: Vcpu, khz: int) -> None:
 def save_vm(vm: Vm, clock: bytes) -> VmKvmState:
     """The in-kernel irqchip and PIT; ``clock`` is the kvmclock saved at pause."""
     return VmKvmState(
-        pic_master=vm.get_irqchip(lib.KVM_IRQCHIP_PIC_MASTER),
-        pic_slave=vm.get_irqchip(lib.KVM_IRQCHIP_PIC_SLAVE),
-        ioapic=vm.get_irqchip(lib.KVM_IRQCHIP_IOAPIC),
+        pic_master=vm.get_irqchip(IrqChip.PIC_MASTER),
+        pic_slave=vm.get_irqchip(IrqChip.PIC_SLAVE),
+        ioapic=vm.get_irqchip(IrqChip.IOAPIC),
         pit=vm.get_pit2(),
         clock=clock,
     )

@@ -244,7 +244,8 @@ def _open_virtio_device(
             tx = RateLimiter.from_spec(net.tx_rate_limit)
             return VirtioNet(tap, net.mac_bytes(), rx, tx), tap
     if device_id == "rng" and config.rng:
-        return VirtioRng(rate_limiter=RateLimiter.from_spec(config.rng_rate_limit)), None
+        limiter = RateLimiter.from_spec(config.rng_rate_limit)
+        return VirtioRng(os.getrandom, rate_limiter=limiter), None
     if device_id == "vsock" and config.vsock is not None:
         uds = VsockUds(config.vsock.uds_path)
         return VirtioVsock(config.vsock.guest_cid, uds), uds

@@ -85,11 +85,16 @@ def test_state_rules(probe_elf: Path) -> None:
         vm.start()
         with pytest.raises(VmStateError, match="cannot start"):
             vm.start()
-        with pytest.raises(VmStateError, match="cannot resume: it is running"):
-            vm.resume()
+        vm.resume()  # running already: nothing to do (Firecracker answers 204 too)
+        assert vm.state is VmState.RUNNING
+        with pytest.raises(VmStateError, match="cannot snapshot: it is running; pause it first"):
+            vm.snapshot("/nonexistent/s", "/nonexistent/m")
         vm.pause()
-        with pytest.raises(VmStateError, match="cannot pause: it is paused"):
-            vm.pause()
+        vm.pause()  # paused already: nothing to do
+        assert vm.state is VmState.PAUSED
+        vm.machine.stop()
+        with pytest.raises(VmStateError, match="cannot resume: it is stopped"):
+            vm.resume()
     assert vm.state is VmState.STOPPED
 
 
@@ -204,14 +209,14 @@ def test_a_running_drive_gets_a_new_image_and_loses_its_limit(
     """What PATCH /drives does: while the guest waits in `echo`, the drive is
     pointed at a bigger image and its 20-requests-a-second limit is removed;
     the guest's next programs see the new capacity and run unthrottled."""
-    from pyvmm.config import DriveConfig
+    from pyvmm.config import DriveConfig, parse_rate_limit
     from pyvmm.devices.rate_limiter import LimiterPatch
     from tests.kvm.test_probe_virtio import write_pattern_image
 
     small, big = tmp_path / "small.img", tmp_path / "big.img"
     write_pattern_image(small, 4 << 20)
     write_pattern_image(big, 32 << 20)
-    drive = DriveConfig(small, rate_limit="ops=20/1s", drive_id="rootfs")
+    drive = DriveConfig(small, rate_limit=parse_rate_limit("ops=20/1s"), drive_id="rootfs")
     with MicroVM(kernel=probe_elf, cmdline="echo blkcheck blkrand=2000", drives=[drive]) as vm:
         vm.start()
         vm.console.wait_for("probe: cmdline", timeout=20)
@@ -224,3 +229,4 @@ def test_a_running_drive_gets_a_new_image_and_loses_its_limit(
         vm.console.wait_for(rf"capacity {(32 << 20) // 512} sectors", timeout=20)
         vm.console.wait_for("PROBE RESULT: PASS", timeout=30)  # 2000 reads: 100 s if limited
         assert vm.machine.config.drives[0].path == big
+        assert vm.machine.config.drives[0].rate_limit is None  # the config follows the PATCH

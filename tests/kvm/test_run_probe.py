@@ -6,6 +6,7 @@ hosts, so these tests take seconds.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -213,11 +214,12 @@ def test_exception_in_a_device_stops_the_vm(probe_elf: Path) -> None:
     before = threading.active_count()
     config = MachineConfig(kernel=probe_elf, cmdline="spin3=1000", vcpus=2, mem_size=32 << 20)
     with Machine(config) as machine:
-        machine.pio_bus.add(0x80, 1, ExplodingDevice(), "exploding")
+        machine.add_pio_device(0x80, 1, ExplodingDevice(), "exploding")
         machine.start()
         reason = machine.wait(timeout=60)
     assert reason is not None and reason.kind is StopKind.VMM_ERROR
     assert "device bug on write" in reason.message
+    assert re.search(r"thread 'vcpu\d' \(vcpu\) failed: RuntimeError", reason.message)
     assert reason.exit_code == 1
     assert threading.active_count() == before
 

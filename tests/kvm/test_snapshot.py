@@ -12,9 +12,11 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,8 +24,10 @@ import pytest
 
 from pyvmm.config import DriveConfig, MachineConfig, NetConfig, VsockConfig
 from pyvmm.errors import VmStateError
-from pyvmm.snapshot import FORMAT_VERSION, SnapshotError, merge_diff, read_state
-from pyvmm.snapshot.state import HEADER_SIZE
+from pyvmm.snapshot import FORMAT_VERSION, SnapshotError, merge_diff, read_state, verify_snapshot
+from pyvmm.snapshot.files import TEMP_SUFFIX
+from pyvmm.snapshot.memory_file import BLOCK, TRAILER_SIZE
+from pyvmm.snapshot.state import HEADER_SIZE, MIN_FORMAT_VERSION
 from pyvmm.vmm.machine import Machine, VmState
 from tests.conftest import requires_kvm
 from tests.kvm.test_probe_virtio import (
@@ -195,7 +199,9 @@ def test_diff_snapshot_merged_onto_its_base_is_the_full_memory(
     assert 65536 <= dirty_bytes < MEM // 4
     assert os.stat(tmp_path / "diff.mem").st_blocks * 512 < MEM // 4, "the diff is sparse"
     merge_diff(tmp_path / "base.mem", tmp_path / "diff.state", tmp_path / "diff.mem")
-    assert (tmp_path / "base.mem").read_bytes() == (tmp_path / "full.mem").read_bytes()
+    merged, full = (tmp_path / "base.mem").read_bytes(), (tmp_path / "full.mem").read_bytes()
+    assert merged[:-TRAILER_SIZE] == full[:-TRAILER_SIZE], "RAM and block checksums alike"
+    verify_snapshot(tmp_path / "diff.state", tmp_path / "base.mem")
 
     # The merged base plus the diff's state is a snapshot of the later moment.
     console = Console()
@@ -267,12 +273,12 @@ def test_net_reattaches_to_a_renamed_tap_and_vsock_comes_back(
 # --- refusals ------------------------------------------------------------------------
 def test_snapshot_needs_a_paused_vm(probe_elf: Path, tmp_path: Path) -> None:
     config = MachineConfig(kernel=probe_elf, cmdline="counter", mem_size=MEM)
-    with pytest.raises(VmStateError, match="cannot be snapshotted: it is not started"):
+    with pytest.raises(VmStateError, match="cannot snapshot: it is not started"):
         Machine(config).snapshot(tmp_path / "s", tmp_path / "m")
     machine, console, _ = boot(config)
     try:
         console.wait_for(rb"counter: 0")
-        with pytest.raises(VmStateError, match="cannot be snapshotted: it is running"):
+        with pytest.raises(VmStateError, match="cannot snapshot: it is running; pause it first"):
             machine.snapshot(tmp_path / "s", tmp_path / "m")
         machine.pause()
         with pytest.raises(VmStateError, match="track_dirty_pages"):
@@ -288,7 +294,7 @@ def test_a_failed_write_leaves_no_files(probe_elf: Path, tmp_path: Path) -> None
     try:
         console.wait_for(rb"counter: 0")
         machine.pause()
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(SnapshotError, match=r"cannot write snapshot file .*missing/s: No such"):
             machine.snapshot(tmp_path / "missing" / "s", tmp_path / "m")
     finally:
         machine.close()
@@ -321,15 +327,181 @@ def test_corrupt_and_mismatched_files_are_refused(counter_snapshot, tmp_path: Pa
         (mem, mem, "is not a pyvmm snapshot state file"),
         (_copy(state, tmp_path / "newer", newer), mem,
          rf"snapshot format {FORMAT_VERSION + 2} is newer than this pyvmm .* reads "
-         rf"\(formats 1-{FORMAT_VERSION}\); it was written by pyvmm"),
-        (tmp_path / "absent", mem, "cannot read snapshot state"),
+         rf"\(formats {MIN_FORMAT_VERSION}-{FORMAT_VERSION}\); it was written by pyvmm"),
+        (tmp_path / "absent", mem, "cannot open snapshot state file"),
+        (Path("/dev/zero"), mem, "state file /dev/zero is not a regular file"),
+        (state, Path("/dev/zero"), "memory file /dev/zero is not a regular file"),
     ]  # fmt: skip
     short = tmp_path / "short.mem"
     with open(mem, "rb") as source, open(short, "wb") as target:
         target.write(source.read(MEM // 2))
-    cases.append((state, short, rf"memory file .* is {MEM // 2} bytes, .* has {MEM} bytes"))
+    cases.append((state, short, rf"memory file .* is {MEM // 2} bytes, .* has {MEM} bytes of RAM"))
     for state_file, mem_file, message in cases:
         with pytest.raises(SnapshotError, match=message):
             Machine.restore(state_file, mem_file)
     with pytest.raises(SnapshotError, match="net override 'tap9' names no saved interface"):
         Machine.restore(state, mem, net_overrides={"tap9": "tap1"})
+
+
+# --- pairs that must not mix -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def later_snapshot(probe_elf: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Another snapshot of a guest like ``counter_snapshot``'s, later in its count."""
+    directory = tmp_path_factory.mktemp("later")
+    state, mem = directory / "vm.state", directory / "vm.mem"
+    config = MachineConfig(kernel=probe_elf, cmdline="counter", mem_size=MEM, vcpus=2)
+    machine, console, _ = boot(config)
+    try:
+        console.wait_for(rb"counter: 6\r?\n")
+        machine.pause()
+        machine.snapshot(state, mem)
+    finally:
+        machine.close()
+    return state, mem
+
+
+def test_a_state_file_with_another_snapshots_memory_file_is_refused(
+    counter_snapshot, later_snapshot
+) -> None:
+    """Same guest, same sizes: before snapshot ids, this pair resumed with mixed state."""
+    state, mem, _ = counter_snapshot
+    later_state, later_mem = later_snapshot
+    assert os.stat(mem).st_size == os.stat(later_mem).st_size
+    for state_file, mem_file in ((state, later_mem), (later_state, mem)):
+        with pytest.raises(SnapshotError) as caught:
+            Machine.restore(state_file, mem_file)
+        message = str(caught.value)
+        assert f"snapshot state file {state_file} and memory file {mem_file} are not one" in message
+        assert "\n" not in message
+
+
+# Boots the counter guest, pauses it at "counter: 6" and snapshots it over argv[2] and
+# argv[3], SIGKILLed by itself just before its Nth rename (argv[4]).
+KILLED_WRITER = r"""
+import os, re, signal, sys, time
+from pathlib import Path
+from pyvmm.config import MachineConfig
+from pyvmm.vmm.machine import Machine
+kernel, state, mem, kill_at, mem_size = sys.argv[1:6]
+out = bytearray()
+config = MachineConfig(kernel=Path(kernel), cmdline="counter", mem_size=int(mem_size), vcpus=2)
+machine = Machine(config, serial_out=out.extend)
+machine.start()
+deadline = time.monotonic() + 30
+while not re.search(rb"counter: 6\r?\n", bytes(out)):
+    assert time.monotonic() < deadline, bytes(out)
+    time.sleep(0.02)
+machine.pause()
+real_replace, renames = os.replace, []
+def replace(source, target):
+    renames.append(target)
+    if len(renames) == int(kill_at):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(source, target)
+os.replace = replace
+machine.snapshot(state, mem)
+"""
+
+
+def temps(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.endswith(TEMP_SUFFIX))
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])
+def test_a_writer_killed_at_either_rename_leaves_no_silent_mix(
+    counter_snapshot, probe_elf: Path, tmp_path: Path, kill_at: int
+) -> None:
+    """Killed before the first rename: the old pair restores. Between the two: the pair is
+    refused, naming both files. Either way the next snapshot in the directory removes the
+    killed writer's temporaries."""
+    old_state, old_mem, before = counter_snapshot
+    state, mem = tmp_path / "vm.state", tmp_path / "vm.mem"
+    shutil.copyfile(old_state, state)
+    shutil.copyfile(old_mem, mem)
+    arguments = [probe_elf, state, mem, kill_at, MEM]
+    writer = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, *map(str, arguments)],
+        capture_output=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert writer.returncode == -9, writer.stderr.decode(errors="replace")
+    assert state.read_bytes() == old_state.read_bytes(), "the state file was never replaced"
+    assert len(temps(tmp_path)) == 3 - kill_at
+    if kill_at == 1:
+        assert mem.read_bytes() == old_mem.read_bytes()
+        last = counters(before)[-1]
+        output = restore_in_child(state, mem, rf"counter: {last + 1}\r?\n")
+        assert counters(output.encode())[0] == last + 1, "the old pair restores"
+    else:
+        assert mem.read_bytes() != old_mem.read_bytes(), "the new memory file is in place"
+        with pytest.raises(SnapshotError) as caught:
+            Machine.restore(state, mem)
+        assert f"snapshot state file {state} and memory file {mem} are not one snapshot" in str(
+            caught.value
+        )
+    config = MachineConfig(kernel=probe_elf, cmdline="counter", mem_size=MEM)
+    machine, console, _ = boot(config)
+    try:
+        console.wait_for(rb"counter: 0")
+        machine.pause()
+        machine.snapshot(tmp_path / "next.state", tmp_path / "next.mem")
+    finally:
+        machine.close()
+    assert temps(tmp_path) == [], "the killed writer's temporaries are gone"
+
+
+def test_byte_flips_in_the_memory_file_are_caught_by_the_explicit_check(
+    counter_snapshot, tmp_path: Path
+) -> None:
+    state, mem, _ = counter_snapshot
+    verify_snapshot(state, mem)
+    content = mem.read_bytes()
+    ram = content[:MEM]
+    data_block = next(i for i in range(0, MEM, BLOCK) if any(ram[i : i + BLOCK]))
+    hole_block = next(i for i in range(MEM - BLOCK, 0, -BLOCK) if not any(ram[i : i + BLOCK]))
+    flipped = tmp_path / "flipped.mem"
+    for offset in (data_block + 123, hole_block + 4095, MEM - 1, MEM + 17):
+        block = offset if offset < MEM else (offset - MEM) // 4 * BLOCK
+        block -= block % BLOCK
+        edited = bytearray(content)
+        edited[offset] ^= 0x04
+        flipped.write_bytes(edited)
+        with pytest.raises(SnapshotError) as caught:
+            verify_snapshot(state, flipped)
+        assert str(caught.value) == (
+            f"memory file {flipped} is corrupt: bytes {block:#x}-{block + BLOCK - 1:#x} of guest "
+            "RAM do not match their checksum"
+        )
+    edited = bytearray(content)
+    edited[-20] ^= 0x01  # the trailer: caught without the explicit check
+    flipped.write_bytes(edited)
+    with pytest.raises(SnapshotError, match="its trailer checksum does not match"):
+        Machine.restore(state, flipped)
+
+
+@pytest.mark.parametrize("which", ["state", "memory"])
+def test_a_fifo_as_a_snapshot_file_is_refused_without_hanging(
+    counter_snapshot, tmp_path: Path, which: str
+) -> None:
+    state, mem, _ = counter_snapshot
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    files = (fifo, mem) if which == "state" else (state, fifo)
+    errors: list[BaseException] = []
+
+    def restore() -> None:
+        try:
+            Machine.restore(*files).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=restore, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # release the stuck open
+        thread.join(20)
+        pytest.fail("restore waited for a writer on the FIFO")
+    assert isinstance(errors[0], SnapshotError), errors
+    assert str(errors[0]).endswith(f"file {fifo} is not a regular file (it is a FIFO)")

@@ -85,3 +85,48 @@ def test_unaligned_region_rejected() -> None:
         GuestMemory([(0, 4097)])
     with pytest.raises(ValueError, match="overlaps"):
         GuestMemory([(0, 0x2000), (0x1000, 0x1000)])
+
+
+# --- dirty tracking -------------------------------------------------------------------
+
+
+def test_every_accessor_is_tracked_and_taking_starts_afresh() -> None:
+    from pyvmm.memory import DirtyTrackingMemory
+
+    with DirtyTrackingMemory([(0, 16 * 4096)]) as mem:
+        mem.write_u32(0x10, 1)
+        mem.read(0x1FFF, 2)  # spans pages 1 and 2
+        mem.view(8 * 4096, 4096)
+        assert mem.take_dirty() == {0, 1, 2, 8}
+        assert mem.take_dirty() == set()
+        mem.put_back({5})
+        assert mem.take_dirty() == {5}
+
+
+def test_buffers_handed_out_for_good_are_reported_every_time() -> None:
+    """A virtqueue binds its rings once (``locate``) and writes through them for
+    as long as the device runs: memory reports those pages in every diff."""
+    from pyvmm.memory import DirtyTrackingMemory
+
+    with DirtyTrackingMemory([(0, 16 * 4096)]) as mem:
+        mem.locate(3 * 4096 + 100, 6000)
+        assert mem.take_dirty() == {3, 4}
+        assert mem.take_dirty() == {3, 4}
+
+
+def test_the_guests_own_writes_come_from_the_attached_dirty_log() -> None:
+    from pyvmm.memory import DirtyTrackingMemory
+
+    calls: list[tuple[int, int]] = []
+
+    def kvm_log(slot: int, pages: int) -> bytes:
+        calls.append((slot, pages))
+        bitmap = bytearray((pages + 63) // 64 * 8)
+        bitmap[0] = 0b101 if slot == 0 else 0b1  # pages 0 and 2 of slot 0, page 0 of slot 1
+        return bytes(bitmap)
+
+    high = (1 << 32) >> 12
+    with DirtyTrackingMemory([(0, 16 * 4096), (1 << 32, 8 * 4096)]) as mem:
+        mem.attach_dirty_log(kvm_log)
+        assert mem.take_dirty() == {0, 2, high}
+        assert calls == [(0, 16), (1, 8)]

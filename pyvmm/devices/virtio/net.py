@@ -138,6 +138,7 @@ class RxOffloads(NamedTuple):
             bool(acked >> VIRTIO_NET_F_GUEST_TSO6 & 1),
         )
 
+
 #: struct virtio_net_config, the fields we offer: u8 mac[6]; le16 status;
 #: le16 max_virtqueue_pairs.
 CONFIG = struct.Struct("<6sHH")

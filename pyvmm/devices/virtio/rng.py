@@ -23,13 +23,12 @@ When the limit gives nothing, the chain stays in the avail ring,
 seconds (through the transport's ``process_queue``, for example from a timer
 on the event loop). Chains without writable buffers cost nothing.
 
-``entropy(n)`` is injected (default ``os.getrandom``) and may return fewer
+``entropy(n)`` is injected (the VMM passes ``os.getrandom``) and may return fewer
 than ``n`` bytes; the device writes what it got and reports that length.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -61,7 +60,8 @@ class VirtioRng(VirtioDevice):
 
     def __init__(
         self,
-        entropy: Callable[[int], bytes] = os.getrandom,
+        entropy: Callable[[int], bytes],
+        *,
         budget: Callable[[int], int] | None = None,
         rate_limiter: RateLimiter | None = None,
     ) -> None:

@@ -13,15 +13,8 @@ nothing. Host ends come from an injected :class:`VsockBackend` as
 clients connect to ``uds_path`` and send ``CONNECT <port>\\n``; a guest
 connecting to host port P reaches the socket listening at ``<uds_path>_P``).
 
-Wiring, for the VMM::
-
-    backend = VsockUds(uds_path)                # binds and listens on uds_path
-    device = VirtioVsock(guest_cid, backend)    # the CID was checked by the config
-    transport = MmioTransport(device, irq, mem)
-    backend.subscribe(loop, lambda: transport.process_queue(RX_QUEUE))
-    # the three queue kicks -> transport.process_queue(i), as for every device
-    ...
-    backend.close()                             # at shutdown: closes sockets, removes uds_path
+The VMM wires it like any device with a back end (``VsockUds`` subscribes
+to the event loop and wakes RX); the back end removes its socket on close.
 
 All device work runs under the transport lock: the back end never calls the
 device, it records host events and calls its ``wake`` callable, which runs
@@ -55,9 +48,10 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from pyvmm.config import check_guest_cid
+from pyvmm.devices.virtio.chain_io import chain_views, scatter
 from pyvmm.devices.virtio.device import VIRTIO_ID_VSOCK, VirtioDevice, copy_config
 from pyvmm.devices.virtio.queue import QueueError
 from pyvmm.devices.virtio.vsock_connection import (
@@ -74,6 +68,8 @@ from pyvmm.devices.virtio.vsock_connection import (
     Connection,
     ConnState,
     HostStream,
+    VsockBackend,
+    VsockStats,
 )
 from pyvmm.devices.virtio.vsock_packet import (
     CONFIG,
@@ -93,6 +89,9 @@ from pyvmm.devices.virtio.vsock_packet import (
     VIRTIO_VSOCK_SHUTDOWN_SEND,
     VIRTIO_VSOCK_TYPE_STREAM,
     VSOCK_HOST_CID,
+    MalformedPacket,
+    read_header,
+    rst_header,
 )
 
 if TYPE_CHECKING:
@@ -114,39 +113,6 @@ HOST_PORT_BASE = 1 << 30
 RST_BACKLOG_LIMIT = 256
 #: Hard cap on queued RSTs (the oldest are forgotten beyond it).
 _RST_QUEUE_MAX = 4 * MAX_CONNECTIONS
-
-
-class VsockBackend(Protocol):
-    """The host side the device needs (``pyvmm.host.vsock_uds.VsockUds`` has it).
-
-    ``connect(port)`` connects to the host service for port ``port`` (a
-    guest REQUEST to CID 2) and returns its stream, or raises ``OSError``
-    (answered with RST). ``take_events()`` returns and forgets the host
-    events recorded since the last call, one ``(stream, HOST_* bits)`` per
-    stream; a new host client's stream comes with HOST_NEW.
-    """
-
-    def connect(self, port: int) -> HostStream: ...
-    def take_events(self) -> list[tuple[HostStream, int]]: ...
-
-
-@dataclass
-class VsockStats:
-    """Counters for metrics: ``rx_*`` towards the guest, ``tx_*`` from it (payload bytes).
-
-    ``guest_errors`` counts malformed chains and packets; ``refused`` the
-    connections turned away (no host service, the connection cap).
-    """
-
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    rsts_sent: int = 0
-    connections_opened: int = 0
-    refused: int = 0
-    guest_errors: int = 0
-    host_errors: int = 0
 
 
 @dataclass(frozen=True)
@@ -237,7 +203,7 @@ class VirtioVsock(VirtioDevice):
                 self.stats.guest_errors += 1
                 queue.add_used(mem, chain.head_index, 0)
             else:
-                _scatter(mem, chain.descriptors, EVENT.pack(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
+                scatter(mem, chain.descriptors, EVENT.pack(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
                 queue.add_used(mem, chain.head_index, EVENT.size)
                 sent = True
         if queue.next_used != used_before and queue.needs_notification(mem):
@@ -319,18 +285,10 @@ class VirtioVsock(VirtioDevice):
         mem = self.mem
         assert mem is not None
         descs = chain.descriptors
-        total = 0
-        for desc in descs:
-            if desc.is_write_only:
-                return self._guest_error("TX chain has device-writable buffers")
-            total += desc.length
-        if total < HDR_SIZE:
-            return self._guest_error(f"TX packet of {total} bytes is shorter than its header")
-        first = descs[0]
-        if first.length >= HDR_SIZE:
-            fields = mem.read_struct(HDR, first.addr)
-        else:
-            fields = HDR.unpack(_gather(mem, descs, HDR_SIZE))
+        try:
+            fields, total = read_header(mem, descs)
+        except MalformedPacket as exc:
+            return self._guest_error(str(exc))
         src_cid, dst_cid, src_port, dst_port, length, type_, op, flags, buf_alloc, fwd_cnt = fields
         if src_cid != self.guest_cid or dst_cid != VSOCK_HOST_CID:
             return self._guest_error(f"TX packet from CID {src_cid} to CID {dst_cid}")
@@ -360,7 +318,7 @@ class VirtioVsock(VirtioDevice):
             return 0
         conn.set_peer_credit(buf_alloc, fwd_cnt)
         if op == VIRTIO_VSOCK_OP_RW:
-            views = _views(mem, descs, HDR_SIZE, length)
+            views = chain_views(mem, descs, HDR_SIZE, length)
             try:
                 self._guest_data(conn, views, length)
             finally:
@@ -620,7 +578,7 @@ class VirtioVsock(VirtioDevice):
             return self._guest_error("RX chain has no room for data")
         limit = min(capacity, conn.peer_credit(), MAX_PKT_PAYLOAD)
         descs = chain.descriptors
-        views = _views(mem, descs, HDR_SIZE, limit)
+        views = chain_views(mem, descs, HDR_SIZE, limit)
         try:
             received = conn.stream.recv_into(views)
         except BlockingIOError:
@@ -675,63 +633,11 @@ class VirtioVsock(VirtioDevice):
         if descs[0].length >= HDR_SIZE:
             mem.write_struct(HDR, descs[0].addr, *fields)
         else:
-            _scatter(mem, descs, HDR.pack(*fields))
+            scatter(mem, descs, HDR.pack(*fields))
 
     def _put_rst(self, mem: GuestMemory, chain: DescriptorChain) -> int:
         host_port, guest_port = self._rsts.popleft()
-        header = HDR.pack(
-            VSOCK_HOST_CID,
-            self.guest_cid,
-            host_port,
-            guest_port,
-            0,
-            VIRTIO_VSOCK_TYPE_STREAM,
-            VIRTIO_VSOCK_OP_RST,
-            0,
-            0,
-            0,
-        )
-        _scatter(mem, chain.descriptors, header)
+        scatter(mem, chain.descriptors, rst_header(self.guest_cid, host_port, guest_port))
         self.stats.rx_packets += 1
         self.stats.rsts_sent += 1
         return HDR_SIZE
-
-
-# --- scatter/gather over a chain's buffers (already checked to lie in guest RAM) -----------
-def _views(mem: GuestMemory, descs: list[Descriptor], skip: int, limit: int) -> list[memoryview]:
-    """Views of up to ``limit`` bytes of the buffers ``descs``, after the first ``skip`` bytes."""
-    views = []
-    for desc in descs:
-        if limit <= 0:
-            break
-        length = desc.length
-        if skip >= length:
-            skip -= length
-            continue
-        n = min(length - skip, limit)
-        views.append(mem.view(desc.addr + skip, n))
-        limit -= n
-        skip = 0
-    return views
-
-
-def _gather(mem: GuestMemory, descs: list[Descriptor], length: int) -> bytes:
-    """The first ``length`` bytes of the buffers ``descs`` (the caller checked there are)."""
-    out = bytearray()
-    for desc in descs:
-        n = min(desc.length, length - len(out))
-        out += mem.read(desc.addr, n)
-        if len(out) == length:
-            break
-    return bytes(out)
-
-
-def _scatter(mem: GuestMemory, descs: list[Descriptor], data: bytes) -> None:
-    """Write ``data`` across the buffers ``descs`` (the caller checked they can hold it)."""
-    offset = 0
-    for desc in descs:
-        if offset == len(data):
-            break
-        n = min(desc.length, len(data) - offset)
-        mem.write(desc.addr, data[offset : offset + n])
-        offset += n

@@ -24,6 +24,7 @@ most ``peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`` bytes in flight.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Protocol
 
 #: Receive buffer we advertise per connection (bytes the guest may have in flight to us).
@@ -221,3 +222,36 @@ class Connection:
             self.fwd_cnt = (self.fwd_cnt + sent) & _U32
         if not buf:
             self.stream.want_write(False)
+
+
+class VsockBackend(Protocol):
+    """The host side the device needs (``pyvmm.host.vsock_uds.VsockUds`` has it).
+
+    ``connect(port)`` connects to the host service for port ``port`` (a
+    guest REQUEST to CID 2) and returns its stream, or raises ``OSError``
+    (answered with RST). ``take_events()`` returns and forgets the host
+    events recorded since the last call, one ``(stream, HOST_* bits)`` per
+    stream; a new host client's stream comes with HOST_NEW.
+    """
+
+    def connect(self, port: int) -> HostStream: ...
+    def take_events(self) -> list[tuple[HostStream, int]]: ...
+
+
+@dataclass
+class VsockStats:
+    """Counters for metrics: ``rx_*`` towards the guest, ``tx_*`` from it (payload bytes).
+
+    ``guest_errors`` counts malformed chains and packets; ``refused`` the
+    connections turned away (no host service, the connection cap).
+    """
+
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    rsts_sent: int = 0
+    connections_opened: int = 0
+    refused: int = 0
+    guest_errors: int = 0
+    host_errors: int = 0

@@ -8,6 +8,14 @@ is the precompiled layout; :class:`Header` names its fields.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from pyvmm.devices.virtio.chain_io import gather
+
+if TYPE_CHECKING:
+    from pyvmm.devices.virtio.queue import Descriptor
+    from pyvmm.memory import GuestMemory
+
 import struct
 from typing import NamedTuple
 
@@ -63,3 +71,34 @@ class Header(NamedTuple):
     flags: int
     buf_alloc: int
     fwd_cnt: int
+
+
+class MalformedPacket(ValueError):
+    """A TX chain that cannot be a vsock packet (the guest's mistake)."""
+
+
+def read_header(mem: GuestMemory, descs: list[Descriptor]) -> tuple[tuple[int, ...], int]:
+    """The header fields of the packet in ``descs``, and the chain's total length.
+
+    Raises :class:`MalformedPacket` for a chain with device-writable
+    buffers or shorter than a header.
+    """
+    total = 0
+    for desc in descs:
+        if desc.is_write_only:
+            raise MalformedPacket("TX chain has device-writable buffers")
+        total += desc.length
+    if total < HDR_SIZE:
+        raise MalformedPacket(f"TX packet of {total} bytes is shorter than its header")
+    first = descs[0]
+    if first.length >= HDR_SIZE:
+        return mem.read_struct(HDR, first.addr), total
+    return HDR.unpack(gather(mem, descs, HDR_SIZE)), total
+
+
+def rst_header(guest_cid: int, host_port: int, guest_port: int) -> bytes:
+    """The header of an RST from the host to the guest (it has no payload)."""
+    return HDR.pack(
+        VSOCK_HOST_CID, guest_cid, host_port, guest_port, 0,
+        VIRTIO_VSOCK_TYPE_STREAM, VIRTIO_VSOCK_OP_RST, 0, 0, 0,
+    )  # fmt: skip

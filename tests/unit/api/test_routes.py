@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pyvmm.api import models
+from pyvmm.api import models, operations
 from pyvmm.api.controller import InstanceInfo, VmmController
 from pyvmm.api.http import ApiServer
 from pyvmm.api.routes import (
@@ -50,7 +50,7 @@ class FakeController:
         self._record("start", resources)
         self._state = VmState.RUNNING
 
-    def load_snapshot(self, params: models.SnapshotLoadParams, resources: VmResources) -> None:
+    def load_snapshot(self, params: operations.SnapshotLoadParams, resources: VmResources) -> None:
         self._record("load_snapshot", params)
         self._state = VmState.RUNNING if params.resume_vm else VmState.PAUSED
 
@@ -74,7 +74,7 @@ class FakeController:
     def flush_metrics(self) -> None:
         self._record("flush_metrics")
 
-    def create_snapshot(self, params: models.SnapshotCreateParams) -> None:
+    def create_snapshot(self, params: operations.SnapshotCreateParams) -> None:
         self._record("create_snapshot", params)
 
     def patch_drive(self, drive_id, path_on_host, rate_limiter) -> None:
@@ -461,7 +461,7 @@ def test_snapshot_create_needs_a_paused_vm(api, files, controller):
     api.ok("PUT", "/snapshot/create", body)
     assert controller.calls[-1] == (
         "create_snapshot",
-        (models.SnapshotCreateParams("/s", "/m", "Diff"),),
+        (operations.SnapshotCreateParams("/s", "/m", "Diff"),),
     )
     controller.fail["create_snapshot"] = ConfigError("cannot write /s: disk full")
     assert api.fault("PUT", "/snapshot/create", body) == (

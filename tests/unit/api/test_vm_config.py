@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmm import layout
-from pyvmm.api import models
+from pyvmm.api import models, operations
 from pyvmm.api.machine_config import to_machine_config, to_vm_resources
 from pyvmm.api.mmds import MmdsLimitError, MmdsNotInitializedError, MmdsStore, merge_patch
 from pyvmm.api.vm_config import VmResources
@@ -145,9 +145,9 @@ def test_virtio_device_count_is_capped(files):
 def test_mmds_config_names_existing_interfaces_and_metrics_are_set_once():
     resources = VmResources()
     with pytest.raises(ConfigError, match='names "eth0", which is not a configured network'):
-        resources.set_mmds_config(models.MmdsConfig(("eth0",)))
+        resources.set_mmds_config(operations.MmdsConfig(("eth0",)))
     resources.set_network_interface(net("eth0", "tap0"))
-    resources.set_mmds_config(models.MmdsConfig(("eth0",)))
+    resources.set_mmds_config(operations.MmdsConfig(("eth0",)))
     resources.set_metrics(models.Metrics("/m"))
     with pytest.raises(ConfigError, match="already initialized"):
         resources.set_metrics(models.Metrics("/m"))

@@ -12,17 +12,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmm.devices.virtio.block import (
-    BLOCK_QUEUE_SIZE,
     CONFIG,
-    DISCARD_SEGMENT,
-    REQ_HEADER,
-    SEG_MAX,
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_WRITE_ZEROES,
+    BlockStats,
+    VirtioBlock,
+    VirtioBlockState,
+)
+from pyvmm.devices.virtio.block_request import (
+    BLOCK_QUEUE_SIZE,
+    DISCARD_SEGMENT,
+    REQ_HEADER,
+    SEG_MAX,
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
@@ -33,9 +38,6 @@ from pyvmm.devices.virtio.block import (
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
-    BlockStats,
-    VirtioBlock,
-    VirtioBlockState,
 )
 from pyvmm.devices.virtio.device import VIRTIO_ID_BLOCK
 from pyvmm.devices.virtio.mmio import (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pyvmm.devices.virtio.device import VIRTIO_ID_RNG, VIRTIO_MMIO_INT_VRING
@@ -207,7 +209,7 @@ def test_malformed_chain_needs_reset(mem):
 
 
 def test_default_entropy_source(mem):
-    g = Guest(mem, rng=VirtioRng())  # entropy from os.getrandom
+    g = Guest(mem, rng=VirtioRng(os.getrandom))  # entropy from os.getrandom
     buf = g.driver.writable(64)
     g.driver.send([buf])
     g.notify()
@@ -308,4 +310,4 @@ def test_rate_limiter_charges_only_the_bytes_written(mem):
 
 def test_budget_and_rate_limiter_are_exclusive():
     with pytest.raises(ValueError, match="not both"):
-        VirtioRng(budget=lambda n: n, rate_limiter=limiter("bw=1K"))
+        VirtioRng(os.getrandom, budget=lambda n: n, rate_limiter=limiter("bw=1K"))
