@@ -164,6 +164,8 @@ class Blocks:
         for start, length in runs:
             for file_offset, size, first in self.regions:
                 low, high = max(start, file_offset), min(start + length, file_offset + size)
+                if low >= high:
+                    continue
                 for block in range(
                     (low - file_offset) // BLOCK, (high - 1 - file_offset) // BLOCK + 1
                 ):
@@ -475,7 +477,9 @@ def _merge(
         )
     _check_size(base_fd, base_mem, blocks, base, diff_state)
     tail = memory.size + 4 * blocks.count
-    marked = dataclasses.replace(base, kind=MERGING, snapshot_id=memory.snapshot_id)
+    marked = dataclasses.replace(
+        base, kind=MERGING, snapshot_id=memory.snapshot_id, base_id=memory.base_id
+    )
     _pwrite_all(base_fd, marked.pack(), tail)
     os.fsync(base_fd)
     for start, length in memory.dirty:

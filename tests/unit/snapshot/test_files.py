@@ -67,6 +67,18 @@ def test_a_directory_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+def test_two_files_at_one_path_are_refused(tmp_path: Path) -> None:
+    """The memory file would be replaced by the state file written after it."""
+    os.symlink("vm", tmp_path / "link")
+    for second in (tmp_path / "vm", tmp_path / "link", tmp_path / "sub" / ".." / "vm"):
+        with pytest.raises(SnapshotError) as caught, atomic_files(tmp_path / "vm", second):
+            pass
+        assert str(caught.value) == (
+            f"snapshot files {tmp_path / 'vm'} and {second} are one file: give each its own path"
+        )
+    assert os.listdir(tmp_path) == ["link"]
+
+
 def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path: Path) -> None:
     (tmp_path / "vm.mem").write_bytes(b"old")
     for _ in range(3):  # killed three times: the left-overs must not pile up

@@ -18,6 +18,7 @@ from pyvmm.snapshot.memory_file import (
     BLOCK,
     FULL,
     TRAILER_SIZE,
+    Blocks,
     bitmap_pages,
     open_memory_file,
     page_runs,
@@ -287,6 +288,18 @@ def test_blocks_restart_at_each_region(tmp_path: Path) -> None:
     merge_diff(base_mem, diff_state, diff_mem)
     assert base_mem.read_bytes()[:-TRAILER_SIZE] == full_mem.read_bytes()[:-TRAILER_SIZE]
     verify_snapshot(diff_state, base_mem)
+
+
+def test_the_blocks_a_diff_touches() -> None:
+    memory = MemoryState(
+        size=20 * 4096, regions=((0, 17 * 4096), (1 << 32, 3 * 4096)), snapshot_id=ID_A
+    )
+    blocks = Blocks(memory)
+    assert list(blocks.spans()) == [(0, 0, BLOCK), (1, BLOCK, 4096), (2, 17 * 4096, 3 * 4096)]
+    assert blocks.covering([(17 * 4096, 4096)]) == [(2, 17 * 4096, 3 * 4096)]
+    assert blocks.covering([(BLOCK - 4096, 8192)]) == [(0, 0, BLOCK), (1, BLOCK, 4096)]
+    assert blocks.covering([(0, 4096), (8192, 4096)]) == [(0, 0, BLOCK)]
+    assert blocks.covering([]) == []
 
 
 def test_bitmaps_and_page_runs() -> None:
