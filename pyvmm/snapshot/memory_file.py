@@ -47,7 +47,10 @@ file. The diff's own memory file is not restorable, and a diff merges only
 onto the memory file of its base. A merge first marks the base "merging"
 (kind 3, refused by restore) and marks it full again only when done, so a
 merge killed half-way leaves a file that is refused until
-:func:`merge_diff` is run again to finish it.
+:func:`merge_diff` is run again to finish it. A restored VM holds a shared
+``flock`` on its memory file for as long as it maps it, and a merge needs
+it exclusively: pages the VM has not touched yet still come from the file,
+so a merge in place under it would change its memory.
 
 Dirty pages come from KVM's dirty log (the guest's own writes) plus
 :class:`~pyvmm.memory.DirtyTrackingMemory` (the VMM's writes); they are
@@ -301,6 +304,8 @@ def open_memory_file(
     """
     fd = open_regular(path, "memory file")
     try:
+        if not _lock(fd, fcntl.LOCK_SH):
+            raise SnapshotError(f"memory file {path} is being merged with a diff right now")
         blocks = Blocks(memory)
         trailer = _read_trailer_sized(fd, path, blocks, state_path)
         _check_pair(trailer, memory, path, state_path)
@@ -462,10 +467,11 @@ def _merge(
             f"snapshot {diff.snapshot_id[:12]}, the diff is {memory.snapshot_id[:12]})"
         )
     _check_size(diff_fd, diff_mem, blocks, diff, diff_state)
-    try:
-        fcntl.flock(base_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise SnapshotError(f"memory file {base_mem} is being merged by another process") from None
+    if not _lock(base_fd, fcntl.LOCK_EX):
+        raise SnapshotError(
+            f"memory file {base_mem} is in use: a VM restored from it maps it (a merge in place "
+            "would change that VM's memory), or another merge_diff is writing it"
+        )
     base = _read_trailer_sized(base_fd, base_mem, blocks, diff_state)
     if base.kind == FULL and base.snapshot_id == memory.snapshot_id:
         return  # merged already
@@ -495,6 +501,23 @@ def _merge(
     os.fsync(base_fd)
     _pwrite_all(base_fd, dataclasses.replace(marked, kind=FULL, base_id="").pack(), tail)
     os.fsync(base_fd)
+
+
+def _lock(fd: int, operation: int) -> bool:
+    """``flock`` without waiting; False if another holder conflicts.
+
+    A mapping keeps its file's lock: the shared lock that
+    :func:`open_memory_file` takes lasts as long as the restored VM maps
+    the file, so :func:`merge_diff` (exclusive) cannot rewrite the pages
+    under it. Filesystems without ``flock`` go unprotected, not refused.
+    """
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
