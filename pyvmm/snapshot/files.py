@@ -22,7 +22,11 @@ the name, needs no ``/proc``, is not fooled by a recycled pid or by a writer
 in another pid namespace, and is released by the kernel however its owner
 dies. A writer checks, once it holds its lock, that its file is still
 linked, so a cleaner that got there between ``open`` and ``flock`` costs
-only a retry.
+only a retry. Where ``flock`` fails, nothing is removed; where it is
+accepted but not enforced across processes (QEMU's 9p server, NFS mounted
+``nolock``), a concurrent writer in the same directory can lose its
+temporaries: its rename then fails with a clear error and its old files
+stay as they were.
 """
 
 from __future__ import annotations
@@ -144,7 +148,8 @@ def _create_temp(target: Path) -> tuple[int, Path]:
             continue
         except OSError as exc:
             raise SnapshotError(f"cannot write snapshot file {target}: {exc.strerror}") from None
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # no flock here: cleaners cannot lock it either
+            fcntl.flock(fd, fcntl.LOCK_EX)
         if os.fstat(fd).st_nlink:
             return fd, temp
         os.close(fd)  # a cleaner removed it before we held the lock: take another name

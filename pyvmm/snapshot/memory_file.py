@@ -298,7 +298,7 @@ def open_memory_file(
     ``memory`` is that state file's :class:`MemoryState`. Checks the file
     type, the trailer, the ids and the exact size: a few syscalls, whatever
     the guest's size. ``verify=True`` also reads every block and compares
-    its checksum (about a second per GiB: see :func:`verify_snapshot`).
+    its checksum (see :func:`verify_snapshot` for what that costs).
     With a diff snapshot's state, ``path`` must be its base with the diff
     merged in (:func:`merge_diff`).
     """
@@ -323,6 +323,9 @@ def verify_snapshot(state_path: str | Path, mem_path: str | Path) -> None:
 
     Reads the whole memory file (the holes excepted) and checks every
     block's CRC-32: the explicit content check that restore leaves out.
+    Measured on the development host: 0.38 s per GiB of written guest
+    memory from the page cache, 0.68 s from disk; holes cost nothing
+    (a 1 GiB probe guest's file: 10 ms).
     """
     state = read_state(state_path)
     os.close(open_memory_file(mem_path, state.memory, state_path, verify=True))
