@@ -108,11 +108,12 @@ class ExecResult:
 
 @dataclass(frozen=True)
 class TransferStats:
-    """What a put or get moved."""
+    """What a put or get moved (``skipped``: guest sockets, FIFOs and devices a get left out)."""
 
     entries: int
     content_bytes: int
     duration: float
+    skipped: int = 0
 
 
 StdinSource = bytes | bytearray | memoryview | BinaryIO
@@ -428,7 +429,7 @@ class AgentClient:
                         )
                     extractor.place(dest)
                     return TransferStats(
-                        stats.entries, stats.content_bytes, time.monotonic() - started
+                        stats.entries, stats.content_bytes, time.monotonic() - started, done.skipped
                     )
             finally:
                 extractor.close()

@@ -147,8 +147,7 @@ class AgentConnection:
             ) from None
         target = _AGENT_TRANSITIONS.get((self.state, type(message)))
         if target is None:
-            name = type(message).__name__.upper()
-            raise self._broken(f"the agent sent {name} while {self.state.value}")
+            raise self._broken(f"the agent sent {AgentType(kind).name} while {self.state.value}")
         self._check(message)
         self.state = target
         return message
