@@ -105,7 +105,7 @@ def atomic_files(*paths: str | Path) -> Iterator[list[int]]:
     through unchanged.
     """
     targets = [Path(path) for path in paths]
-    if len({os.path.realpath(target) for target in targets}) != len(targets):
+    if len({(os.path.realpath(t.parent), t.name) for t in targets}) != len(targets):
         names = " and ".join(str(target) for target in targets)
         raise SnapshotError(f"snapshot files {names} are one file: give each its own path")
     for directory in {target.parent for target in targets}:
