@@ -198,6 +198,7 @@ VMM_OWN = [
     *allow("getdents64", "fallocate", "ftruncate", "flock", "rename", "unlink", "unlinkat"),
     *allow("mkdir", "eventfd2", "pipe2", "dup", "dup3", "memfd_create"),
     *allow("bind", "listen", "getsockopt", "setsockopt", "getpeername", "socketpair"),
+    *allow("fchmod", "chmod", "fchown", "kill", "wait4"),
     *allow("poll", "ppoll", "pselect6", "select", "epoll_create1", "sysinfo", "uname"),
     *allow("sched_getaffinity", "prlimit64", "getuid", "geteuid", "getgid", "getegid"),
     *arg_equals(
