@@ -3,10 +3,12 @@
 Tools that launch the ``firecracker`` binary can launch this instead: the
 flags are Firecracker's, with the same defaults (``--api-sock
 /run/firecracker.socket``, ``--id anonymous-instance``), and the guest's
-serial console is on stdin/stdout. Flags that only make sense for
-Firecracker's own sandboxing (``--no-seccomp``, ``--seccomp-filter``) and
-its start-time bookkeeping are accepted and have no effect, so existing
-launch scripts run unchanged.
+serial console is on stdin/stdout. Seccomp is Firecracker's too: every
+thread gets its role's filter (pyvmm's defaults, or ``--seccomp-filter
+FILE`` in Firecracker's JSON format), ``--no-seccomp`` turns them off, and
+a denied system call ends the process with status 148. The jailer's
+start-time flags are accepted and have no effect, so existing launch
+scripts (and ``pyvmm-jailer``) run unchanged.
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ _LEVELS = click.Choice(["Error", "Warning", "Info", "Debug", "Trace", "Off"], ca
 @click.option("--metrics-path", type=click.Path(path_type=Path), help="Metrics file or FIFO.")
 @click.option("--http-api-max-payload-size", type=click.IntRange(min=1), default=None)
 @click.option("--mmds-size-limit", type=click.IntRange(min=1), default=None)
-@click.option("--no-seccomp", is_flag=True, hidden=True)
-@click.option("--seccomp-filter", default=None, hidden=True)
+@click.option("--no-seccomp", is_flag=True, help="Run without seccomp filters.")
+@click.option(
+    "--seccomp-filter",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Seccomp filters in Firecracker's JSON format (default: pyvmm's own).",
+)
 @click.option("--start-time-us", default=None, hidden=True)
 @click.option("--start-time-cpu-us", default=None, hidden=True)
 @click.option("--parent-cpu-time-us", default=None, hidden=True)
@@ -54,6 +61,8 @@ def firecracker(
     metrics_path: Path | None,
     http_api_max_payload_size: int | None,
     mmds_size_limit: int | None,
+    no_seccomp: bool,
+    seccomp_filter: Path | None,
     **_ignored: object,
 ) -> None:
     """Serve Firecracker's API for one microVM; exits when the guest stops."""
@@ -61,6 +70,8 @@ def firecracker(
 
     if level is None and log_path is None:
         logging.basicConfig(level=logging.WARNING, format="pyvmm: %(message)s")
+    if no_seccomp and seccomp_filter is not None:
+        raise click.UsageError("--no-seccomp and --seccomp-filter exclude each other")
     run_serve(
         ServeOptions(
             api_sock=None if no_api else Path(api_sock),
@@ -74,6 +85,8 @@ def firecracker(
             metrics_path=metrics_path,
             http_api_max_payload_size=http_api_max_payload_size,
             mmds_size_limit=mmds_size_limit,
+            seccomp=not no_seccomp,
+            seccomp_filter=seccomp_filter,
         )
     )
 

@@ -9,6 +9,15 @@ reboots). The guest's serial console is on the process's stdin/stdout.
 
 Threads: the main thread waits here; the API server has an accept thread
 and one thread per client; the machine has its vCPU threads and event loop.
+
+Seccomp (unless ``--no-seccomp``): the filters are compiled before
+anything starts, and the main thread confines itself with the ``vmm``
+filter once the flags are read and before the API socket exists, so every
+thread started after it inherits at least that filter; threads started
+through :func:`~pyvmm.vmm.threads.spawn` with :attr:`ServeOptions` 's setup
+add their own role's filter. A denied call is logged, counted in
+``seccomp.num_faults``, the metrics are flushed, and the process exits
+with status 148 (:mod:`pyvmm.jail.faults`).
 """
 
 from __future__ import annotations
@@ -20,8 +29,13 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyvmm.errors import ConfigError, PyvmmError
+
+if TYPE_CHECKING:
+    from pyvmm.api.vmm import MachineController
+    from pyvmm.jail.thread_setup import SeccompSetup
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +56,8 @@ class ServeOptions:
     metrics_path: Path | None = None
     http_api_max_payload_size: int | None = None
     mmds_size_limit: int | None = None
+    seccomp: bool = True
+    seccomp_filter: Path | None = None  # None: pyvmm's default filters
 
 
 def serve(options: ServeOptions) -> int:
@@ -58,6 +74,7 @@ def serve(options: ServeOptions) -> int:
 
     if options.api_sock is None and options.config_file is None:
         raise ConfigError("--no-api needs --config-file: nothing could start the microVM")
+    seccomp = _seccomp_setup(options)
     stdout_fd = sys.stdout.fileno()
     controller = MachineController(
         options.instance_id,
@@ -104,6 +121,8 @@ def serve(options: ServeOptions) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if seccomp is not None:
+            _confine_main_thread(seccomp, controller)
         if options.api_sock is not None:
             server = ApiServer(options.api_sock, router, body_limit=router.body_limit)
             server.start()
@@ -127,6 +146,30 @@ def serve(options: ServeOptions) -> int:
     else:
         print(f"pyvmm: {reason}", file=sys.stderr)
     return reason.exit_code
+
+
+def _seccomp_setup(options: ServeOptions) -> SeccompSetup | None:
+    """Compile the filters (a bad ``--seccomp-filter`` is a ConfigError); None if off."""
+    if not options.seccomp:
+        return None
+    from pyvmm.jail.seccomp import FaultPolicy, make_setup
+
+    return make_setup(options.seccomp_filter, FaultPolicy.EXIT)
+
+
+def _confine_main_thread(setup: SeccompSetup, controller: MachineController) -> None:
+    """From here on a denied call ends the process with 148, after a last metrics line."""
+    from pyvmm.jail import faults
+    from pyvmm.vmm.threads import ThreadRole
+
+    def flush_metrics() -> None:
+        writer = controller.metrics
+        if writer is not None:
+            writer.add_source(faults.metrics)
+            writer.flush()
+
+    faults.add_flush_hook(flush_metrics)
+    setup.enter(ThreadRole.VMM)
 
 
 def _stdin_fd() -> int | None:

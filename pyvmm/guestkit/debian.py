@@ -28,12 +28,14 @@ asks apt again (the archive's kernel version moves with security updates).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,7 @@ from pyvmm.guestkit.cache import (
     staging_dir,
     write_atomic,
 )
+from pyvmm.guestkit.progress import task
 
 #: Kernel flavors and the metapackage that names each one's current image.
 FLAVORS: dict[str, str] = {
@@ -60,6 +63,7 @@ METADATA_NAME = "pyvmm-package.json"
 _APT_TIMEOUT_S = 900  # a 70 MB download on a slow mirror
 _QUERY_TIMEOUT_S = 120
 _UNPACK_TIMEOUT_S = 300
+_PROGRESS_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -283,16 +287,40 @@ def _candidate_version(package: str) -> str:
 
 
 def _apt_download(package: str, dest: Path) -> Path:
-    """``apt-get download package`` into ``dest``; return the .deb's path."""
+    """``apt-get download package`` into ``dest``, with a progress line; the .deb's path."""
     cmd = ["apt-get", "download", "-q"]
     if os.geteuid() == 0:
         # As root apt drops to the _apt user, who cannot write our 0700 directory.
         cmd += ["-o", "APT::Sandbox::User=root"]
-    proc = _run([*cmd, package], _APT_TIMEOUT_S, cwd=dest)
+    with task(f"downloading {package}", total=_download_size(package, dest)) as progress:
+        proc = _run(
+            [*cmd, package], _APT_TIMEOUT_S, cwd=dest,
+            while_running=lambda: progress.advance_to(_bytes_in(dest)),
+        )  # fmt: skip
     debs = sorted(dest.glob("*.deb"))
     if proc.returncode != 0 or len(debs) != 1:
         raise _AptMiss(f"apt-get download {package} failed: {_last_line(proc.stderr)}")
     return debs[0]
+
+
+def _download_size(package: str, dest: Path) -> int | None:
+    """The .deb's size from ``apt-get download --print-uris`` (None if apt does not say)."""
+    proc = _run(["apt-get", "download", "--print-uris", package], _QUERY_TIMEOUT_S, cwd=dest)
+    for line in proc.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2].isdigit():
+            return int(fields[2])
+    return None
+
+
+def _bytes_in(directory: Path) -> int:
+    """Bytes in the files under ``directory`` (apt's partial download included)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 def _apt_update(reason: str) -> None:
@@ -319,7 +347,8 @@ def _with_update_retry(attempt: Callable[[], Path]) -> Path:
 
 
 def _unpack(deb: Path, dest: Path) -> None:
-    proc = _run(["dpkg-deb", "-x", str(deb), str(dest)], _UNPACK_TIMEOUT_S)
+    with task(f"unpacking {deb.name.split('_')[0]}"):
+        proc = _run(["dpkg-deb", "-x", str(deb), str(dest)], _UNPACK_TIMEOUT_S)
     if proc.returncode != 0:
         raise HostError(f"dpkg-deb -x {deb.name} failed: {_last_line(proc.stderr)}")
 
@@ -332,7 +361,14 @@ def _deb_field(deb: Path, field: str) -> str:
     return value
 
 
-def _run(cmd: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def _run(
+    cmd: list[str],
+    timeout: float,
+    cwd: Path | None = None,
+    while_running: Callable[[], object] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run an apt or dpkg tool with captured text output; ``while_running`` is called
+    every 0.2 s until it ends (for progress lines)."""
     tool = shutil.which(cmd[0])
     if tool is None:
         raise HostError(
@@ -340,19 +376,32 @@ def _run(cmd: list[str], timeout: float, cwd: Path | None = None) -> subprocess.
             "(a Debian or Ubuntu host)"
         )
     try:
-        return subprocess.run(
+        with subprocess.Popen(
             [tool, *cmd[1:]],
             cwd=cwd,
-            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
-            check=False,
             env={**os.environ, "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive"},
-        )
-    except subprocess.TimeoutExpired:
-        raise HostError(f"{' '.join(cmd)} did not finish within {timeout:.0f} s") from None
+        ) as proc:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    out, err = proc.communicate(timeout=_PROGRESS_POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() > deadline:
+                        proc.kill()
+                        proc.communicate()
+                        raise HostError(
+                            f"{' '.join(cmd)} did not finish within {timeout:.0f} s"
+                        ) from None
+                    if while_running is not None:
+                        while_running()
     except OSError as exc:
         raise HostError(f"cannot run {cmd[0]}: {exc}") from exc
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _last_line(stderr: str) -> str:

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING
 from pyvmm.errors import ConfigError, HostError, KernelImageError
 from pyvmm.guestkit.cache import cache_root, write_atomic
 from pyvmm.guestkit.cpio import CpioWriter, normalize_name
+from pyvmm.guestkit.progress import task
 
 if TYPE_CHECKING:
     from pyvmm.guestkit.debian import KernelPackage
@@ -315,9 +316,10 @@ def build_initramfs(
     out = root / "initramfs" / f"{key}{suffix}"
     if out.is_file():
         return out
-    if compress:
-        data = gzip.compress(data, compresslevel=9, mtime=0)
-    return write_atomic(out, data)
+    with task(f"building an initramfs ({len(data) / 1e6:.1f} MB)"):
+        if compress:
+            data = gzip.compress(data, compresslevel=9, mtime=0)
+        return write_atomic(out, data)
 
 
 def _add_base(archive: CpioWriter, busybox: bytes) -> None:

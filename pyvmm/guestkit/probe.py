@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from pyvmm.errors import HostError
+from pyvmm.guestkit.progress import task
 
 #: Name of the built image inside its cache directory.
 PROBE_ELF_NAME = "probe.elf"
@@ -179,7 +180,8 @@ def build_probe(cache_dir: Path | None = None, force: bool = False) -> Path:
     except OSError as exc:
         raise HostError(f"cannot create the probe build directory in {root}: {exc}") from exc
     try:
-        _compile(gcc, src, files, tmp)
+        with task("building the probe guest (gcc)"):
+            _compile(gcc, src, files, tmp)
         if force and final.exists():
             stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=root))
             os.rename(final, stale / "old")

@@ -86,6 +86,7 @@ from pathlib import Path, PurePosixPath
 from pyvmm.errors import ConfigError, HostError
 from pyvmm.guestkit.cache import cache_root, ensure_dir
 from pyvmm.guestkit.initramfs import APPLETS, init_script
+from pyvmm.guestkit.progress import task
 
 #: Bumped when the image layout changes in a way the inputs do not show.
 _FORMAT = "1"
@@ -176,7 +177,11 @@ def build_rootfs(
     if out.is_file():
         return out
 
-    with tempfile.TemporaryDirectory(prefix=f".tmp-{key}-", dir=out_dir) as tmp:
+    with (
+        task(f"building a root filesystem image from {source or 'busybox'}") as progress,
+        tempfile.TemporaryDirectory(prefix=f".tmp-{key}-", dir=out_dir) as tmp,
+    ):
+        progress.stage("staging files")
         staging = Path(tmp) / "tree"
         staging.mkdir()
         if source is None:
@@ -195,7 +200,9 @@ def build_rootfs(
             )
         image = Path(tmp) / "image.ext4"
         fs_uuid = str(uuid.UUID(bytes=digest[:16], version=4))
+        progress.stage("mkfs.ext4")
         _run_mkfs(mkfs, staging, image, size, fs_uuid, len(entries) + 1)
+        progress.stage("debugfs")
         _run_debugfs(debugfs, image, _fixup_script(entries), Path(tmp) / "fixup.debugfs")
         os.chmod(image, 0o644)
         try:

@@ -34,6 +34,7 @@ from pyvmm.boot.bzimage import DEFAULT_SETUP_SECTS, SECTOR_SIZE, is_bzimage
 from pyvmm.boot.setup_header import header_length_end, parse_setup_header, protocol_str
 from pyvmm.errors import HostError, KernelImageError
 from pyvmm.guestkit.cache import write_atomic
+from pyvmm.guestkit.progress import task
 
 if TYPE_CHECKING:
     from pyvmm.guestkit.debian import KernelPackage
@@ -85,7 +86,8 @@ def kernel_vmlinux(pkg: KernelPackage) -> Path:
     if out.is_file():
         return out
     try:
-        return extract_vmlinux(pkg.vmlinuz, out)
+        with task(f"extracting the vmlinux of {pkg.package}"):
+            return extract_vmlinux(pkg.vmlinuz, out)
     except KernelImageError as exc:
         raise HostError(f"cannot extract the vmlinux of {pkg.package}: {exc}") from exc
 

@@ -41,6 +41,8 @@ import threading
 from collections.abc import Callable
 from enum import Enum
 
+from pyvmm.jail.libseccomp import syscall_name
+
 log = logging.getLogger("pyvmm.seccomp")
 
 #: Firecracker's exit status for a seccomp violation.
@@ -134,9 +136,12 @@ def fault_note(native_id: int | None = None) -> str | None:
     return _state.notes.get(threading.get_native_id() if native_id is None else native_id)
 
 
-def describe(number: int, thread_name: str, role: str) -> str:
-    from pyvmm.jail.libseccomp import syscall_name
+def is_confined(native_id: int | None = None) -> bool:
+    """True if that thread (default: this one) entered a role with a filter."""
+    return (threading.get_native_id() if native_id is None else native_id) in _state.roles
 
+
+def describe(number: int, thread_name: str, role: str) -> str:
     return (
         f"seccomp: thread {thread_name!r} ({role}) made a denied system call "
         f"{number} ({syscall_name(number)})"

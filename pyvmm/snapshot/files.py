@@ -22,7 +22,11 @@ the name, needs no ``/proc``, is not fooled by a recycled pid or by a writer
 in another pid namespace, and is released by the kernel however its owner
 dies. A writer checks, once it holds its lock, that its file is still
 linked, so a cleaner that got there between ``open`` and ``flock`` costs
-only a retry.
+only a retry. Where ``flock`` fails, nothing is removed; where it is
+accepted but not enforced across processes (QEMU's 9p server, NFS mounted
+``nolock``), a concurrent writer in the same directory can lose its
+temporaries: its rename then fails with a clear error and its old files
+stay as they were.
 """
 
 from __future__ import annotations
@@ -101,6 +105,9 @@ def atomic_files(*paths: str | Path) -> Iterator[list[int]]:
     through unchanged.
     """
     targets = [Path(path) for path in paths]
+    if len({(os.path.realpath(t.parent), t.name) for t in targets}) != len(targets):
+        names = " and ".join(str(target) for target in targets)
+        raise SnapshotError(f"snapshot files {names} are one file: give each its own path")
     for directory in {target.parent for target in targets}:
         remove_stale_temps(directory)
     temps: list[tuple[int, Path]] = []
@@ -141,7 +148,8 @@ def _create_temp(target: Path) -> tuple[int, Path]:
             continue
         except OSError as exc:
             raise SnapshotError(f"cannot write snapshot file {target}: {exc.strerror}") from None
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # no flock here: cleaners cannot lock it either
+            fcntl.flock(fd, fcntl.LOCK_EX)
         if os.fstat(fd).st_nlink:
             return fd, temp
         os.close(fd)  # a cleaner removed it before we held the lock: take another name

@@ -47,7 +47,10 @@ file. The diff's own memory file is not restorable, and a diff merges only
 onto the memory file of its base. A merge first marks the base "merging"
 (kind 3, refused by restore) and marks it full again only when done, so a
 merge killed half-way leaves a file that is refused until
-:func:`merge_diff` is run again to finish it.
+:func:`merge_diff` is run again to finish it. A restored VM holds a shared
+``flock`` on its memory file for as long as it maps it, and a merge needs
+it exclusively: pages the VM has not touched yet still come from the file,
+so a merge in place under it would change its memory.
 
 Dirty pages come from KVM's dirty log (the guest's own writes) plus
 :class:`~pyvmm.memory.DirtyTrackingMemory` (the VMM's writes); they are
@@ -164,6 +167,8 @@ class Blocks:
         for start, length in runs:
             for file_offset, size, first in self.regions:
                 low, high = max(start, file_offset), min(start + length, file_offset + size)
+                if low >= high:
+                    continue
                 for block in range(
                     (low - file_offset) // BLOCK, (high - 1 - file_offset) // BLOCK + 1
                 ):
@@ -282,12 +287,14 @@ def open_memory_file(
     ``memory`` is that state file's :class:`MemoryState`. Checks the file
     type, the trailer, the ids and the exact size: a few syscalls, whatever
     the guest's size. ``verify=True`` also reads every block and compares
-    its checksum (about a second per GiB: see :func:`verify_snapshot`).
+    its checksum (see :func:`verify_snapshot` for what that costs).
     With a diff snapshot's state, ``path`` must be its base with the diff
     merged in (:func:`merge_diff`).
     """
     fd = open_regular(path, "memory file")
     try:
+        if not _lock(fd, fcntl.LOCK_SH):
+            raise SnapshotError(f"memory file {path} is being merged with a diff right now")
         blocks = Blocks(memory)
         trailer = _read_trailer_sized(fd, path, blocks, state_path)
         _check_pair(trailer, memory, path, state_path)
@@ -305,6 +312,9 @@ def verify_snapshot(state_path: str | Path, mem_path: str | Path) -> None:
 
     Reads the whole memory file (the holes excepted) and checks every
     block's CRC-32: the explicit content check that restore leaves out.
+    Measured on the development host: 0.38 s per GiB of written guest
+    memory from the page cache, 0.68 s from disk; holes cost nothing
+    (a 1 GiB probe guest's file: 10 ms).
     """
     state = read_state(state_path)
     os.close(open_memory_file(mem_path, state.memory, state_path, verify=True))
@@ -449,10 +459,11 @@ def _merge(
             f"snapshot {diff.snapshot_id[:12]}, the diff is {memory.snapshot_id[:12]})"
         )
     _check_size(diff_fd, diff_mem, blocks, diff, diff_state)
-    try:
-        fcntl.flock(base_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise SnapshotError(f"memory file {base_mem} is being merged by another process") from None
+    if not _lock(base_fd, fcntl.LOCK_EX):
+        raise SnapshotError(
+            f"memory file {base_mem} is in use: a VM restored from it maps it (a merge in place "
+            "would change that VM's memory), or another merge_diff is writing it"
+        )
     base = _read_trailer_sized(base_fd, base_mem, blocks, diff_state)
     if base.kind == FULL and base.snapshot_id == memory.snapshot_id:
         return  # merged already
@@ -464,7 +475,9 @@ def _merge(
         )
     _check_size(base_fd, base_mem, blocks, base, diff_state)
     tail = memory.size + 4 * blocks.count
-    marked = dataclasses.replace(base, kind=MERGING, snapshot_id=memory.snapshot_id)
+    marked = dataclasses.replace(
+        base, kind=MERGING, snapshot_id=memory.snapshot_id, base_id=memory.base_id
+    )
     _pwrite_all(base_fd, marked.pack(), tail)
     os.fsync(base_fd)
     for start, length in memory.dirty:
@@ -480,6 +493,23 @@ def _merge(
     os.fsync(base_fd)
     _pwrite_all(base_fd, dataclasses.replace(marked, kind=FULL, base_id="").pack(), tail)
     os.fsync(base_fd)
+
+
+def _lock(fd: int, operation: int) -> bool:
+    """``flock`` without waiting; False if another holder conflicts.
+
+    A mapping keeps its file's lock: the shared lock that
+    :func:`open_memory_file` takes lasts as long as the restored VM maps
+    the file, so :func:`merge_diff` (exclusive) cannot rewrite the pages
+    under it. Filesystems without ``flock`` go unprotected, not refused.
+    """
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

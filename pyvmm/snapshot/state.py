@@ -17,8 +17,8 @@ state file's half of that pair.
 A state file is read only if it is a regular file of at most
 :data:`MAX_STATE_SIZE` bytes; :func:`pack_state` refuses to write a larger
 one, so pyvmm never writes what it cannot read back. (The size is
-dominated by a diff's list of dirty runs: 64 MiB holds about 2.8 million
-runs, any dirty pattern of a guest of up to 22 GiB.)
+dominated by a diff's list of dirty runs: 64 MiB holds the 3.4 million
+runs of every other page of a 26 GiB guest, the worst pattern there is.)
 
 The format version lives here, in :data:`FORMAT_VERSION`; bump it (and
 teach :func:`unpack_state` the old one, or raise :data:`MIN_FORMAT_VERSION`)

@@ -212,8 +212,11 @@ def test_diff_snapshot_merged_onto_its_base_is_the_full_memory(
         last = counters(before)[-1]
         console.wait_for(rf"counter: {last + 1}\r?\n".encode())
         assert counters(console.text())[0] in (last, last + 1)
+        with pytest.raises(SnapshotError, match="is in use: a VM restored from it maps it"):
+            merge_diff(tmp_path / "base.mem", tmp_path / "diff.state", tmp_path / "diff.mem")
     finally:
         restored.close()
+    merge_diff(tmp_path / "base.mem", tmp_path / "diff.state", tmp_path / "diff.mem")  # merged
 
 
 @pytest.fixture

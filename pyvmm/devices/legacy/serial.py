@@ -10,6 +10,9 @@ The guest sees eight byte-wide registers at offsets 0..7 of its port window
 * bytes typed on the host go in through :meth:`Serial.enqueue_input`, into a
   receive buffer capped at ``input_capacity`` so a guest that never reads
   cannot make the host buffer grow;
+* the host side is told when the guest is ready for input
+  (:attr:`Serial.ready_for_input`, and the input listener), the way a
+  terminal with hardware flow control waits for RTS (see below);
 * interrupts leave through an :class:`~pyvmm.devices.base.IrqTrigger`.
 
 Why the interrupt is modelled as a level with edge detection: ISA IRQ 4 is
@@ -23,10 +26,24 @@ clears the THRE source and the (instant) transmission sets it again, so a
 THR write with IER.THRE enabled and no other source pending produces a new
 edge, as the real chip does once its transmitter drains.
 
+Why input waits for the guest's driver: Linux's 8250 driver resets the
+receive FIFO (and reads the data register) while it opens the port, and
+again when it enables the FIFO, so bytes pushed in earlier are lost: a
+command piped into ``pyvmm run`` would vanish during boot. A real terminal
+with RTS/CTS flow control never sends before the UART raises RTS, and Linux
+raises RTS exactly once the port is open and configured ("ready to
+respond", serial_core.c), after the last FIFO reset. So a driver that drives
+the modem lines (writes DTR or RTS to MCR, as Linux does when it sets up its
+console) is ready once RTS is up and not in loopback. A driver that never
+touches MCR (a minimal polling driver such as the probe guest's) is ready as
+soon as it first reads LSR, i.e. starts looking for data. Nothing is
+enforced: :meth:`Serial.enqueue_input` still takes bytes at any time, as the
+wire would; the host side (:mod:`pyvmm.host.console_input`) holds them.
+
 Threads: the vCPU thread calls :meth:`read`/:meth:`write` while an input
 thread calls :meth:`enqueue_input`; every state access is under one
 ``threading.Lock``. The injected callables (``out``, ``irq.trigger``,
-``on_input_drained``) are called *after* the lock is released, so a slow
+the input listener) are called *after* the lock is released, so a slow
 output sink never blocks input, and a callable may call back into the
 device without deadlocking. They must be safe to call from the vCPU thread
 (and ``irq.trigger`` also from the input thread).
@@ -176,6 +193,10 @@ class SerialState:
     modem_status_deltas: int
     thre_interrupt_pending: bool
     receive_buffer: bytes
+    # Input readiness (see the module docstring). The defaults describe a
+    # snapshot taken before they existed: a UART that accepts input at once.
+    modem_driven: bool = False
+    line_polled: bool = True
 
 
 class Serial:
@@ -187,20 +208,18 @@ class Serial:
         out: Callable[[bytes], object],
         input_capacity: int = DEFAULT_INPUT_CAPACITY,
         *,
-        on_input_drained: Callable[[], object] | None = None,
+        on_input_ready: Callable[[], object] | None = None,
     ) -> None:
         """Create a UART in its power-on state.
 
         ``out`` receives each transmitted byte as a 1-byte ``bytes``.
-        ``on_input_drained``, if given, is called (from the vCPU thread) when
-        a guest read empties the receive buffer, so a host input pump that
-        stopped on a full buffer knows when to resume without polling.
+        ``on_input_ready`` is the input listener (see :meth:`set_input_listener`).
         """
         if input_capacity < 1:
             raise ValueError(f"input_capacity must be at least 1, not {input_capacity}")
         self._irq = irq
         self._out = out
-        self._on_input_drained = on_input_drained
+        self._on_input_ready = on_input_ready
         self._capacity = input_capacity
         self._lock = threading.Lock()
         self._rx = bytearray()
@@ -215,6 +234,8 @@ class Serial:
         self._msr_deltas = 0
         self._thre_pending = False
         self._irq_level = False
+        self._modem_driven = False
+        self._line_polled = False
 
     # --- the guest side -----------------------------------------------------
 
@@ -222,7 +243,7 @@ class Serial:
         """Guest read of the register at ``offset`` (first byte; the rest reads 0)."""
         if not data:
             return
-        drained = False
+        wake = False
         with self._lock:
             if offset == DATA:
                 if self._lcr & LCR_DLAB:
@@ -232,7 +253,7 @@ class Serial:
                     if rx:
                         value = rx[0]
                         del rx[0]
-                        drained = not rx
+                        wake = not rx
                     else:
                         value = 0
             elif offset == IER:
@@ -254,6 +275,10 @@ class Serial:
                 if self._rx:
                     value |= LSR_DR
                 self._lsr_errors = 0
+                if not self._line_polled:
+                    was_ready = self._ready()
+                    self._line_polled = True
+                    wake = self._ready() and not was_ready
             elif offset == MSR:
                 value = _modem_lines(self._mcr) | self._msr_deltas
                 self._msr_deltas = 0
@@ -267,8 +292,8 @@ class Serial:
         _fill_tail(data)
         if rising:
             self._irq.trigger()
-        if drained and self._on_input_drained is not None:
-            self._on_input_drained()
+        if wake:
+            self._wake_input()
 
     def write(self, offset: int, data: memoryview) -> None:
         """Guest write of ``data[0]`` to the register at ``offset``."""
@@ -276,7 +301,7 @@ class Serial:
             return
         value = data[0]
         send = -1
-        drained = False
+        wake = False
         with self._lock:
             if offset == DATA:
                 if self._lcr & LCR_DLAB:
@@ -318,7 +343,7 @@ class Serial:
                     if self._fcr & FCR_ENABLE:
                         self._rx.clear()
                     self._fcr = 0
-                drained = had_input and not self._rx
+                wake = had_input and not self._rx
                 rising = self._update_irq()
             elif offset == LCR:
                 self._lcr = value
@@ -326,7 +351,10 @@ class Serial:
             elif offset == MCR:
                 value &= MCR_MASK
                 self._msr_deltas |= _modem_deltas(_modem_lines(self._mcr), _modem_lines(value))
+                was_ready = self._ready()
                 self._mcr = value
+                self._modem_driven = self._modem_driven or bool(value & (MCR_DTR | MCR_RTS))
+                wake = self._ready() and not was_ready
                 rising = self._update_irq()
             elif offset == SCR:
                 self._scr = value
@@ -338,8 +366,8 @@ class Serial:
             self._out(_BYTE[send])
         if rising:
             self._irq.trigger()
-        if drained and self._on_input_drained is not None:
-            self._on_input_drained()
+        if wake:
+            self._wake_input()
 
     # --- the host side --------------------------------------------------------
 
@@ -347,7 +375,7 @@ class Serial:
         """Queue host input for the guest; returns how many bytes were taken.
 
         At most :meth:`input_space` bytes are accepted; the caller keeps the
-        rest and retries later (after ``on_input_drained``, or a timer). In
+        rest and retries when the input listener is called. In
         loopback mode the receiver is cut off from the line, so the bytes are
         consumed and dropped, as on the wire of a real port.
         """
@@ -375,6 +403,22 @@ class Serial:
     def input_capacity(self) -> int:
         return self._capacity
 
+    @property
+    def ready_for_input(self) -> bool:
+        """Whether the guest's driver is ready for host input (module docstring)."""
+        with self._lock:
+            return self._ready()
+
+    def set_input_listener(self, listener: Callable[[], object] | None) -> None:
+        """Call ``listener`` whenever the UART can take host input again.
+
+        That is when a guest read or a FIFO reset empties the receive buffer,
+        and when :attr:`ready_for_input` turns true, so a host input pump that
+        stopped waits without polling. It runs on the vCPU thread, outside
+        the device lock.
+        """
+        self._on_input_ready = listener
+
     # --- snapshots --------------------------------------------------------------
 
     def save(self) -> SerialState:
@@ -392,6 +436,8 @@ class Serial:
                 modem_status_deltas=self._msr_deltas,
                 thre_interrupt_pending=self._thre_pending,
                 receive_buffer=bytes(self._rx),
+                modem_driven=self._modem_driven,
+                line_polled=self._line_polled,
             )
 
     def restore(self, state: SerialState) -> None:
@@ -431,9 +477,24 @@ class Serial:
             self._msr_deltas = state.modem_status_deltas
             self._thre_pending = bool(state.thre_interrupt_pending)
             self._rx = bytearray(state.receive_buffer)
+            self._modem_driven = bool(state.modem_driven)
+            self._line_polled = bool(state.line_polled)
             self._irq_level = self._interrupt_id() != IIR_NONE
 
     # --- internals (call with the lock held) -----------------------------------
+
+    def _ready(self) -> bool:
+        if self._mcr & MCR_LOOP:
+            return False
+        if self._modem_driven:
+            return bool(self._mcr & MCR_RTS)
+        return self._line_polled
+
+    def _wake_input(self) -> None:
+        """Tell the host input pump it may send (called without the lock)."""
+        listener = self._on_input_ready
+        if listener is not None:
+            listener()
 
     def _interrupt_id(self) -> int:
         """The IIR id of the highest-priority enabled pending source."""

@@ -59,6 +59,9 @@ elif tool == "apt-get":
         if (state / "update-fails").exists():
             fail("E: Failed to fetch http://mirror/InRelease  Could not resolve host")
         (state / "lists").touch()
+    elif args[0] == "download" and "--print-uris" in args:
+        if lists and args[-1] in available:
+            print(f"'http://mirror/{args[-1]}.deb' {args[-1]}_9.9_amd64.deb 1142 SHA256:00")
     elif args[0] == "download":
         package = args[-1]
         if not lists or package not in available or (state / "download-fails").exists():
@@ -151,14 +154,15 @@ def test_fetch_kernel_prefers_unsigned_and_caches(apt: FakeApt, tmp_path: Path) 
     assert not list(pkg.root.glob("*.deb"))
     assert (cache / "kernels" / "cloud.current").read_text().strip() == pkg.package
     assert kernel_package_at(pkg.root) == pkg
-    assert [c.split()[0:2] for c in apt.calls()] == [
-        ["apt-cache", "depends"],
-        ["apt-cache", "show"],
-        ["apt-get", "download"],
-        ["dpkg-deb", "-f"],
-        ["dpkg-deb", "-x"],
+    assert [c.split()[0:3] for c in apt.calls()] == [
+        ["apt-cache", "depends", "linux-image-cloud-amd64"],
+        ["apt-cache", "show", "--no-all-versions"],
+        ["apt-get", "download", "--print-uris"],  # the size, for the progress line
+        ["apt-get", "download", "-q"],
+        ["dpkg-deb", "-f", apt.calls()[4].split()[2]],
+        ["dpkg-deb", "-x", apt.calls()[5].split()[2]],
     ]
-    assert "APT::Sandbox::User=root" in apt.calls()[2]
+    assert "APT::Sandbox::User=root" in apt.calls()[3]
 
     calls = len(apt.calls())
     assert fetch_kernel("cloud", cache) == pkg

@@ -67,6 +67,23 @@ def test_a_directory_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+def test_two_files_at_one_path_are_refused(tmp_path: Path) -> None:
+    """The memory file would be replaced by the state file written after it."""
+    os.symlink(".", tmp_path / "here")
+    for second in (tmp_path / "vm", tmp_path / "here" / "vm", tmp_path / "sub" / ".." / "vm"):
+        with pytest.raises(SnapshotError) as caught, atomic_files(tmp_path / "vm", second):
+            pass
+        assert str(caught.value) == (
+            f"snapshot files {tmp_path / 'vm'} and {second} are one file: give each its own path"
+        )
+    assert os.listdir(tmp_path) == ["here"]
+    os.symlink("vm", tmp_path / "link")  # renaming onto a link replaces the link, not "vm"
+    with atomic_files(tmp_path / "vm", tmp_path / "link") as (first, second):
+        os.write(first, b"1")
+        os.write(second, b"2")
+    assert (tmp_path / "vm").read_bytes() == b"1" and (tmp_path / "link").read_bytes() == b"2"
+
+
 def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path: Path) -> None:
     (tmp_path / "vm.mem").write_bytes(b"old")
     for _ in range(3):  # killed three times: the left-overs must not pile up

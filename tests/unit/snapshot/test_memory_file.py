@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import subprocess
@@ -18,6 +19,7 @@ from pyvmm.snapshot.memory_file import (
     BLOCK,
     FULL,
     TRAILER_SIZE,
+    Blocks,
     open_memory_file,
     page_runs,
     read_trailer,
@@ -228,6 +230,36 @@ def test_a_diff_merges_only_onto_its_own_base(ram, tmp_path: Path) -> None:
     assert d2.base_id == d1.snapshot_id
 
 
+def test_no_merge_under_a_vm_that_maps_the_base(ram, tmp_path: Path) -> None:
+    """Pages a restored VM has not touched still come from the file: a merge would change them."""
+    base_state, base_mem, base = snapshot(ram, tmp_path, "base")
+    ram.write(0, b"later")
+    diff_state, diff_mem, _ = snapshot(ram, tmp_path, "diff", pages=[0], base=base.snapshot_id)
+    fd = open_memory_file(base_mem, read_state(base_state).memory, base_state)
+    try:
+        restored = GuestMemory([(0, 4 * MiB)], file=fd)  # as Machine.restore maps it
+    finally:
+        os.close(fd)
+    with pytest.raises(SnapshotError) as caught:
+        merge_diff(base_mem, diff_state, diff_mem)
+    assert str(caught.value) == (
+        f"memory file {base_mem} is in use: a VM restored from it maps it (a merge in place "
+        "would change that VM's memory), or another merge_diff is writing it"
+    )
+    assert restored.read(0, 5) == bytes(5), "the VM still sees the base's page"
+    restored.close()
+    merge_diff(base_mem, diff_state, diff_mem)
+    merging = os.open(base_mem, os.O_RDWR)
+    try:
+        fcntl.flock(merging, fcntl.LOCK_EX)  # a merge_diff at work
+        assert refusal(base_mem, diff_state) == (
+            f"memory file {base_mem} is being merged with a diff right now"
+        )
+    finally:
+        os.close(merging)
+    opens(base_mem, diff_state)
+
+
 MERGE_KILLED = r"""
 import os, signal, sys
 from pyvmm.snapshot import merge_diff
@@ -286,6 +318,18 @@ def test_blocks_restart_at_each_region(tmp_path: Path) -> None:
     merge_diff(base_mem, diff_state, diff_mem)
     assert base_mem.read_bytes()[:-TRAILER_SIZE] == full_mem.read_bytes()[:-TRAILER_SIZE]
     verify_snapshot(diff_state, base_mem)
+
+
+def test_the_blocks_a_diff_touches() -> None:
+    memory = MemoryState(
+        size=20 * 4096, regions=((0, 17 * 4096), (1 << 32, 3 * 4096)), snapshot_id=ID_A
+    )
+    blocks = Blocks(memory)
+    assert list(blocks.spans()) == [(0, 0, BLOCK), (1, BLOCK, 4096), (2, 17 * 4096, 3 * 4096)]
+    assert blocks.covering([(17 * 4096, 4096)]) == [(2, 17 * 4096, 3 * 4096)]
+    assert blocks.covering([(BLOCK - 4096, 8192)]) == [(0, 0, BLOCK), (1, BLOCK, 4096)]
+    assert blocks.covering([(0, 4096), (8192, 4096)]) == [(0, 0, BLOCK)]
+    assert blocks.covering([]) == []
 
 
 def test_memory_maps_a_file_copy_on_write(tmp_path: Path) -> None:

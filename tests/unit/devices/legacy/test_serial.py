@@ -19,7 +19,7 @@ class Harness(RegisterAccess):
         self.irq = CountingIrq()
         self.sent = bytearray()
         self.drained = 0
-        self.dev = Serial(self.irq, self.sent.extend, capacity, on_input_drained=self._drained)
+        self.dev = Serial(self.irq, self.sent.extend, capacity, on_input_ready=self._drained)
 
     def _drained(self) -> None:
         self.drained += 1
@@ -165,7 +165,7 @@ def test_invalid_capacity_rejected() -> None:
         Serial(CountingIrq(), print, 0)
 
 
-def test_on_input_drained_fires_when_buffer_empties(h: Harness) -> None:
+def test_input_listener_fires_when_buffer_empties(h: Harness) -> None:
     h.dev.enqueue_input(b"ab")
     h.rd(uart.DATA)
     assert h.drained == 0
@@ -173,6 +173,89 @@ def test_on_input_drained_fires_when_buffer_empties(h: Harness) -> None:
     assert h.drained == 1
     h.rd(uart.DATA)  # already empty: no second notice
     assert h.drained == 1
+
+
+# --- readiness for host input (flow control) -----------------------------------------
+
+
+def test_not_ready_until_the_guest_looks_at_the_line(h: Harness) -> None:
+    assert not h.dev.ready_for_input
+    h.wr(uart.LCR, 0x03)
+    h.wr(uart.IER, 0)
+    assert not h.dev.ready_for_input
+    h.rd(uart.LSR)  # a polling driver (the probe's) starts looking for data
+    assert h.dev.ready_for_input
+    assert h.drained == 1  # the listener heard it once
+    h.rd(uart.LSR)
+    assert h.drained == 1
+
+
+def test_a_driver_that_drives_the_modem_lines_is_ready_once_rts_is_up(h: Harness) -> None:
+    # What Linux does (traced from a real boot): console setup writes MCR=DTR and
+    # then polls LSR while printing; opening the port resets the FIFO, enables
+    # the receive interrupt and the FIFO, and raises RTS last.
+    h.wr(uart.MCR, uart.MCR_DTR)
+    h.rd(uart.LSR)
+    assert not h.dev.ready_for_input
+    h.wr(uart.FCR, uart.FCR_ENABLE | uart.FCR_CLEAR_RX)
+    h.wr(uart.IER, uart.IER_RDA | uart.IER_RLS)
+    h.wr(uart.MCR, uart.MCR_DTR | uart.MCR_OUT2)
+    assert not h.dev.ready_for_input
+    assert h.drained == 0
+    h.wr(uart.MCR, uart.MCR_DTR | uart.MCR_RTS | uart.MCR_OUT2)
+    assert h.dev.ready_for_input
+    assert h.drained == 1
+    h.wr(uart.MCR, uart.MCR_DTR | uart.MCR_OUT2)  # port closed (hang-up drops RTS)
+    assert not h.dev.ready_for_input
+
+
+def test_loopback_is_never_ready(h: Harness) -> None:
+    h.wr(uart.MCR, uart.MCR_LOOP | uart.MCR_RTS)
+    h.rd(uart.LSR)
+    assert not h.dev.ready_for_input
+    h.wr(uart.MCR, uart.MCR_RTS)
+    assert h.dev.ready_for_input
+
+
+def test_readiness_is_advice_the_wire_still_takes_bytes(h: Harness) -> None:
+    assert not h.dev.ready_for_input
+    assert h.dev.enqueue_input(b"x") == 1
+    assert h.rd(uart.DATA) == ord("x")
+
+
+def test_listener_can_be_replaced_after_construction() -> None:
+    dev = Serial(CountingIrq(), print)
+    calls: list[str] = []
+    dev.set_input_listener(lambda: calls.append("ready"))
+    dev.read(uart.LSR, memoryview(bytearray(1)))
+    assert calls == ["ready"]
+    dev.set_input_listener(None)
+    dev.enqueue_input(b"a")
+    dev.read(uart.DATA, memoryview(bytearray(1)))  # drained, nobody listening
+    assert calls == ["ready"]
+
+
+def test_readiness_survives_save_and_restore(h: Harness) -> None:
+    h.wr(uart.MCR, uart.MCR_DTR | uart.MCR_RTS)
+    state = h.dev.save()
+    assert (state.modem_driven, state.line_polled) == (True, False)
+    other = Harness()
+    other.dev.restore(state)
+    assert other.dev.ready_for_input
+    other.wr(uart.MCR, uart.MCR_DTR)
+    assert not other.dev.ready_for_input  # still a modem-driving driver
+    old = dataclasses.replace(state)
+    legacy = SerialState(
+        **{
+            k: v
+            for k, v in dataclasses.asdict(old).items()
+            if k not in ("modem_driven", "line_polled")
+        }
+    )
+    fresh = Harness()
+    fresh.dev.restore(legacy)  # a snapshot from before readiness existed accepts input
+    fresh.wr(uart.MCR, 0)
+    assert fresh.dev.ready_for_input
 
 
 # --- FIFO control and IIR FIFO bits -------------------------------------------------
@@ -189,9 +272,9 @@ def test_fcr_rx_reset_clears_input(h: Harness) -> None:
     h.wr(uart.FCR, uart.FCR_ENABLE)
     h.dev.enqueue_input(b"abc")
     h.wr(uart.FCR, uart.FCR_ENABLE | uart.FCR_CLEAR_RX)
+    assert h.drained == 1
     assert not h.rd(uart.LSR) & uart.LSR_DR
     assert h.dev.input_space() == 64
-    assert h.drained == 1
 
 
 def test_fcr_tx_reset_alone_keeps_input(h: Harness) -> None:
