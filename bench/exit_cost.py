@@ -33,7 +33,8 @@ from pyvmm.config import MachineConfig
 from pyvmm.guestkit.probe import build_probe
 from pyvmm.kvm import Kvm, exits
 from pyvmm.memory import GuestMemory
-from pyvmm.vmm.machine import Machine, resolve_template
+from pyvmm.vmm.cpuid import resolve_template
+from pyvmm.vmm.machine import Machine
 from pyvmm.vmm.vcpu_setup import configure_vcpu, set_boot_state
 
 MEM_SIZE = 64 << 20

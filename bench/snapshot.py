@@ -79,7 +79,7 @@ def one_round(probe: Path, mem_size: int, fill: bool, directory: Path) -> dict[s
         wait_for(output, rb"counter: 1\r?\n")
         machine.pause()
         if fill:
-            for region in machine.memory:
+            for region in machine.vmm.memory:
                 for offset in range(0, region.size, 4096):
                     if region.mapping[offset + 4095] == 0:
                         region.mapping[offset + 4095] = 0xA5

@@ -1,9 +1,10 @@
 """Error types, named by whose fault the problem is.
 
 Like h11's Local/RemoteProtocolError: the CLI turns a :class:`ConfigError`
-into one line and exit code 2; a :class:`GuestError` ends only the guest
-(never the VMM with a traceback); a :class:`HostError` is something the host
-refused us.
+into one line and exit code 2; a :class:`GuestError` is the guest's
+mistake and costs the guest only what it broke (a virtio device that met one
+reports DEVICE_NEEDS_RESET; the VMM carries on); a :class:`HostError` is
+something the host refused us.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class HostError(PyvmmError):
 
 
 class GuestError(PyvmmError):
-    """The guest did something invalid; it ends the guest, not the VMM."""
+    """The guest did something invalid; what it broke stops working, never the VMM."""
 
 
 class GuestMemoryError(GuestError):

@@ -35,7 +35,8 @@ from pyvmm.config import (
     build_machine_config,
 )
 from pyvmm.vmm.machine import Machine, VmState
-from pyvmm.vmm.stop_reason import StopReason
+from pyvmm.vmm.stop_reason import StopKind, StopReason
+from pyvmm.vmm.threads import NO_SETUP, ThreadRole, ThreadSetup, spawn
 
 
 class ConsoleTimeout(TimeoutError):
@@ -160,6 +161,7 @@ class MicroVM:
         cpu_template: str = "auto",
         vsock: VsockConfig | str | None = None,
         track_dirty_pages: bool = False,
+        thread_setup: ThreadSetup = NO_SETUP,
     ) -> None:
         if config is None:
             if kernel is None:
@@ -181,7 +183,10 @@ class MicroVM:
         self._closed = False
         try:
             self._machine = Machine(
-                config, serial_out=self.console.feed, console_in=self.console.input_fd
+                config,
+                serial_out=self.console.feed,
+                console_in=self.console.input_fd,
+                thread_setup=thread_setup,
             )
         except BaseException:
             self.console.close_input()
@@ -196,6 +201,7 @@ class MicroVM:
         net_overrides: dict[str, str] | None = None,
         vsock_uds: str | Path | None = None,
         resume: bool = True,
+        thread_setup: ThreadSetup = NO_SETUP,
     ) -> MicroVM:
         """A MicroVM continuing from :meth:`snapshot` files (in this or another process).
 
@@ -216,6 +222,7 @@ class MicroVM:
                 net_overrides=net_overrides,
                 vsock_uds=vsock_uds,
                 resume=resume,
+                thread_setup=thread_setup,
             )
         except BaseException:
             vm.console.close_input()
@@ -248,7 +255,10 @@ class MicroVM:
             self._machine.wait()
             self.console.close()
 
-        threading.Thread(target=watch, name="pyvmm-microvm-watch", daemon=True).start()
+        spawn(ThreadRole.VMM, "pyvmm-watch", watch, on_error=self._machine_failed)
+
+    def _machine_failed(self, message: str) -> None:
+        self._machine.stop(StopReason(StopKind.VMM_ERROR, message))
 
     def pause(self) -> None:
         self._machine.pause()

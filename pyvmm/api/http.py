@@ -31,7 +31,6 @@ import logging
 import os
 import selectors
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -49,7 +48,9 @@ from pyvmm.api.http_protocol import (
     Response,
     render_response,
 )
-from pyvmm.errors import ConfigError, HostError
+from pyvmm.errors import HostError
+from pyvmm.host.unix_socket import check_socket_path
+from pyvmm.vmm.threads import NO_SETUP, ThreadRole, ThreadSetup, spawn
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,14 @@ class ApiServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         idle_timeout: float | None = None,
+        setup: ThreadSetup = NO_SETUP,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
+        """``setup`` confines each API thread as it starts; ``on_error`` hears if the
+        accept loop dies (a connection's own failure only ends that connection)."""
         self.path = Path(path)
+        self._setup = setup
+        self._on_error = on_error or (lambda message: None)
         self._handler = handler
         self._body_limit = body_limit
         self._max_connections = max_connections
@@ -103,10 +110,13 @@ class ApiServer:
             os.close(wake_w)
             raise
         self._wake_r, self._wake_w = wake_r, wake_w
-        self._accept_thread = threading.Thread(
-            target=self._accept_loop, name="api-accept", daemon=True
+        self._accept_thread = spawn(
+            ThreadRole.API,
+            "api-accept",
+            self._accept_loop,
+            on_error=self._on_error,
+            setup=self._setup,
         )
-        self._accept_thread.start()
         log.debug("API server listening on %s", self.path)
 
     def close(self) -> None:
@@ -149,12 +159,8 @@ class ApiServer:
 
     # --- binding -------------------------------------------------------------------
     def _bind(self) -> socket.socket:
-        if os.path.lexists(self.path):
-            kind = "a socket" if stat.S_ISSOCK(os.lstat(self.path).st_mode) else "not a socket"
-            raise ConfigError(
-                f"API socket path {self.path} already exists ({kind}); remove it or choose "
-                "another path"
-            )
+        # A socket nobody listens on (a killed VMM's) is replaced; a live one is refused.
+        check_socket_path(self.path, "API socket")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             # The socket file takes the socket inode's mode at bind time, so it is
@@ -204,8 +210,13 @@ class ApiServer:
                 conn.close()
                 return
             if len(self._connections) < self._max_connections:
-                thread = threading.Thread(
-                    target=self._serve, args=(conn,), name="api-conn", daemon=True
+                thread = spawn(
+                    ThreadRole.API,
+                    "api-conn",
+                    lambda: self._serve(conn),
+                    on_error=lambda message: log.error("API connection: %s", message),
+                    setup=self._setup,
+                    start=False,
                 )
                 self._connections[conn] = thread
                 thread.start()

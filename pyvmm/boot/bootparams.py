@@ -28,7 +28,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from pyvmm import layout
 from pyvmm.boot.e820 import E820Entry
 from pyvmm.boot.image import KernelImage
 from pyvmm.boot.setup_header import (
@@ -39,7 +38,6 @@ from pyvmm.boot.setup_header import (
     put_field,
 )
 from pyvmm.errors import KernelImageError
-from pyvmm.memory import GuestMemory
 
 ZERO_PAGE_SIZE = 0x1000
 
@@ -114,7 +112,3 @@ def build_zero_page(
     _put(page, "e820_entries", len(memory_map))
     page[E820_TABLE_OFFSET : E820_TABLE_OFFSET + len(table)] = table
     return bytes(page)
-
-
-def write_zero_page(mem: GuestMemory, page: bytes, addr: int = layout.ZERO_PAGE_START) -> None:
-    mem.write(addr, page)

@@ -13,13 +13,11 @@ from typing import BinaryIO
 
 from pyvmm import layout
 from pyvmm.boot.cpu_state import BootMode
-from pyvmm.boot.files import file_size, read_at
+from pyvmm.boot.files import read_at
 from pyvmm.boot.image import (
     KernelFormat,
     KernelImage,
     LoadSegment,
-    check_fits,
-    load_segments,
 )
 from pyvmm.boot.setup_header import (
     SETUP_HEADER_MAGIC,
@@ -31,7 +29,6 @@ from pyvmm.boot.setup_header import (
     protocol_str,
 )
 from pyvmm.errors import KernelImageError
-from pyvmm.memory import GuestMemory
 
 MIN_PROTOCOL = 0x020C  # 2.12: xloadflags, hence a declared 64-bit entry point
 SECTOR_SIZE = 512
@@ -104,14 +101,6 @@ def parse(f: BinaryIO, path: str, size: int) -> KernelImage:
         header=header,
         setup_header_bytes=bytes(head[SETUP_HEADER_START:header_end]),
     )
-
-
-def load(mem: GuestMemory, f: BinaryIO, path: str) -> KernelImage:
-    """Parse, check the fit, and copy the kernel into ``mem``; returns the plan it followed."""
-    image = parse(f, path, file_size(f))
-    check_fits(mem, image)
-    load_segments(mem, f, image)
-    return image
 
 
 def runtime_start_address(header: SetupHeader, load_addr: int) -> int:

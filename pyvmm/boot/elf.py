@@ -20,16 +20,13 @@ from typing import Any, BinaryIO
 
 from pyvmm import layout
 from pyvmm.boot.cpu_state import BootMode
-from pyvmm.boot.files import file_size, read_at
+from pyvmm.boot.files import read_at
 from pyvmm.boot.image import (
     KernelFormat,
     KernelImage,
     LoadSegment,
-    check_fits,
-    load_segments,
 )
 from pyvmm.errors import KernelImageError
-from pyvmm.memory import GuestMemory
 
 ELF_MAGIC = b"\x7fELF"
 ELF64_HEADER_SIZE = 64
@@ -111,14 +108,6 @@ def parse(f: BinaryIO, path: str, size: int) -> KernelImage:
         # The 64-bit and PVH entries take a 64-bit initrd address: no header limit.
         initrd_addr_max=layout.MMIO_HOLE_START - 1,
     )
-
-
-def load(mem: GuestMemory, f: BinaryIO, path: str) -> KernelImage:
-    """Parse, check the fit, and copy the kernel into ``mem``; returns the plan it followed."""
-    image = parse(f, path, file_size(f))
-    check_fits(mem, image)
-    load_segments(mem, f, image)
-    return image
 
 
 def _read_headers(

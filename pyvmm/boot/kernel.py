@@ -2,20 +2,17 @@
 
 The format is decided by content, never by file name: "\\x7fELF" at offset
 0 means ELF, "HdrS" at 0x202 means bzImage. ``inspect_kernel`` only reads;
-``load_kernel`` is the one-call convenience that also checks the fit and
-writes the kernel into guest RAM.
+:func:`pyvmm.boot.configure.setup_boot` checks the fit and writes it.
 """
 
 from __future__ import annotations
 
-import os
 from typing import BinaryIO
 
 from pyvmm.boot import bzimage, elf
-from pyvmm.boot.files import file_size, open_input, read_at
-from pyvmm.boot.image import KernelImage, check_fits, load_segments
+from pyvmm.boot.files import file_size, read_at
+from pyvmm.boot.image import KernelImage
 from pyvmm.errors import KernelImageError
-from pyvmm.memory import GuestMemory
 
 _DETECT_BYTES = 0x206  # enough for both magics
 
@@ -31,13 +28,3 @@ def inspect_kernel(f: BinaryIO, path: str) -> KernelImage:
     if bzimage.is_bzimage(head):
         return bzimage.parse(f, path, size)
     raise KernelImageError(f"kernel image {path} is not a kernel (neither ELF nor bzImage)")
-
-
-def load_kernel(mem: GuestMemory, path: str | os.PathLike[str]) -> KernelImage:
-    """Open, parse, check and load the kernel at ``path`` into ``mem``."""
-    name = os.fspath(path)
-    with open_input(name, "kernel image") as f:
-        image = inspect_kernel(f, name)
-        check_fits(mem, image)
-        load_segments(mem, f, image)
-    return image

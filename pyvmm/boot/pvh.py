@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pyvmm import layout
 from pyvmm.boot.e820 import E820Entry
 from pyvmm.errors import KernelImageError
-from pyvmm.memory import GuestMemory
 
 XEN_HVM_START_MAGIC = 0x336EC578
 START_INFO_VERSION = 1  # version 1 added memmap_paddr/memmap_entries
@@ -68,10 +67,3 @@ def build_pvh_info(
     if modlist:
         chunks.insert(1, (layout.PVH_MODLIST_START, modlist))
     return chunks
-
-
-def write_pvh_info(mem: GuestMemory, chunks: list[tuple[int, bytes]]) -> int:
-    """Write :func:`build_pvh_info`'s output; returns the start info address (for ebx)."""
-    for addr, data in chunks:
-        mem.write(addr, data)
-    return layout.PVH_INFO_START

@@ -15,8 +15,11 @@ import base64
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pyvmm.errors import ConfigError
 
 
 class CodecError(ValueError):
@@ -67,93 +70,114 @@ def decode(data: Any, hint: Any, registry: dict[str, type], where: str = "state"
     """The value of type ``hint`` that ``data`` (from :func:`encode`) describes."""
     origin = typing.get_origin(hint)
     if hint is object:
-        if data is None:
-            return None
-        if not isinstance(data, dict) or data.get("type") not in registry:
-            raise CodecError(f"{where}: unknown state type {_describe(data)}")
-        cls = registry[data["type"]]
-        return decode(data.get("state"), cls, registry, where)
+        return _decode_tagged(data, registry, where)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        if not isinstance(data, dict):
-            raise CodecError(f"{where}: expected an object, got {_describe(data)}")
-        hints = typing.get_type_hints(hint)
-        values = {}
-        for f in dataclasses.fields(hint):
-            if not f.init:
-                continue
-            if f.name not in data:
-                if (
-                    f.default is not dataclasses.MISSING
-                    or f.default_factory is not dataclasses.MISSING
-                ):
-                    continue
-                raise CodecError(f"{where}.{f.name}: missing")
-            values[f.name] = decode(data[f.name], hints[f.name], registry, f"{where}.{f.name}")
-        unknown = set(data) - {f.name for f in dataclasses.fields(hint)}
-        if unknown:
-            raise CodecError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-        return hint(**values)
+        return _decode_dataclass(data, hint, registry, where)
     if origin in (types.UnionType, typing.Union):
-        options = typing.get_args(hint)
-        if data is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return decode(data, option, registry, where)
-            except CodecError as exc:
-                errors.append(str(exc))
-        raise CodecError(errors[0] if errors else f"{where}: {_describe(data)}")
+        return _decode_union(data, typing.get_args(hint), registry, where)
     if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(data, list):
-            raise CodecError(f"{where}: expected a list, got {_describe(data)}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(
-                decode(item, args[0], registry, f"{where}[{i}]") for i, item in enumerate(data)
-            )
-        if len(args) != len(data):
-            raise CodecError(f"{where}: expected {len(args)} items, got {len(data)}")
-        return tuple(
-            decode(item, arg, registry, f"{where}[{i}]")
-            for i, (item, arg) in enumerate(zip(data, args, strict=True))
-        )
+        return _decode_tuple(data, typing.get_args(hint), registry, where)
     if origin is dict:
-        key_type, value_type = typing.get_args(hint)
-        if not isinstance(data, dict):
-            raise CodecError(f"{where}: expected an object, got {_describe(data)}")
-        return {
-            decode(_dict_key(key, key_type, where), key_type, registry, where): decode(
-                item, value_type, registry, f"{where}[{key}]"
-            )
-            for key, item in data.items()
-        }
-    if hint is bytes:
-        if not isinstance(data, dict) or not isinstance(data.get("b64"), str):
-            raise CodecError(f"{where}: expected bytes, got {_describe(data)}")
+        return _decode_dict(data, typing.get_args(hint), registry, where)
+    return _decode_scalar(data, hint, where)
+
+
+def _decode_tagged(data: Any, registry: dict[str, type], where: str) -> Any:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or data.get("type") not in registry:
+        raise CodecError(f"{where}: unknown state type {_describe(data)}")
+    return decode(data.get("state"), registry[data["type"]], registry, where)
+
+
+def _decode_dataclass(data: Any, hint: type, registry: dict[str, type], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise CodecError(f"{where}: expected an object, got {_describe(data)}")
+    hints = typing.get_type_hints(hint)
+    values = {}
+    for f in dataclasses.fields(hint):
+        if not f.init:
+            continue
+        if f.name in data:
+            values[f.name] = decode(data[f.name], hints[f.name], registry, f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise CodecError(f"{where}.{f.name}: missing")
+    unknown = set(data) - {f.name for f in dataclasses.fields(hint) if f.init}
+    if unknown:
+        raise CodecError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+    try:
+        return hint(**values)
+    except ConfigError as exc:  # a config that checks itself when made (MachineConfig)
+        raise CodecError(f"{where}: {exc}") from None
+
+
+def _decode_union(data: Any, options: tuple, registry: dict[str, type], where: str) -> Any:
+    if data is None and type(None) in options:
+        return None
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
         try:
-            return base64.b64decode(data["b64"], validate=True)
-        except ValueError:
-            raise CodecError(f"{where}: invalid base64") from None
-    if hint is Path:
-        if not isinstance(data, str):
-            raise CodecError(f"{where}: expected a path, got {_describe(data)}")
-        return Path(data)
-    if hint is bool:
-        if not isinstance(data, bool):
-            raise CodecError(f"{where}: expected true/false, got {_describe(data)}")
-        return data
-    if hint is int:
-        if isinstance(data, bool) or not isinstance(data, int):
-            raise CodecError(f"{where}: expected an integer, got {_describe(data)}")
-        return data
-    if hint in (str, float):
-        if not isinstance(data, hint):
-            raise CodecError(f"{where}: expected a {hint.__name__}, got {_describe(data)}")
-        return data
-    raise CodecError(f"{where}: cannot load a {hint!r}")
+            return decode(data, option, registry, where)
+        except CodecError as exc:
+            errors.append(str(exc))
+    raise CodecError(errors[0] if errors else f"{where}: {_describe(data)}")
+
+
+def _decode_tuple(data: Any, args: tuple, registry: dict[str, type], where: str) -> tuple:
+    if not isinstance(data, list):
+        raise CodecError(f"{where}: expected a list, got {_describe(data)}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        args = (args[0],) * len(data)
+    elif len(args) != len(data):
+        raise CodecError(f"{where}: expected {len(args)} items, got {len(data)}")
+    return tuple(
+        decode(item, arg, registry, f"{where}[{i}]")
+        for i, (item, arg) in enumerate(zip(data, args, strict=True))
+    )
+
+
+def _decode_dict(data: Any, args: tuple, registry: dict[str, type], where: str) -> dict:
+    key_type, value_type = args
+    if not isinstance(data, dict):
+        raise CodecError(f"{where}: expected an object, got {_describe(data)}")
+    return {
+        decode(_dict_key(key, key_type, where), key_type, registry, where): decode(
+            item, value_type, registry, f"{where}[{key}]"
+        )
+        for key, item in data.items()
+    }
+
+
+def _decode_bytes(data: Any, where: str) -> bytes:
+    if not isinstance(data, dict) or not isinstance(data.get("b64"), str):
+        raise CodecError(f"{where}: expected bytes, got {_describe(data)}")
+    try:
+        return base64.b64decode(data["b64"], validate=True)
+    except ValueError:
+        raise CodecError(f"{where}: invalid base64") from None
+
+
+#: Plain JSON values: the check each hint's value must pass, and what it is called.
+_SCALARS: dict[Any, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true/false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    str: (lambda v: isinstance(v, str), "a str"),
+    float: (lambda v: isinstance(v, float), "a float"),
+    Path: (lambda v: isinstance(v, str), "a path"),
+}
+
+
+def _decode_scalar(data: Any, hint: Any, where: str) -> Any:
+    if hint is bytes:
+        return _decode_bytes(data, where)
+    if hint not in _SCALARS:
+        raise CodecError(f"{where}: cannot load a {hint!r}")
+    check, name = _SCALARS[hint]
+    if not check(data):
+        raise CodecError(f"{where}: expected {name}, got {_describe(data)}")
+    return Path(data) if hint is Path else data
 
 
 def _dict_key(key: str, key_type: Any, where: str) -> Any:

@@ -4,7 +4,7 @@ KVM's ``KVM_GET_SUPPORTED_CPUID`` describes the host, not a particular vCPU:
 APIC ids and topology must be rewritten per vCPU, and some features hidden.
 A :class:`CpuidTemplate` names features to hide as (leaf, register, bit);
 :data:`PVM_TEMPLATE` hides CMPXCHG16B, which the PVM emulator cannot run in
-guest kernel mode (see ENVIRONMENT.md).
+guest kernel mode (a PVM host: guest kernel code is emulated).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ TEMPLATES = {template.name: template for template in (NO_TEMPLATE, PVM_TEMPLATE)
 
 
 def host_is_pvm() -> bool:
-    """True when /dev/kvm is provided by the PVM module (see ENVIRONMENT.md)."""
+    """True when /dev/kvm is provided by the PVM module (a PVM host: guest kernel code is emulated)."""
     return os.path.exists("/sys/module/kvm_pvm")
 
 

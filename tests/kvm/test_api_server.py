@@ -254,8 +254,13 @@ def test_snapshot_over_the_api_and_load_in_a_new_process(probe_elf: Path, tmp_pa
     try:
         boot = {"kernel_image_path": str(probe_elf), "boot_args": "counter"}
         first.ok("PUT", "/boot-source", boot)
-        machine = {"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": True}
+        machine = {"vcpu_count": 2, "mem_size_mib": 96, "track_dirty_pages": True}
         first.ok("PUT", "/machine-config", machine)
+        (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+        drive = {"drive_id": "data", "path_on_host": str(tmp_path / "disk.img"),
+                 "is_root_device": False,
+                 "rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}  # fmt: skip
+        first.ok("PUT", "/drives/data", drive)
         first.ok("PUT", "/actions", {"action_type": "InstanceStart"})
         first.wait_serial(r"counter: 3\b")
         snapshot = {"snapshot_path": str(tmp_path / "s"), "mem_file_path": str(tmp_path / "m")}
@@ -291,6 +296,16 @@ def test_snapshot_over_the_api_and_load_in_a_new_process(probe_elf: Path, tmp_pa
         assert second.ok("GET", "/")["state"] == "Running"
         second.wait_serial(rf"counter: {last + 2}\b")
         assert counters(second.serial())[0] == last + 1
+        # The restored VM's own configuration, not the defaults (bug 3 of the redesign).
+        shown = second.ok("GET", "/vm/config")
+        assert shown["machine-config"]["vcpu_count"] == 2
+        assert shown["machine-config"]["mem_size_mib"] == 96
+        assert second.ok("GET", "/machine-config")["mem_size_mib"] == 96
+        (restored_drive,) = shown["drives"]
+        assert restored_drive["drive_id"] == "data"
+        assert restored_drive["path_on_host"] == str(tmp_path / "disk.img")
+        assert restored_drive["rate_limiter"]["ops"]["size"] == 100
+        assert shown["boot-source"]["kernel_image_path"] == str(probe_elf)
     finally:
         second.close()
 

@@ -6,7 +6,8 @@ One request queue. Each chain is one request::
                then the payload of OUT / DISCARD / WRITE_ZEROES
     writable:  the buffers IN / GET_ID fill, then one status byte (the last byte)
 
-The work is split in three, as ``ARCHITECTURE.md`` asks (the first two in
+The work is split in three, so the guest-facing parsing is pure and testable
+without a file (the first two in
 :mod:`pyvmm.devices.virtio.block_request`):
 
 1. :func:`parse_request` (pure: reads the chain and the small header/segment
@@ -260,7 +261,7 @@ class VirtioBlock(VirtioDevice):
         mem = self.mem
         assert mem is not None
         used = self.queues[0].add_used
-        backend, read_only, limiter = self.backend, self.read_only, self.rate_limiter
+        limiter = self.rate_limiter
         run: list[tuple[int, Request]] = []  # the merge being built
         run_type = run_end = run_iovs = run_bytes = 0
         for position, chain in enumerate(batch):
@@ -273,19 +274,9 @@ class VirtioBlock(VirtioDevice):
                     self._run_merged(run)
                 return len(batch) - position
             head = chain.head_index
-            request = parse_request(mem, chain)
-            if request.status_addr is None:
-                _logger.debug("virtio-blk: chain %d has no status byte", head)
-                self.stats.errors += 1
-                used(mem, head, 0)
-                continue
-            if request.status is not None:
-                self._finish(head, request, request.status, request.reason)
-                continue
-            status, reason = check_request(request, backend, read_only)
-            if status != VIRTIO_BLK_S_OK:
-                self._finish(head, request, status, reason)
-                continue
+            request = self._runnable(mem, chain)
+            if request is None:
+                continue  # answered already
             req_type = request.type
             if req_type != VIRTIO_BLK_T_IN and req_type != VIRTIO_BLK_T_OUT:
                 if run:
@@ -313,6 +304,25 @@ class VirtioBlock(VirtioDevice):
         if run:
             self._run_merged(run)
         return 0
+
+    def _runnable(self, mem: GuestMemory, chain: DescriptorChain) -> Request | None:
+        """The request in ``chain`` if it is to run; else None, and it is answered already
+        (no status byte: used length 0; a bad or refused request: its status)."""
+        head = chain.head_index
+        request = parse_request(mem, chain)
+        if request.status_addr is None:
+            _logger.debug("virtio-blk: chain %d has no status byte", head)
+            self.stats.errors += 1
+            self.queues[0].add_used(mem, head, 0)
+            return None
+        if request.status is not None:
+            self._finish(head, request, request.status, request.reason)
+            return None
+        status, reason = check_request(request, self.backend, self.read_only)
+        if status != VIRTIO_BLK_S_OK:
+            self._finish(head, request, status, reason)
+            return None
+        return request
 
     def _drop_malformed(self, exc: QueueError) -> None:
         _logger.debug("virtio-blk: dropping malformed chain: %s", exc)

@@ -179,36 +179,62 @@ def _parse_general(mem: GuestMemory, chain: DescriptorChain) -> Request:
     def fail(status: int, reason: str) -> Request:
         return Request(req_type, sector, status_addr, status=status, reason=reason)
 
+    if req_type not in _KNOWN_TYPES:
+        return fail(VIRTIO_BLK_S_UNSUPP, f"request type {req_type}")
+    problem = _layout_problem(req_type, in_len, out_len)
+    if problem is not None:
+        return fail(VIRTIO_BLK_S_IOERR, problem)
     if req_type in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID):
-        if in_len:
-            return fail(VIRTIO_BLK_S_IOERR, "device-readable payload on a read request")
-        if req_type == VIRTIO_BLK_T_IN and out_len % SECTOR_SIZE:
-            return fail(VIRTIO_BLK_S_IOERR, f"read length {out_len} is not whole sectors")
         return Request(req_type, sector, status_addr, tuple(out_data), out_len)
     if req_type == VIRTIO_BLK_T_OUT:
-        if out_len:
-            return fail(VIRTIO_BLK_S_IOERR, "device-writable payload on a write request")
-        if in_len % SECTOR_SIZE:
-            return fail(VIRTIO_BLK_S_IOERR, f"write length {in_len} is not whole sectors")
         return Request(req_type, sector, status_addr, tuple(in_data), in_len)
     if req_type == VIRTIO_BLK_T_FLUSH:
-        if in_len or out_len:
-            return fail(VIRTIO_BLK_S_IOERR, "payload on a flush request")
         return Request(req_type, sector, status_addr)
-    if req_type in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+    count, extra = divmod(in_len, DISCARD_SEGMENT.size)
+    max_seg = MAX_DISCARD_SEG if req_type == VIRTIO_BLK_T_DISCARD else MAX_WRITE_ZEROES_SEG
+    if extra or not 0 < count <= max_seg:
+        return fail(VIRTIO_BLK_S_IOERR, f"{in_len} bytes of discard segments")
+    try:
+        raw = _gather(mem, in_data)
+    except GuestError as exc:
+        return fail(VIRTIO_BLK_S_IOERR, str(exc))
+    ranges = tuple(DISCARD_SEGMENT.iter_unpack(raw))
+    return Request(req_type, sector, status_addr, tuple(in_data), in_len, ranges)
+
+
+_KNOWN_TYPES = frozenset(
+    (
+        VIRTIO_BLK_T_IN,
+        VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_FLUSH,
+        VIRTIO_BLK_T_GET_ID,
+        VIRTIO_BLK_T_DISCARD,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+    )
+)
+
+
+def _layout_problem(req_type: int, in_len: int, out_len: int) -> str | None:
+    """Why a request's payload has the wrong direction or size for its type (None: fine).
+
+    ``in_len`` is what the device reads (driver -> device), ``out_len`` what it writes.
+    """
+    if req_type in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID):
+        if in_len:
+            return "device-readable payload on a read request"
+        if req_type == VIRTIO_BLK_T_IN and out_len % SECTOR_SIZE:
+            return f"read length {out_len} is not whole sectors"
+    elif req_type == VIRTIO_BLK_T_OUT:
         if out_len:
-            return fail(VIRTIO_BLK_S_IOERR, "device-writable payload on a discard request")
-        count, extra = divmod(in_len, DISCARD_SEGMENT.size)
-        max_seg = MAX_DISCARD_SEG if req_type == VIRTIO_BLK_T_DISCARD else MAX_WRITE_ZEROES_SEG
-        if extra or not 0 < count <= max_seg:
-            return fail(VIRTIO_BLK_S_IOERR, f"{in_len} bytes of discard segments")
-        try:
-            raw = _gather(mem, in_data)
-        except GuestError as exc:
-            return fail(VIRTIO_BLK_S_IOERR, str(exc))
-        ranges = tuple(DISCARD_SEGMENT.iter_unpack(raw))
-        return Request(req_type, sector, status_addr, tuple(in_data), in_len, ranges)
-    return fail(VIRTIO_BLK_S_UNSUPP, f"request type {req_type}")
+            return "device-writable payload on a write request"
+        if in_len % SECTOR_SIZE:
+            return f"write length {in_len} is not whole sectors"
+    elif req_type == VIRTIO_BLK_T_FLUSH:
+        if in_len or out_len:
+            return "payload on a flush request"
+    elif out_len:
+        return "device-writable payload on a discard request"
+    return None
 
 
 def check_request(request: Request, backend: BlockBackend, read_only: bool) -> tuple[int, str]:

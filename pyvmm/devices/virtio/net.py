@@ -435,8 +435,46 @@ class VirtioNet(VirtioDevice):
         otherwise every chain popped here is put back.
         """
         total = self.pending_len
+        collected = self._collect_rx_chains(mem, queue, total)
+        if collected is None:
+            return False  # not enough buffers yet: all put back, the frame waits
+        popped, capacity = collected
+        stats = self.stats
+        good = [chain for _head, chain in popped if chain is not None]
+        if capacity < total:
+            # The frame does not fit; it is lost either way.
+            stats.rx_drops += 1
+            self.pending_len = 0
+            if not any(chain is None for _head, chain in popped):
+                queue.next_avail = (queue.next_avail - len(popped)) & 0xFFFF
+                return True
+            if not self.mrg_rxbuf and popped[-1][1] is not None:
+                queue.next_avail = (queue.next_avail - 1) & 0xFFFF  # keep the good chain
+                popped.pop()
+            good = []
+        lengths = self._write_frame(mem, good, total)
+        for head, chain in popped:
+            if chain is None:
+                stats.errors += 1
+                queue.add_used(mem, head, 0)
+            else:
+                queue.add_used(mem, head, lengths.get(id(chain), 0))
+        if good:
+            stats.rx_frames += 1
+            stats.rx_bytes += total - VNET_HDR_SIZE
+        self.pending_len = 0
+        return True
+
+    def _collect_rx_chains(
+        self, mem: GuestMemory, queue: Queue, total: int
+    ) -> tuple[list[tuple[int, DescriptorChain | None]], int] | None:
+        """Chains for a ``total``-byte frame: (head, chain or None if unusable) and their room.
+
+        None when the ring ran out before the frame fitted (the chains went
+        back); less room than ``total`` when the frame can never fit.
+        """
         mrg = self.mrg_rxbuf
-        popped: list[tuple[int, DescriptorChain | None]] = []  # (head, chain or None if bad)
+        popped: list[tuple[int, DescriptorChain | None]] = []
         capacity = 0
         just_enabled = False
         while capacity < total:
@@ -460,34 +498,23 @@ class VirtioNet(VirtioDevice):
                 if len(popped) >= queue.size:
                     break  # we hold the whole ring: the frame can never fit
                 queue.next_avail = (queue.next_avail - len(popped)) & 0xFFFF
-                return False
+                return None
             just_enabled = False
-            if chain.writable_length() < VNET_HDR_SIZE or chain.readable():
-                popped.append((chain.head_index, None))
-                continue
-            popped.append((chain.head_index, chain))
-            capacity += chain.writable_length()
+            usable = chain.writable_bytes >= VNET_HDR_SIZE and not chain.readable()
+            popped.append((chain.head_index, chain if usable else None))
+            capacity += chain.writable_bytes if usable else 0
+        return popped, capacity
 
-        stats = self.stats
-        good = [chain for _head, chain in popped if chain is not None]
-        if capacity < total:
-            # The frame does not fit; it is lost either way.
-            stats.rx_drops += 1
-            self.pending_len = 0
-            if not any(chain is None for _head, chain in popped):
-                queue.next_avail = (queue.next_avail - len(popped)) & 0xFFFF
-                return True
-            if not mrg and popped[-1][1] is not None:
-                queue.next_avail = (queue.next_avail - 1) & 0xFFFF  # keep the good chain
-                popped.pop()
-            good = []
-
+    def _write_frame(
+        self, mem: GuestMemory, chains: list[DescriptorChain], total: int
+    ) -> dict[int, int]:
+        """Copy the pending frame across ``chains``; bytes written per chain (by ``id``)."""
         frame = self._scratch_view[:total]
-        if good:
-            U16.pack_into(self._scratch, NUM_BUFFERS_OFFSET, len(good))
+        if chains:
+            U16.pack_into(self._scratch, NUM_BUFFERS_OFFSET, len(chains))
         lengths: dict[int, int] = {}
         offset = 0
-        for chain in good:
+        for chain in chains:
             start = offset
             for desc in chain.writable():
                 if offset == total:
@@ -496,17 +523,7 @@ class VirtioNet(VirtioDevice):
                 mem.write(desc.addr, frame[offset : offset + n])
                 offset += n
             lengths[id(chain)] = offset - start
-        for head, chain in popped:
-            if chain is None:
-                stats.errors += 1
-                queue.add_used(mem, head, 0)
-            else:
-                queue.add_used(mem, head, lengths.get(id(chain), 0))
-        if good:
-            stats.rx_frames += 1
-            stats.rx_bytes += total - VNET_HDR_SIZE
-        self.pending_len = 0
-        return True
+        return lengths
 
     # --- persistence --------------------------------------------------------------------
     def save(self) -> VirtioNetState:

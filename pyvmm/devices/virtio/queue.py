@@ -191,12 +191,6 @@ class DescriptorChain:
         """The device-writable part (room for the device's reply)."""
         return self.descriptors[self.readable_count :]
 
-    def readable_length(self) -> int:
-        return self.readable_bytes
-
-    def writable_length(self) -> int:
-        return self.writable_bytes
-
 
 @dataclass(frozen=True, slots=True)
 class QueueState:
@@ -419,21 +413,7 @@ class Queue:
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
                     raise QueueError("nested indirect descriptor table")
-                if flags & VIRTQ_DESC_F_NEXT:
-                    raise QueueError("descriptor has both INDIRECT and NEXT")
-                if length == 0 or length % DESC.size:
-                    raise QueueError(f"indirect table length {length} is not a multiple of 16")
-                entries = length // DESC.size
-                if entries > MAX_INDIRECT_DESCRIPTORS:
-                    raise QueueError(
-                        f"indirect table of {entries} entries exceeds {MAX_INDIRECT_DESCRIPTORS}"
-                    )
-                try:
-                    table, base = mem.locate(addr, length)
-                except GuestMemoryError:
-                    raise QueueError(
-                        f"indirect table {addr:#x}+{length:#x} outside guest RAM"
-                    ) from None
+                table, base, entries = _indirect_table(mem, addr, length, flags)
                 # The table's own WRITE flag is ignored (spec 2.7.5.3.2);
                 # its chain starts at entry 0.
                 index, size, limit, in_indirect = 0, entries, entries, True
@@ -454,11 +434,7 @@ class Queue:
             if next_index >= size:
                 raise QueueError(f"next index {next_index} is >= table size {size}")
             index = next_index
-        if readable_bytes > MAX_CHAIN_BYTES or writable_bytes > MAX_CHAIN_BYTES:
-            raise QueueError("descriptor chain's total length overflows a u32")
-        if readable_count < 0:
-            readable_count = len(descriptors)
-        return DescriptorChain(head, descriptors, readable_count, readable_bytes, writable_bytes)
+        return _finished_chain(head, descriptors, readable_count, readable_bytes, writable_bytes)
 
     def add_used(self, mem: GuestMemory, head_index: int, length: int) -> None:
         """Return chain ``head_index`` to the driver, ``length`` bytes written into it.
@@ -587,3 +563,36 @@ class Queue:
         self.next_used = state.next_used
         self.signalled_used = state.signalled_used
         self.signalled_used_valid = state.signalled_used_valid
+
+
+def _finished_chain(
+    head: int,
+    descriptors: list[Descriptor],
+    readable_count: int,
+    readable_bytes: int,
+    writable_bytes: int,
+) -> DescriptorChain:
+    """The chain :meth:`Queue._walk` collected (``readable_count`` -1: all readable)."""
+    if readable_bytes > MAX_CHAIN_BYTES or writable_bytes > MAX_CHAIN_BYTES:
+        raise QueueError("descriptor chain's total length overflows a u32")
+    if readable_count < 0:
+        readable_count = len(descriptors)
+    return DescriptorChain(head, descriptors, readable_count, readable_bytes, writable_bytes)
+
+
+def _indirect_table(
+    mem: GuestMemory, addr: int, length: int, flags: int
+) -> tuple[object, int, int]:
+    """The buffer, offset and entry count of the indirect table a descriptor points at."""
+    if flags & VIRTQ_DESC_F_NEXT:
+        raise QueueError("descriptor has both INDIRECT and NEXT")
+    if length == 0 or length % DESC.size:
+        raise QueueError(f"indirect table length {length} is not a multiple of 16")
+    entries = length // DESC.size
+    if entries > MAX_INDIRECT_DESCRIPTORS:
+        raise QueueError(f"indirect table of {entries} entries exceeds {MAX_INDIRECT_DESCRIPTORS}")
+    try:
+        table, base = mem.locate(addr, length)
+    except GuestMemoryError:
+        raise QueueError(f"indirect table {addr:#x}+{length:#x} outside guest RAM") from None
+    return table, base, entries

@@ -88,7 +88,7 @@ class VirtioRng(VirtioDevice):
 
     def _fill(self, chain: DescriptorChain) -> int | None:
         """Write entropy into the chain's writable buffers; None if the limit is reached."""
-        wanted = min(chain.writable_length(), MAX_BYTES_PER_CHAIN)
+        wanted = min(chain.writable_bytes, MAX_BYTES_PER_CHAIN)
         if wanted and self._budget is not None:
             wanted = max(0, min(wanted, self._budget(wanted)))
             if wanted == 0:

@@ -90,6 +90,7 @@ from pyvmm.devices.virtio.vsock_packet import (
     VIRTIO_VSOCK_TYPE_STREAM,
     VSOCK_HOST_CID,
     MalformedPacket,
+    packet_problem,
     read_header,
     rst_header,
 )
@@ -199,7 +200,7 @@ class VirtioVsock(VirtioDevice):
             chain = None
         sent = False
         if chain is not None:
-            if chain.readable() or chain.writable_length() < EVENT.size:
+            if chain.readable() or chain.writable_bytes < EVENT.size:
                 self.stats.guest_errors += 1
                 queue.add_used(mem, chain.head_index, 0)
             else:
@@ -293,14 +294,11 @@ class VirtioVsock(VirtioDevice):
         if src_cid != self.guest_cid or dst_cid != VSOCK_HOST_CID:
             return self._guest_error(f"TX packet from CID {src_cid} to CID {dst_cid}")
         self.stats.tx_packets += 1
-        if type_ != VIRTIO_VSOCK_TYPE_STREAM or length > total - HDR_SIZE:
-            self._guest_error(f"TX packet of type {type_}, len {length} in {total} bytes")
+        problem = packet_problem(type_, op, length, total)
+        if problem is not None:
+            self._guest_error(problem)
             if op != VIRTIO_VSOCK_OP_RST:
                 self._reset_key(dst_port, src_port)
-            return 0
-        if op == VIRTIO_VSOCK_OP_RW and length > MAX_PKT_PAYLOAD:
-            self._guest_error(f"TX payload of {length} bytes")
-            self._reset_key(dst_port, src_port)
             return 0
 
         key = (dst_port, src_port)
@@ -317,8 +315,18 @@ class VirtioVsock(VirtioDevice):
                 self._queue_rst(dst_port, src_port)
             return 0
         conn.set_peer_credit(buf_alloc, fwd_cnt)
+        self._apply(conn, op, flags, descs, length)
+        if not conn.closed and conn.has_rx_work():
+            self._schedule(conn)
+        return 0
+
+    def _apply(
+        self, conn: Connection, op: int, flags: int, descs: list[Descriptor], length: int
+    ) -> None:
+        """What a guest packet of a live connection does to it."""
         if op == VIRTIO_VSOCK_OP_RW:
-            views = chain_views(mem, descs, HDR_SIZE, length)
+            assert self.mem is not None
+            views = chain_views(self.mem, descs, HDR_SIZE, length)
             try:
                 self._guest_data(conn, views, length)
             finally:
@@ -335,9 +343,6 @@ class VirtioVsock(VirtioDevice):
         elif op != VIRTIO_VSOCK_OP_CREDIT_UPDATE:
             self._guest_error(f"TX packet with unknown op {op}")
             self._close(conn)
-        if not conn.closed and conn.has_rx_work():
-            self._schedule(conn)
-        return 0
 
     def _guest_error(self, what: str) -> int:
         _logger.debug("virtio-vsock: %s", what)
@@ -522,7 +527,7 @@ class VirtioVsock(VirtioDevice):
                 rearmed = True  # ... and look once more
                 continue
             rearmed = False
-            if chain.writable_length() < HDR_SIZE or chain.readable():
+            if chain.writable_bytes < HDR_SIZE or chain.readable():
                 self._guest_error(f"RX chain {chain.head_index} cannot hold a packet")
                 queue.add_used(mem, chain.head_index, 0)
                 continue
@@ -573,7 +578,7 @@ class VirtioVsock(VirtioDevice):
 
     def _put_data(self, mem: GuestMemory, chain: DescriptorChain, conn: Connection) -> int | None:
         """Receive host bytes straight into ``chain``; None if there were none (or EOF)."""
-        capacity = chain.writable_length() - HDR_SIZE
+        capacity = chain.writable_bytes - HDR_SIZE
         if capacity <= 0:
             return self._guest_error("RX chain has no room for data")
         limit = min(capacity, conn.peer_credit(), MAX_PKT_PAYLOAD)

@@ -102,3 +102,12 @@ def rst_header(guest_cid: int, host_port: int, guest_port: int) -> bytes:
         VSOCK_HOST_CID, guest_cid, host_port, guest_port, 0,
         VIRTIO_VSOCK_TYPE_STREAM, VIRTIO_VSOCK_OP_RST, 0, 0, 0,
     )  # fmt: skip
+
+
+def packet_problem(type_: int, op: int, length: int, total: int) -> str | None:
+    """Why a well-addressed guest packet cannot be taken (None: it can)."""
+    if type_ != VIRTIO_VSOCK_TYPE_STREAM or length > total - HDR_SIZE:
+        return f"TX packet of type {type_}, len {length} in {total} bytes"
+    if op == VIRTIO_VSOCK_OP_RW and length > MAX_PKT_PAYLOAD:
+        return f"TX payload of {length} bytes"
+    return None

@@ -252,18 +252,23 @@ def test_socket_is_private_and_removed_on_close(sock_dir):
     api.close()  # idempotent
 
 
-def test_existing_paths_are_refused(sock_dir):
+def test_a_file_or_a_live_socket_is_refused_and_a_stale_socket_replaced(sock_dir, caplog):
     path = sock_dir / "api.sock"
     path.write_text("not a socket")
-    with pytest.raises(ConfigError, match=r"already exists \(not a socket\)"):
+    with pytest.raises(ConfigError, match=r"already exists and is not a socket"):
         ApiServer(path, echo).start()
     assert path.read_text() == "not a socket"
     path.unlink()
+    with ApiServer(path, echo), pytest.raises(ConfigError, match=r"is in use: another process"):
+        ApiServer(path, echo).start()  # someone serves there
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
-    stale.close()
-    with pytest.raises(ConfigError, match=r"already exists \(a socket\); remove it"):
-        ApiServer(path, echo).start()
+    stale.close()  # what a SIGKILLed VMM leaves behind
+    with caplog.at_level("WARNING"), ApiServer(path, echo) as api:
+        client = Client(api.path)
+        client.request("GET", "/")
+        assert client.response()[0] == 200
+    assert "removed the stale socket" in caplog.text
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(server):

@@ -220,13 +220,6 @@ def test_pvh_rejects_oversized_memory_map() -> None:
         pvh.build_pvh_info(cmdline_addr=0x20000, modules=[], memory_map=entries)
 
 
-def test_write_pvh_info_returns_start_info_address() -> None:
-    with GuestMemory.with_size(16 * MIB) as mem:
-        chunks = pvh.build_pvh_info(cmdline_addr=0x20000, modules=[], memory_map=())
-        assert pvh.write_pvh_info(mem, chunks) == layout.PVH_INFO_START
-        assert mem.read_u32(layout.PVH_INFO_START) == 0x336EC578
-
-
 # --- command line ------------------------------------------------------------------
 
 

@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 
 from pyvmm import layout
-from pyvmm.boot import bzimage, elf
 from pyvmm.boot.configure import setup_boot
 from pyvmm.boot.cpu_state import BootMode
 from pyvmm.boot.files import open_input
-from pyvmm.boot.image import KernelFormat, check_fits
+from pyvmm.boot.image import KernelFormat, check_fits, load_segments
 from pyvmm.boot.initrd import place_initrd
-from pyvmm.boot.kernel import inspect_kernel, load_kernel
+from pyvmm.boot.kernel import inspect_kernel
 from pyvmm.errors import ConfigError, KernelImageError
 from pyvmm.memory import GuestMemory
 
@@ -30,6 +29,19 @@ MIB = 1 << 20
 GIB = 1 << 30
 
 # --- crafted bzImage ---------------------------------------------------------------
+
+
+def load_into(mem: GuestMemory, f, path: str):
+    """What setup_boot does with a kernel: plan it, check the fit, copy its segments."""
+    image = inspect_kernel(f, path)
+    check_fits(mem, image)
+    load_segments(mem, f, image)
+    return image
+
+
+def load_path(mem: GuestMemory, path: str):
+    with open(path, "rb") as f:
+        return load_into(mem, f, path)
 
 
 def make_bzimage(
@@ -297,7 +309,7 @@ def test_bzimage_load_copies_protected_mode_kernel(tmp_path: Path, mem: GuestMem
     mem.fill(0x100000 + 4096, 16, 0xAA)
     path = write(tmp_path, "bzImage", data)
     with open(path, "rb") as f:
-        image = bzimage.load(mem, f, path)
+        image = load_into(mem, f, path)
     assert image.entry == 0x100200
     assert mem.read(0x100000, 4096) == data[3 * 512 :]
     assert mem.read(0x100000 + 4096, 16) == b"\xaa" * 16  # nothing past the image
@@ -306,7 +318,7 @@ def test_bzimage_load_copies_protected_mode_kernel(tmp_path: Path, mem: GuestMem
 def test_bzimage_init_size_must_fit_in_ram(tmp_path: Path, mem: GuestMemory) -> None:
     path = write(tmp_path, "big", make_bzimage(init_size=60 * MIB))
     with pytest.raises(KernelImageError, match=r"needs RAM at 0x1000000-0x4c00000"):
-        load_kernel(mem, path)
+        load_path(mem, path)
 
 
 # --- ELF -------------------------------------------------------------------------------
@@ -314,7 +326,7 @@ def test_bzimage_init_size_must_fit_in_ram(tmp_path: Path, mem: GuestMemory) -> 
 
 def test_elf_without_pvh_note_boots_64_bit(tmp_path: Path, mem: GuestMemory) -> None:
     mem.fill(0x1000000, 0x3000, 0xAA)
-    image = load_kernel(mem, write(tmp_path, "vmlinux", make_elf()))
+    image = load_path(mem, write(tmp_path, "vmlinux", make_elf()))
     assert image.format is KernelFormat.ELF
     assert image.mode is BootMode.LINUX_64
     assert image.entry == 0x1000000
@@ -328,7 +340,7 @@ def test_elf_without_pvh_note_boots_64_bit(tmp_path: Path, mem: GuestMemory) -> 
 def test_elf_load_returns_the_plan(tmp_path: Path, mem: GuestMemory) -> None:
     path = write(tmp_path, "vmlinux", make_elf())
     with open(path, "rb") as f:
-        image = elf.load(mem, f, path)
+        image = load_into(mem, f, path)
     assert (image.entry, image.load_start, image.load_end) == (0x1000000, 0x1000000, 0x1003000)
 
 
@@ -415,7 +427,7 @@ def test_elf_segment_below_1_mib(tmp_path: Path) -> None:
 def test_elf_that_does_not_fit(tmp_path: Path, mem: GuestMemory) -> None:
     data = make_elf(segments=(Seg(0x3F00000, b"\x90", 2 * MIB),), entry=0x3F00000)
     with pytest.raises(KernelImageError, match=r"does not fit in guest RAM.*64 MiB"):
-        load_kernel(mem, write(tmp_path, "vmlinux", data))
+        load_path(mem, write(tmp_path, "vmlinux", data))
 
 
 @pytest.mark.parametrize("keep", [40, 64 + 30, None])

@@ -95,7 +95,7 @@ def test_pop_direct_chain_and_add_used(driver: MockDriver, mem: GuestMemory) -> 
     assert chain is not None and chain.head_index == head
     assert chain.readable() == [Descriptor(req.addr, 5, VIRTQ_DESC_F_NEXT)]
     assert chain.writable() == [Descriptor(resp.addr, 64, VIRTQ_DESC_F_WRITE)]
-    assert chain.readable_length() == 5 and chain.writable_length() == 64
+    assert chain.readable_bytes == 5 and chain.writable_bytes == 64
     assert chain.writable()[0].is_write_only and not chain.readable()[0].is_write_only
     assert mem.read(chain.readable()[0].addr, 5) == b"hello"
     assert q.pop(mem) is None
@@ -144,7 +144,7 @@ def test_indirect_table_write_flag_is_ignored(driver: MockDriver, mem: GuestMemo
     table, length = driver.write_indirect_table([driver.readable(b"r")])
     driver.write_desc(0, table, length, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE)
     driver.publish(0)
-    assert q.pop(mem).readable_length() == 1
+    assert q.pop(mem).readable_bytes == 1
 
 
 def test_indirect_table_at_cap(driver: MockDriver, mem: GuestMemory) -> None:
@@ -315,7 +315,7 @@ def test_total_length_overflow(driver: MockDriver, mem: GuestMemory) -> None:
     driver.publish(driver.add_indirect_chain([buf] * 86))
     _assert_bad_chain(driver, mem, q)
     driver.publish(driver.add_indirect_chain([buf] * 85))
-    assert q.pop(mem).writable_length() == 85 * big
+    assert q.pop(mem).writable_bytes == 85 * big
 
 
 def test_rings_outside_ram_raise_queue_error(driver: MockDriver, mem: GuestMemory) -> None:
@@ -608,8 +608,8 @@ def test_pop_never_misbehaves_on_random_rings(
         for d in chain.descriptors:
             assert mem.is_valid(d.addr, d.length)
             assert not d.flags & VIRTQ_DESC_F_INDIRECT
-        assert chain.readable_length() <= 0xFFFF_FFFF
-        assert chain.writable_length() <= 0xFFFF_FFFF
+        assert chain.readable_bytes <= 0xFFFF_FFFF
+        assert chain.writable_bytes <= 0xFFFF_FFFF
         q.add_used(mem, chain.head_index, 0)
     assert popped <= min(size, ahead)
 
@@ -648,9 +648,9 @@ def test_well_formed_chains_come_back_exactly(mem: GuestMemory, start: int, requ
         assert [(d.addr, d.length, d.is_write_only) for d in chain.descriptors] == [
             (b.addr, b.length, b.writable) for b in bufs
         ]
-        assert chain.writable_length() == sum(b.length for b in bufs if b.writable)
-        q.add_used(mem, head, chain.writable_length())
-        assert driver.used_elem(q.next_used - 1) == (head, chain.writable_length())
+        assert chain.writable_bytes == sum(b.length for b in bufs if b.writable)
+        q.add_used(mem, head, chain.writable_bytes)
+        assert driver.used_elem(q.next_used - 1) == (head, chain.writable_bytes)
         assert driver.used_idx() == q.next_used
         assert q.pop(mem) is None
     assert q.next_avail == q.next_used == (start + len(requests)) & 0xFFFF
