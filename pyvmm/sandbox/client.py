@@ -13,10 +13,11 @@ progress and the start of a command by ``timeout``; a running command by its
 own ``timeout`` (enforced by the agent) plus ``timeout_grace``. Everything
 the agent sends is capped (frames by the protocol, captured output by
 ``max_output``, file transfers by ``max_files`` / ``max_bytes``). After an
-error in the middle of an operation (a timeout, a protocol error, a refused
-archive, an exception from a callback, Ctrl-C) the connection is closed,
-which makes the agent kill a running command; errors that leave the
-connection between operations (a file the guest does not have) keep it open.
+error in the middle of an operation (a timeout, an exception from a
+callback, Ctrl-C) or any protocol error (a refused archive included) the
+connection is closed, which makes the agent kill a running command; errors
+that leave the connection between operations (a file the guest does not
+have, a command not found) keep it open.
 """
 
 from __future__ import annotations
@@ -459,7 +460,8 @@ class AgentClient:
         try:
             yield
         except BaseException as exc:
-            if self._conn.state is not State.IDLE:
+            # In the middle of an operation, or after a hostile frame: this connection is done.
+            if self._conn.state is not State.IDLE or isinstance(exc, AgentProtocolError):
                 self._abandon(f"{what} failed: {exc}" if str(exc) else f"{what} was interrupted")
             raise
         finally:
