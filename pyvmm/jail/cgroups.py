@@ -133,7 +133,10 @@ def apply(cgroup_plan: CgroupPlan, pid: int) -> None:
     """Carry out ``cgroup_plan`` and move ``pid`` into the cgroup(s)."""
     for path, value in cgroup_plan.subtree_control:
         _write(path, value)
+    joining_a_parent = not cgroup_plan.settings
     for cgroup in cgroup_plan.cgroups:
+        if joining_a_parent:
+            continue  # it must exist already: the VM's own cgroup is not made
         _make_dirs(cgroup)
         if cgroup_plan.version == 1:
             for file in {p.name for p, _ in cgroup_plan.settings if p.parent == cgroup}:
