@@ -29,9 +29,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 from pyvmm.errors import ConfigError
 from pyvmm.sandbox.connection import AgentConnection, Closed, Event, State
@@ -40,16 +39,12 @@ from pyvmm.sandbox.errors import (
     AgentProtocolError,
     AgentTimeout,
     AgentUnavailable,
-    GuestFileNotFoundError,
-    GuestOperationError,
     LocalProtocolError,
     OutputLimitError,
 )
-from pyvmm.sandbox.protocol import (
-    AGENT_PORT,
+from pyvmm.sandbox.messages import (
     Data,
     Done,
-    ErrorKind,
     Exec,
     Exit,
     Failure,
@@ -61,8 +56,18 @@ from pyvmm.sandbox.protocol import (
     Started,
     guest_path,
 )
+from pyvmm.sandbox.protocol import AGENT_PORT
+from pyvmm.sandbox.results import (
+    ExecResult,
+    TransferStats,
+    exec_result,
+    operation_error,
+    start_failure,
+)
+from pyvmm.sandbox.stdin_feed import StdinFeed, StdinSource
 from pyvmm.sandbox.tarsafe import SafeExtractor, check_destination, make_staging
 from pyvmm.sandbox.tarwriter import TarWriter
+from pyvmm.sandbox.vsock_connect import connect_vsock
 
 #: Seconds to wait for a handshake, a PONG, progress of a transfer, a command to start.
 DEFAULT_TIMEOUT = 30.0
@@ -72,101 +77,11 @@ DEFAULT_TIMEOUT_GRACE = 10.0
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 DEFAULT_MAX_FILES = 100_000
 DEFAULT_MAX_BYTES = 1024**3
-#: The reply to CONNECT is "OK <u32>\n": 14 bytes at most.
-MAX_CONNECT_REPLY = 32
 _RECV_SIZE = 256 * 1024
 #: Queue more stdin or PUT data only while less than this waits to be sent.
 _SEND_HIGH_WATER = 256 * 1024
 _STREAMS = {1: "stdout", 2: "stderr"}
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """How a command ended, shell style.
-
-    ``exit_code`` is the command's status; 128+N if signal N killed it; 124
-    if its timeout killed it; 126 if it could not be run and 127 if it was
-    not found (``error`` then says why). ``stdout``/``stderr`` are empty
-    for a stream given to a callback. ``duration`` is the host's wall time
-    from request to end, ``guest_duration`` the command's own run time as
-    the agent measured it (None if it never started).
-    """
-
-    exit_code: int
-    signal: int | None
-    stdout: bytes
-    stderr: bytes
-    duration: float
-    timed_out: bool = False
-    error: str | None = None
-    guest_duration: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-
-@dataclass(frozen=True)
-class TransferStats:
-    """What a put or get moved (``skipped``: guest sockets, FIFOs and devices a get left out)."""
-
-    entries: int
-    content_bytes: int
-    duration: float
-    skipped: int = 0
-
-
-StdinSource = bytes | bytearray | memoryview | BinaryIO
-
-
-def connect_vsock(
-    uds_path: str | os.PathLike[str], port: int, timeout: float
-) -> tuple[socket.socket, bytes]:
-    """Connect to guest vsock ``port`` through a VM's vsock Unix socket.
-
-    Returns the socket and any bytes that came after the ``OK`` line (the
-    guest may speak first). Raises :class:`AgentUnavailable` when there is no
-    socket, no VM behind it, or the guest refuses the port.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(os.fspath(uds_path))
-        sock.sendall(b"CONNECT %d\n" % port)
-        reply = bytearray()
-        while b"\n" not in reply:
-            chunk = sock.recv(MAX_CONNECT_REPLY)
-            if not chunk:
-                raise AgentUnavailable(
-                    f"the guest refused vsock port {port} (is its agent running yet?)"
-                )
-            reply += chunk
-            if len(reply) > MAX_CONNECT_REPLY and b"\n" not in reply[:MAX_CONNECT_REPLY]:
-                raise AgentUnavailable(f"{uds_path} answered CONNECT with an overlong line")
-    except TimeoutError:
-        sock.close()
-        raise AgentUnavailable(
-            f"no answer to CONNECT {port} on {uds_path} within {timeout:g} s"
-        ) from None
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-        raise AgentUnavailable(
-            f"no VM listens on {uds_path} (is the VM running with this vsock?)"
-        ) from None
-    except OSError as exc:
-        sock.close()
-        raise AgentUnavailable(
-            f"cannot connect through {uds_path}: {exc.strerror or exc}"
-        ) from None
-    except AgentUnavailable:
-        sock.close()
-        raise
-    line, _, rest = bytes(reply).partition(b"\n")
-    if not (line.startswith(b"OK ") and line[3:].isdigit()):
-        sock.close()
-        raise AgentUnavailable(f"{uds_path} answered CONNECT with {line[:40]!r}, not 'OK <port>'")
-    return sock, rest
 
 
 class AgentClient:
@@ -304,7 +219,7 @@ class AgentClient:
             argv, env=env, cwd=cwd, uid=uid, gid=gid, timeout=timeout,
             stdin_piped=stdin is not None,
         )  # fmt: skip
-        feed = _StdinFeed(stdin) if stdin is not None else None
+        feed = StdinFeed(stdin) if stdin is not None else None
         sinks = {1: on_stdout, 2: on_stderr}
         kept = {1: bytearray(), 2: bytearray()}
         with self._operation("exec"):
@@ -332,11 +247,11 @@ class AgentClient:
                             "(max_output); it was killed"
                         )
                 elif isinstance(event, Exit):
-                    return _exec_result(event, kept, time.monotonic() - started)
+                    return exec_result(event, kept, time.monotonic() - started)
                 elif isinstance(event, Failure) and not running:
-                    return _start_failure(event, request, time.monotonic() - started)
+                    return start_failure(event, request, time.monotonic() - started)
                 elif isinstance(event, Failure):
-                    raise _operation_error(event, "exec")
+                    raise operation_error(event, "exec")
                 else:
                     raise AgentProtocolError(f"unexpected {type(event).__name__} during exec")
 
@@ -385,7 +300,7 @@ class AgentClient:
             if problem is not None:
                 raise problem
             if isinstance(event, Failure):
-                raise _operation_error(event, f"put {source} to {guest_path_}")
+                raise operation_error(event, f"put {source} to {guest_path_}")
             done = self._expect(Done, event)
             if (done.entries, done.content_bytes) != (writer.entries, writer.content_bytes):
                 raise AgentProtocolError(
@@ -420,7 +335,7 @@ class AgentClient:
                         extractor.feed(event.data)
                         continue
                     if isinstance(event, Failure):
-                        raise _operation_error(event, f"get {guest_path_}")
+                        raise operation_error(event, f"get {guest_path_}")
                     done = self._expect(Done, event)
                     stats = extractor.finish()
                     if (done.entries, done.content_bytes) != (stats.entries, stats.content_bytes):
@@ -482,7 +397,7 @@ class AgentClient:
         deadline: float | None,
         *,
         what: str,
-        stdin: _StdinFeed | None = None,
+        stdin: StdinFeed | None = None,
         drain_to: int | None = None,
     ) -> Event | None:
         """Move bytes until the connection has an event (returned), or, with
@@ -550,87 +465,7 @@ class AgentClient:
         self._conn.receive_data(data)
 
 
-class _StdinFeed:
-    """A command's stdin, read in chunks as the send queue drains."""
-
-    def __init__(self, source: StdinSource) -> None:
-        self.done = False
-        self.fd: int | None = None
-        self._data: memoryview | None = None
-        self._file: BinaryIO | None = None
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            self._data = memoryview(bytes(source))
-            return
-        if not hasattr(source, "read"):
-            raise ConfigError(f"stdin must be bytes or a binary file, not {type(source).__name__}")
-        self._file = source
-        try:
-            self.fd = source.fileno()
-        except (AttributeError, OSError, ValueError):
-            self.fd = None  # e.g. BytesIO: read it directly
-
-    def read(self) -> bytes:
-        """The next chunk; b"" once at the end."""
-        chunk = b""
-        if self._data is not None:
-            chunk, self._data = bytes(self._data[:_CHUNK]), self._data[_CHUNK:]
-        elif self.fd is not None:
-            try:
-                chunk = os.read(self.fd, _CHUNK)
-            except OSError:
-                chunk = b""  # an unreadable stdin ends the command's input
-        elif self._file is not None:
-            chunk = self._file.read(_CHUNK)
-            if not isinstance(chunk, bytes):
-                raise ConfigError("stdin must be opened in binary mode")
-        if not chunk:
-            self.done = True
-        return chunk
-
-
-_CHUNK = 64 * 1024
-
-
 def _poll_ms(deadline: float | None) -> int | None:
     if deadline is None:
         return None
     return max(0, int((deadline - time.monotonic()) * 1000) + 1)
-
-
-def _exec_result(event: Exit, kept: dict[int, bytearray], duration: float) -> ExecResult:
-    if event.timed_out:
-        code = 124
-    elif event.signal is not None:
-        code = 128 + event.signal
-    else:
-        code = event.status or 0
-    return ExecResult(
-        exit_code=code,
-        signal=event.signal,
-        stdout=bytes(kept[1]),
-        stderr=bytes(kept[2]),
-        duration=duration,
-        timed_out=event.timed_out,
-        guest_duration=event.duration_ns / 1e9,
-    )
-
-
-def _start_failure(event: Failure, request: Exec, duration: float) -> ExecResult:
-    """A command that could not start: 127 / 126 as a shell says, else an error."""
-    if event.kind is ErrorKind.NOT_FOUND:
-        code = 127
-    elif event.kind is ErrorKind.CANNOT_RUN:
-        code = 126
-    else:
-        command = request.argv[0].decode(errors="replace")
-        raise _operation_error(event, f"exec {command}")
-    return ExecResult(code, None, b"", b"", duration, error=event.message)
-
-
-def _operation_error(event: Failure, what: str) -> GuestOperationError:
-    cls = GuestFileNotFoundError if event.kind is ErrorKind.NOT_FOUND else GuestOperationError
-    return cls(
-        f"{what} failed in the guest: {event.message}",
-        kind=event.kind.name.lower(),
-        errno=event.errno,
-    )

@@ -12,9 +12,10 @@ import socket
 import threading
 from collections.abc import Callable
 
+from pyvmm.sandbox import messages as m
 from pyvmm.sandbox import protocol as p
 
-HELLO = p.Hello(1, 1, p.Cap.EXEC | p.Cap.PUT | p.Cap.GET | p.Cap.SIGNAL, 4 << 20, "fake agent")
+HELLO = m.Hello(1, 1, p.Cap.EXEC | p.Cap.PUT | p.Cap.GET | p.Cap.SIGNAL, 4 << 20, "fake agent")
 
 
 class FakeAgent:
@@ -49,7 +50,7 @@ class FakeAgent:
             raise self.failure
 
     def send(self, *messages) -> None:
-        self.sock.sendall(b"".join(p.encode_message(m) for m in messages))
+        self.sock.sendall(b"".join(m.encode_message(msg) for msg in messages))
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -59,7 +60,7 @@ class FakeAgent:
         while True:
             frame = self._decoder.next_frame()
             if frame is not None:
-                return p.decode_host_message(*frame)
+                return m.decode_host_message(*frame)
             try:
                 data = self.sock.recv(1 << 16)
             except ConnectionResetError:
@@ -74,9 +75,9 @@ class FakeAgent:
         assert isinstance(message, kind), f"expected {kind.__name__}, got {message!r}"
         return message
 
-    def handshake(self, hello: p.Hello = HELLO) -> None:
+    def handshake(self, hello: m.Hello = HELLO) -> None:
         self.send(hello)
-        self.expect(p.HostHello)
+        self.expect(m.HostHello)
 
     def wait_for_close(self) -> None:
         """Read (and drop) whatever the host sends until it closes."""

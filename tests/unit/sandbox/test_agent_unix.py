@@ -25,6 +25,7 @@ import pytest
 
 from pyvmm.errors import ConfigError
 from pyvmm.sandbox import AgentClient
+from pyvmm.sandbox import messages as m
 from pyvmm.sandbox import protocol as p
 from pyvmm.sandbox.errors import (
     GuestFileNotFoundError,
@@ -411,15 +412,15 @@ def read_all(sock: socket.socket, decoder: p.FrameDecoder) -> list:
     while data := sock.recv(65536):
         decoder.feed(data)
         while (frame := decoder.next_frame()) is not None:
-            messages.append(p.decode_agent_message(*frame))
+            messages.append(m.decode_agent_message(*frame))
     return messages
 
 
 def test_agent_refuses_a_request_before_hello(agent_socket: Path) -> None:
     sock, decoder = raw_session(agent_socket)
-    sock.sendall(p.encode_message(p.Ping(b"x")))
+    sock.sendall(m.encode_message(m.Ping(b"x")))
     messages = read_all(sock, decoder)
-    assert isinstance(messages[0], p.Hello)
+    assert isinstance(messages[0], m.Hello)
     assert messages[1].kind is p.ErrorKind.BAD_REQUEST
     assert messages[1].message == "the first frame must be HELLO"
     sock.close()
@@ -427,7 +428,7 @@ def test_agent_refuses_a_request_before_hello(agent_socket: Path) -> None:
 
 def test_agent_refuses_a_version_outside_its_range(agent_socket: Path) -> None:
     sock, decoder = raw_session(agent_socket)
-    sock.sendall(p.encode_message(p.HostHello(2)))
+    sock.sendall(m.encode_message(m.HostHello(2)))
     messages = read_all(sock, decoder)
     assert messages[-1].message == "protocol version 2 is not 1..1"
     sock.close()
@@ -435,7 +436,7 @@ def test_agent_refuses_a_version_outside_its_range(agent_socket: Path) -> None:
 
 def test_agent_refuses_a_bad_header_and_ends_the_session(agent_socket: Path) -> None:
     sock, decoder = raw_session(agent_socket)
-    sock.sendall(p.encode_message(p.HostHello(1)) + p.HEADER.pack(0, p.HostType.PING, b"\0\1\0"))
+    sock.sendall(m.encode_message(m.HostHello(1)) + p.HEADER.pack(0, p.HostType.PING, b"\0\1\0"))
     messages = read_all(sock, decoder)
     assert messages[-1].kind is p.ErrorKind.BAD_REQUEST
     assert "bad frame header" in messages[-1].message
@@ -447,7 +448,7 @@ def test_agent_refuses_a_bad_exec_but_goes_on(agent_socket: Path) -> None:
     bad = p.encode_frame(
         p.HostType.EXEC, p.encode_fields([(p.Field.ARG, b"x"), (p.Field.PATH, b"/")])
     )
-    sock.sendall(p.encode_message(p.HostHello(1)) + bad + p.encode_message(p.Ping(b"still here")))
+    sock.sendall(m.encode_message(m.HostHello(1)) + bad + m.encode_message(m.Ping(b"still here")))
     sock.shutdown(socket.SHUT_WR)
     messages = read_all(sock, decoder)
     assert [type(m).__name__ for m in messages] == ["Hello", "Failure", "Pong"]

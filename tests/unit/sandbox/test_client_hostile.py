@@ -22,9 +22,9 @@ import pytest
 
 from pyvmm.errors import ConfigError
 from pyvmm.sandbox import AgentClient
+from pyvmm.sandbox import messages as m
 from pyvmm.sandbox import protocol as p
 from pyvmm.sandbox import tarformat as t
-from pyvmm.sandbox.client import connect_vsock
 from pyvmm.sandbox.errors import (
     AgentDisconnected,
     AgentProtocolError,
@@ -36,6 +36,7 @@ from pyvmm.sandbox.errors import (
     OutputLimitError,
     UnsafeArchiveError,
 )
+from pyvmm.sandbox.vsock_connect import connect_vsock
 from tests.unit.sandbox.fake_agent import HELLO, FakeAgent
 from tests.unit.sandbox.hostile_tars import HOSTILE, d, f, tar
 
@@ -59,7 +60,7 @@ def exec_then(action):
 
     def script(fake: FakeAgent) -> None:
         fake.handshake()
-        fake.expect(p.Exec)
+        fake.expect(m.Exec)
         action(fake)
 
     return script
@@ -70,7 +71,7 @@ def exec_then(action):
 
 def test_oversized_frame_is_refused_at_its_header() -> None:
     def huge(fake: FakeAgent) -> None:
-        fake.send(p.Started(1))
+        fake.send(m.Started(1))
         fake.send_raw(p.HEADER.pack(0xFFFF_FFFF, p.AgentType.STDOUT, b"\0\0\0"))
         fake.wait_for_close()
 
@@ -87,9 +88,9 @@ def test_oversized_frame_is_refused_at_its_header() -> None:
 
 def test_endless_output_is_capped_and_the_command_abandoned() -> None:
     def endless(fake: FakeAgent) -> None:
-        fake.send(p.Started(1))
+        fake.send(m.Started(1))
         while True:
-            fake.send(p.Output(1, CHUNK))
+            fake.send(m.Output(1, CHUNK))
 
     fake, client = start(exec_then(endless))
     tracemalloc.start()
@@ -107,9 +108,9 @@ def test_endless_output_is_capped_and_the_command_abandoned() -> None:
 
 def test_endless_streamed_output_ends_at_the_timeout() -> None:
     def endless(fake: FakeAgent) -> None:
-        fake.send(p.Started(1))
+        fake.send(m.Started(1))
         while True:
-            fake.send(p.Output(2, CHUNK))
+            fake.send(m.Output(2, CHUNK))
             time.sleep(0.001)
 
     fake, client = start(exec_then(endless), timeout_grace=0.3)
@@ -126,11 +127,11 @@ def test_endless_streamed_output_ends_at_the_timeout() -> None:
 @pytest.mark.parametrize(
     ("hello", "reason"),
     [
-        (p.Hello(7, 9, p.Cap.EXEC, 100, "future"), "the agent speaks protocol versions 7..9"),
-        (p.Hello(0, 0, p.Cap.EXEC, 100, "past"), "the agent speaks protocol versions 0..0"),
+        (m.Hello(7, 9, p.Cap.EXEC, 100, "future"), "the agent speaks protocol versions 7..9"),
+        (m.Hello(0, 0, p.Cap.EXEC, 100, "past"), "the agent speaks protocol versions 0..0"),
     ],
 )
-def test_no_common_version(hello: p.Hello, reason: str) -> None:
+def test_no_common_version(hello: m.Hello, reason: str) -> None:
     fake = FakeAgent(lambda fake: (fake.send(hello), fake.wait_for_close()))
     with pytest.raises(AgentProtocolError) as exc:
         AgentClient(fake.host_sock, timeout=5)
@@ -169,7 +170,7 @@ def test_garbage_instead_of_hello(garbage: bytes, reason: str) -> None:
 
 
 def test_truncated_frame_then_close() -> None:
-    fake, client = start(exec_then(lambda fake: fake.send_raw(p.encode_message(p.Started(9))[:5])))
+    fake, client = start(exec_then(lambda fake: fake.send_raw(m.encode_message(m.Started(9))[:5])))
     with pytest.raises(AgentDisconnected) as exc:
         client.exec(["true"])
     assert "in the middle of a frame (5 bytes of it received" in one_line(exc)
@@ -177,7 +178,7 @@ def test_truncated_frame_then_close() -> None:
 
 
 def test_close_while_a_command_runs() -> None:
-    fake, client = start(exec_then(lambda fake: fake.send(p.Started(9), p.Output(1, b"partial"))))
+    fake, client = start(exec_then(lambda fake: fake.send(m.Started(9), m.Output(1, b"partial"))))
     with pytest.raises(AgentDisconnected) as exc:
         client.exec(["true"])
     assert "closed the connection while running a command" in one_line(exc)
@@ -189,10 +190,10 @@ def test_close_while_a_command_runs() -> None:
 @pytest.mark.parametrize(
     ("messages", "reason"),
     [
-        ([p.Exit(0, None, False, 1)], "sent EXIT while starting a command"),
-        ([p.Started(1), p.Data(b"tar")], "sent DATA while running a command"),
-        ([p.Started(1), p.Started(2)], "sent STARTED while running a command"),
-        ([p.Pong(b"")], "sent PONG while starting a command"),
+        ([m.Exit(0, None, False, 1)], "sent EXIT while starting a command"),
+        ([m.Started(1), m.Data(b"tar")], "sent DATA while running a command"),
+        ([m.Started(1), m.Started(2)], "sent STARTED while running a command"),
+        ([m.Pong(b"")], "sent PONG while starting a command"),
     ],
 )
 def test_frames_out_of_place(messages, reason: str) -> None:
@@ -210,20 +211,20 @@ def test_frames_out_of_place(messages, reason: str) -> None:
 @pytest.mark.parametrize(
     ("answer", "code", "signal"),
     [
-        ([p.Started(5), p.Exit(7, None, False, 10)], 7, None),
-        ([p.Started(5), p.Exit(None, 15, False, 10)], 143, 15),
-        ([p.Started(5), p.Exit(None, 9, True, 10)], 124, 9),
-        ([p.Failure(p.ErrorKind.NOT_FOUND, 2, "x: No such file or directory")], 127, None),
-        ([p.Failure(p.ErrorKind.CANNOT_RUN, 13, "x: Permission denied")], 126, None),
+        ([m.Started(5), m.Exit(7, None, False, 10)], 7, None),
+        ([m.Started(5), m.Exit(None, 15, False, 10)], 143, 15),
+        ([m.Started(5), m.Exit(None, 9, True, 10)], 124, 9),
+        ([m.Failure(p.ErrorKind.NOT_FOUND, 2, "x: No such file or directory")], 127, None),
+        ([m.Failure(p.ErrorKind.CANNOT_RUN, 13, "x: Permission denied")], 126, None),
     ],
 )
 def test_exit_codes_as_a_shell_gives_them(answer, code: int, signal) -> None:
     def answer_ping(fake: FakeAgent) -> None:
         fake.handshake()
-        fake.expect(p.Exec)
+        fake.expect(m.Exec)
         fake.send(*answer)
-        ping = fake.expect(p.Ping)
-        fake.send(p.Pong(ping.payload))
+        ping = fake.expect(m.Ping)
+        fake.send(m.Pong(ping.payload))
 
     fake, client = start(answer_ping)
     result = client.exec(["x"])
@@ -237,8 +238,8 @@ def test_exit_codes_as_a_shell_gives_them(answer, code: int, signal) -> None:
 def test_agent_failure_to_start_is_an_error() -> None:
     def script(fake: FakeAgent) -> None:
         fake.handshake()
-        fake.expect(p.Exec)
-        fake.send(p.Failure(p.ErrorKind.FAILED, 11, "fork: Resource temporarily unavailable"))
+        fake.expect(m.Exec)
+        fake.send(m.Failure(p.ErrorKind.FAILED, 11, "fork: Resource temporarily unavailable"))
         fake.wait_for_close()
 
     fake, client = start(script)
@@ -252,7 +253,7 @@ def test_agent_failure_to_start_is_an_error() -> None:
 
 def test_a_callback_that_raises_abandons_the_command() -> None:
     fake, client = start(
-        exec_then(lambda fake: (fake.send(p.Started(1), p.Output(1, b"x")), fake.wait_for_close()))
+        exec_then(lambda fake: (fake.send(m.Started(1), m.Output(1, b"x")), fake.wait_for_close()))
     )
 
     def explode(data: bytes) -> None:
@@ -268,7 +269,7 @@ def test_a_callback_that_raises_abandons_the_command() -> None:
 def test_ping_that_is_never_answered() -> None:
     def script(fake: FakeAgent) -> None:
         fake.handshake()
-        fake.expect(p.Ping)
+        fake.expect(m.Ping)
         fake.wait_for_close()
 
     fake, client = start(script, timeout=0.3)
@@ -284,10 +285,10 @@ def test_one_operation_at_a_time() -> None:
 
     def script(fake: FakeAgent) -> None:
         fake.handshake()
-        fake.expect(p.Exec)
-        fake.send(p.Started(1))
+        fake.expect(m.Exec)
+        fake.send(m.Started(1))
         release.wait(10)
-        fake.send(p.Exit(0, None, False, 1))
+        fake.send(m.Exit(0, None, False, 1))
         fake.wait_for_close()
 
     fake, client = start(script)
@@ -310,13 +311,13 @@ def test_put_refused_in_the_middle_keeps_the_connection(tmp_path: Path) -> None:
 
     def script(fake: FakeAgent) -> None:
         fake.handshake()
-        fake.expect(p.Put)
-        fake.expect(p.Data)
-        fake.send(p.Failure(p.ErrorKind.FAILED, 28, "write /x/big: No space left on device"))
-        while fake.expect(p.Data).data:  # dropped up to the end of the stream
+        fake.expect(m.Put)
+        fake.expect(m.Data)
+        fake.send(m.Failure(p.ErrorKind.FAILED, 28, "write /x/big: No space left on device"))
+        while fake.expect(m.Data).data:  # dropped up to the end of the stream
             pass
-        ping = fake.expect(p.Ping)
-        fake.send(p.Pong(ping.payload))
+        ping = fake.expect(m.Ping)
+        fake.send(m.Pong(ping.payload))
         fake.wait_for_close()
 
     fake, client = start(script)
@@ -337,11 +338,11 @@ def test_put_abandoned_by_the_host_ends_without_the_end_marker(tmp_path: Path) -
 
     def script(fake: FakeAgent) -> None:
         fake.handshake()
-        fake.expect(p.Put)
-        while data := fake.expect(p.Data).data:
+        fake.expect(m.Put)
+        while data := fake.expect(m.Data).data:
             received.extend(data)
         fake.send(
-            p.Failure(
+            m.Failure(
                 p.ErrorKind.FAILED, 22, "the tar stream ended before its end-of-archive blocks"
             )
         )
@@ -361,10 +362,10 @@ def test_put_stored_counts_must_match(tmp_path: Path) -> None:
 
     def script(fake: FakeAgent) -> None:
         fake.handshake()
-        fake.expect(p.Put)
-        while fake.expect(p.Data).data:
+        fake.expect(m.Put)
+        while fake.expect(m.Data).data:
             pass
-        fake.send(p.Done(999, 1, 0))
+        fake.send(m.Done(999, 1, 0))
         fake.wait_for_close()
 
     fake, client = start(script)
@@ -389,13 +390,13 @@ def test_put_of_nothing_is_refused_before_any_request(tmp_path: Path) -> None:
 # --- get -----------------------------------------------------------------------------------
 
 
-def serve_get(stream: bytes, done: p.Done | None = None):
+def serve_get(stream: bytes, done: m.Done | None = None):
     def script(fake: FakeAgent) -> None:
         fake.handshake()
-        fake.expect(p.Get)
+        fake.expect(m.Get)
         for start_at in range(0, len(stream), p.MAX_CHUNK):
-            fake.send(p.Data(stream[start_at : start_at + p.MAX_CHUNK]))
-        fake.send(done or p.Done(0, 0, 0))
+            fake.send(m.Data(stream[start_at : start_at + p.MAX_CHUNK]))
+        fake.send(done or m.Done(0, 0, 0))
         fake.wait_for_close()
 
     return script
@@ -424,7 +425,7 @@ def test_get_refuses_hostile_streams(box: Path, case: str) -> None:
 
 def test_get_with_counts_that_do_not_match(box: Path) -> None:
     archive = tar(d("top"), f("top/a", b"abc"))
-    fake, client = start(serve_get(archive, p.Done(3, 5, 0)))
+    fake, client = start(serve_get(archive, m.Done(3, 5, 0)))
     with pytest.raises(AgentProtocolError, match="reported 5 entries and 3 bytes but sent 2 and 3"):
         client.get("/g", box / "dest")
     assert sorted(os.listdir(box)) == ["outside.txt"]
@@ -435,11 +436,11 @@ def test_get_with_counts_that_do_not_match(box: Path) -> None:
 def test_get_of_endless_members_stops_at_max_files(box: Path) -> None:
     def script(fake: FakeAgent) -> None:
         fake.handshake()
-        fake.expect(p.Get)
-        fake.send(p.Data(t.encode_member(b"top", t.DIRECTORY, 0o755, 0, 0)))
+        fake.expect(m.Get)
+        fake.send(m.Data(t.encode_member(b"top", t.DIRECTORY, 0o755, 0, 0)))
         i = 0
         while True:
-            fake.send(p.Data(t.encode_member(b"top/%d" % i, t.DIRECTORY, 0o755, 0, 0)))
+            fake.send(m.Data(t.encode_member(b"top/%d" % i, t.DIRECTORY, 0o755, 0, 0)))
             i += 1
 
     fake, client = start(script)
@@ -452,9 +453,9 @@ def test_get_of_endless_members_stops_at_max_files(box: Path) -> None:
 def test_get_of_a_missing_path_keeps_the_connection(box: Path) -> None:
     def script(fake: FakeAgent) -> None:
         fake.handshake()
-        fake.expect(p.Get)
-        fake.send(p.Failure(p.ErrorKind.NOT_FOUND, 2, "stat /nope: No such file or directory"))
-        fake.send(p.Pong(fake.expect(p.Ping).payload))
+        fake.expect(m.Get)
+        fake.send(m.Failure(p.ErrorKind.NOT_FOUND, 2, "stat /nope: No such file or directory"))
+        fake.send(m.Pong(fake.expect(m.Ping).payload))
         fake.wait_for_close()
 
     fake, client = start(script)
@@ -505,7 +506,7 @@ class FakeVmm:
                 conn.sendall(b"NOPE\n")
                 conn.close()
             else:  # OK and HELLO in one write: the client must keep what follows the line
-                conn.sendall(b"OK 1073741824\n" + p.encode_message(HELLO))
+                conn.sendall(b"OK 1073741824\n" + m.encode_message(HELLO))
                 self.agents.append(FakeAgent(_after_hello, conn))
 
     def close(self) -> None:
@@ -516,8 +517,8 @@ class FakeVmm:
 
 
 def _after_hello(fake: FakeAgent) -> None:
-    fake.expect(p.HostHello)
-    fake.send(p.Pong(fake.expect(p.Ping).payload))
+    fake.expect(m.HostHello)
+    fake.send(m.Pong(fake.expect(m.Ping).payload))
     fake.wait_for_close()
 
 
