@@ -265,10 +265,13 @@ class AgentClient:
         gid: int | None = None,
         max_files: int = DEFAULT_MAX_FILES,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        timeout: float | None = None,
     ) -> TransferStats:
         """Copy a host file or directory tree to ``guest_path_`` (created or replaced;
         an existing non-empty guest directory is not replaced). Modes and mtimes
-        are kept; owners become ``uid``/``gid`` (default: the agent's, root)."""
+        are kept; owners become ``uid``/``gid`` (default: the agent's, root).
+        ``timeout`` bounds the whole transfer (the client's ``timeout`` bounds
+        each wait for progress)."""
         request = Put(guest_path(guest_path_, "put destination"), uid, gid, mkdirs)
         for what, value in (("uid", uid), ("gid", gid)):
             if value is not None and not 0 <= value < 2**32 - 1:
@@ -279,6 +282,7 @@ class AgentClient:
         writer = TarWriter(source, max_files=max_files, max_bytes=max_bytes)
         with self._operation("put"):
             started = time.monotonic()
+            overall = None if timeout is None else started + timeout
             self._conn.send_put(request)
             event: Event | None = None
             problem: ConfigError | None = None
@@ -286,7 +290,7 @@ class AgentClient:
                 for chunk in writer.chunks():
                     self._conn.send_put_data(chunk)
                     event = self._pump(
-                        time.monotonic() + self.timeout,
+                        self._progress_deadline(overall),
                         what="the agent to take PUT data",
                         drain_to=_SEND_HIGH_WATER,
                     )
@@ -296,7 +300,7 @@ class AgentClient:
                 problem = exc  # end the stream without its end-of-archive: nothing is placed
             self._conn.send_put_end()
             if event is None:
-                event = self._pump(time.monotonic() + self.timeout, what="the result of PUT")
+                event = self._pump(self._progress_deadline(overall), what="the result of PUT")
             if problem is not None:
                 raise problem
             if isinstance(event, Failure):
@@ -316,21 +320,24 @@ class AgentClient:
         *,
         max_files: int = DEFAULT_MAX_FILES,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        timeout: float | None = None,
     ) -> TransferStats:
         """Copy a guest file or directory tree to ``host_path``, which must not be an
         existing directory (an existing file is replaced by a file). Nothing is
         written outside ``host_path``; a refused or failed transfer leaves
-        nothing behind (see :mod:`pyvmm.sandbox.tarsafe`)."""
+        nothing behind (see :mod:`pyvmm.sandbox.tarsafe`). ``timeout`` bounds
+        the whole transfer, as for :meth:`put`."""
         request = Get(guest_path(guest_path_, "get source"))
         dest = Path(host_path)
         check_destination(dest)
         with self._operation("get"):
             started = time.monotonic()
+            overall = None if timeout is None else started + timeout
             extractor = SafeExtractor(make_staging(dest), max_files=max_files, max_bytes=max_bytes)
             try:
                 self._conn.send_get(request)
                 while True:
-                    event = self._pump(time.monotonic() + self.timeout, what="GET data")
+                    event = self._pump(self._progress_deadline(overall), what="GET data")
                     if isinstance(event, Data):
                         extractor.feed(event.data)
                         continue
@@ -386,6 +393,11 @@ class AgentClient:
         if self._closed is None:
             self._closed = reason
             self._sock.close()
+
+    def _progress_deadline(self, overall: float | None) -> float:
+        """When the next sign of progress is due: ``timeout`` from now, or the overall end."""
+        deadline = time.monotonic() + self.timeout
+        return deadline if overall is None else min(deadline, overall)
 
     def _expect(self, kind: type[_T], event: Event | None) -> _T:
         if not isinstance(event, kind):

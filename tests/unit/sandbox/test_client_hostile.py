@@ -450,6 +450,25 @@ def test_get_of_endless_members_stops_at_max_files(box: Path) -> None:
     fake.join()
 
 
+def test_get_from_a_trickling_agent_ends_at_its_timeout(box: Path) -> None:
+    def script(fake: FakeAgent) -> None:
+        fake.handshake()
+        fake.expect(m.Get)
+        fake.send(m.Data(t.encode_member(b"top", t.DIRECTORY, 0o755, 0, 0)))
+        while True:  # one byte at a time: always some progress, never an end
+            fake.send(m.Data(b"\0"))
+            time.sleep(0.05)
+
+    fake, client = start(script)
+    started = time.monotonic()
+    with pytest.raises(AgentTimeout) as exc:
+        client.get("/g", box / "dest", timeout=0.5)
+    assert 0.4 < time.monotonic() - started < 3
+    assert "GET data" in one_line(exc)
+    assert sorted(os.listdir(box)) == ["outside.txt"]
+    fake.join()
+
+
 def test_get_of_a_missing_path_keeps_the_connection(box: Path) -> None:
     def script(fake: FakeAgent) -> None:
         fake.handshake()
