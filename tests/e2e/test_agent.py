@@ -203,7 +203,7 @@ print("'''
 @pytest.fixture(scope="module")
 def agent_guest() -> tuple[Path, Path]:
     """Debian's cloud kernel (ELF vmlinux) and an initramfs with vsock and pyvmm-agent."""
-    from pyvmm.guestkit.agent_tool import GUEST_PATH, build_agent
+    from pyvmm.guestkit.agent_tool import GUEST_MODULES, GUEST_PATH, build_agent
     from pyvmm.guestkit.debian import fetch_kernel
     from pyvmm.guestkit.initramfs import build_initramfs
     from pyvmm.guestkit.vmlinux import kernel_vmlinux
@@ -211,7 +211,7 @@ def agent_guest() -> tuple[Path, Path]:
     package = fetch_kernel("cloud")
     initramfs = build_initramfs(
         package,
-        ["virtio_mmio", "vmw_vsock_virtio_transport"],
+        GUEST_MODULES,
         extra_files={GUEST_PATH: build_agent().read_bytes()},
     )
     return kernel_vmlinux(package), initramfs
