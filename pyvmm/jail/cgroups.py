@@ -6,9 +6,10 @@ The VM's cgroup is ``<mount>/<parent cgroup>/<id>`` (the parent defaults to
 the exec file's name).
 
 v1: for each ``--cgroup FILE=VALUE``, create the cgroup in its controller's
-hierarchy, copy a still-empty ``FILE`` down from the nearest ancestor that
-has a value (``cpuset.cpus`` is empty in a new cpuset cgroup and no task
-may join it then), write ``VALUE``, and write the pid to ``tasks``.
+hierarchy, copy a still-empty ``FILE`` (and ``cpuset.cpus``/``cpuset.mems``)
+down from the nearest ancestor that has a value (they are empty in a new
+cpuset cgroup, and no task may join it then), write ``VALUE``, and write
+the pid to ``tasks``.
 
 v2: enable each named controller in every ancestor's
 ``cgroup.subtree_control`` from the root down, create the cgroup, copy
@@ -31,7 +32,7 @@ from pyvmm.errors import ConfigError, HostError
 from pyvmm.jail.spec import CgroupSetting, JailSpec
 
 MAX_MOUNTS_BYTES = 1 << 20
-_INHERITED_V2 = ("cpuset.cpus", "cpuset.mems")
+_CPUSET_FILES = ("cpuset.cpus", "cpuset.mems")
 
 
 @dataclass(frozen=True)
@@ -138,13 +139,12 @@ def apply(cgroup_plan: CgroupPlan, pid: int) -> None:
         if joining_a_parent:
             continue  # it must exist already: the VM's own cgroup is not made
         _make_dirs(cgroup)
-        if cgroup_plan.version == 1:
-            for file in {p.name for p, _ in cgroup_plan.settings if p.parent == cgroup}:
-                _inherit_v1(cgroup, file)
-        elif cgroup_plan.settings:
-            for file in _INHERITED_V2:
-                if (cgroup / file).exists():
-                    _inherit_v1(cgroup, file)
+        # No task may join a cpuset cgroup whose cpus or mems are empty (ENOSPC).
+        inherited = {p.name for p, _ in cgroup_plan.settings if p.parent == cgroup}
+        inherited.update(_CPUSET_FILES)
+        for file in sorted(inherited):
+            if (cgroup / file).exists():
+                _inherit(cgroup, file)
     for path, value in cgroup_plan.settings:
         _write(path, value)
     for cgroup in cgroup_plan.cgroups:
@@ -153,7 +153,7 @@ def apply(cgroup_plan: CgroupPlan, pid: int) -> None:
         _write(cgroup / cgroup_plan.join_file, str(pid))
 
 
-def _inherit_v1(cgroup: Path, file: str) -> None:
+def _inherit(cgroup: Path, file: str) -> None:
     """Copy ``file`` from the nearest ancestor where it is set, down to ``cgroup``."""
     if _read(cgroup / file):
         return
@@ -161,7 +161,7 @@ def _inherit_v1(cgroup: Path, file: str) -> None:
     if not (parent / file).exists():
         return  # the file is not one a child inherits (e.g. cpu.shares has a default)
     if not _read(parent / file):
-        _inherit_v1(parent, file)
+        _inherit(parent, file)
     value = _read(parent / file)
     if value:
         _write(cgroup / file, value)

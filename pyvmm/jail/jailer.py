@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import signal
 import stat
 import sys
 import time
@@ -73,9 +74,16 @@ def close_inherited_fds() -> None:
 
 
 def set_rlimits(spec: JailSpec) -> None:
+    """``no-file`` (2048 unless given) and ``fsize``, soft and hard alike.
+
+    With ``fsize`` the kernel's ``SIGXFSZ`` is restored to its default
+    action (CPython ignores it at start-up): a write past the limit ends
+    the VMM, as it ends Firecracker, instead of failing with EFBIG.
+    """
     resource.setrlimit(resource.RLIMIT_NOFILE, (spec.no_file, spec.no_file))
     if spec.fsize is not None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (spec.fsize, spec.fsize))
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
 
 def join_netns(path: str) -> None:
