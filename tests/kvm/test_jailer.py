@@ -125,6 +125,12 @@ class Jailed:
             time.sleep(0.05)
 
     def close(self) -> None:
+        """Kill the jailer and the VMM (a daemon in its own pid namespace is not our child)."""
+        pid_file = self.root / "pyvmm-firecracker.pid"
+        text = pid_file.read_text() if pid_file.exists() else ""
+        if text.isdigit():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(text), signal.SIGKILL)
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
