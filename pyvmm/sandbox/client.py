@@ -54,7 +54,7 @@ from pyvmm.sandbox.messages import (
     Pong,
     Put,
     Started,
-    guest_path,
+    check_guest_path,
 )
 from pyvmm.sandbox.protocol import AGENT_PORT
 from pyvmm.sandbox.results import (
@@ -258,7 +258,7 @@ class AgentClient:
     def put(
         self,
         host_path: str | os.PathLike[str],
-        guest_path_: str,
+        guest_path: str,
         *,
         mkdirs: bool = True,
         uid: int | None = None,
@@ -267,12 +267,12 @@ class AgentClient:
         max_bytes: int = DEFAULT_MAX_BYTES,
         timeout: float | None = None,
     ) -> TransferStats:
-        """Copy a host file or directory tree to ``guest_path_`` (created or replaced;
+        """Copy a host file or directory tree to ``guest_path`` (created or replaced;
         an existing non-empty guest directory is not replaced). Modes and mtimes
         are kept; owners become ``uid``/``gid`` (default: the agent's, root).
         ``timeout`` bounds the whole transfer (the client's ``timeout`` bounds
         each wait for progress)."""
-        request = Put(guest_path(guest_path_, "put destination"), uid, gid, mkdirs)
+        request = Put(check_guest_path(guest_path, "put destination"), uid, gid, mkdirs)
         for what, value in (("uid", uid), ("gid", gid)):
             if value is not None and not 0 <= value < 2**32 - 1:
                 raise ConfigError(f"put {what} must be from 0 to 4294967294, not {value}")
@@ -304,7 +304,7 @@ class AgentClient:
             if problem is not None:
                 raise problem
             if isinstance(event, Failure):
-                raise operation_error(event, f"put {source} to {guest_path_}")
+                raise operation_error(event, f"put {source} to {guest_path}")
             done = self._expect(Done, event)
             if (done.entries, done.content_bytes) != (writer.entries, writer.content_bytes):
                 raise AgentProtocolError(
@@ -315,7 +315,7 @@ class AgentClient:
 
     def get(
         self,
-        guest_path_: str,
+        guest_path: str,
         host_path: str | os.PathLike[str],
         *,
         max_files: int = DEFAULT_MAX_FILES,
@@ -327,7 +327,7 @@ class AgentClient:
         written outside ``host_path``; a refused or failed transfer leaves
         nothing behind (see :mod:`pyvmm.sandbox.tarsafe`). ``timeout`` bounds
         the whole transfer, as for :meth:`put`."""
-        request = Get(guest_path(guest_path_, "get source"))
+        request = Get(check_guest_path(guest_path, "get source"))
         dest = Path(host_path)
         check_destination(dest)
         with self._operation("get"):
@@ -342,7 +342,7 @@ class AgentClient:
                         extractor.feed(event.data)
                         continue
                     if isinstance(event, Failure):
-                        raise operation_error(event, f"get {guest_path_}")
+                        raise operation_error(event, f"get {guest_path}")
                     done = self._expect(Done, event)
                     stats = extractor.finish()
                     if (done.entries, done.content_bytes) != (stats.entries, stats.content_bytes):

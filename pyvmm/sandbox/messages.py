@@ -7,7 +7,7 @@ and, for what a receiver decodes, ``decode(payload)``, which raises
 not only the host's: the unit tests' fake agents speak the agent's half with
 the same code, so every message round-trips.
 
-:meth:`Exec.build` and :func:`guest_path` turn a caller's values into a
+:meth:`Exec.build` and :func:`check_guest_path` turn a caller's values into a
 request, with a :class:`~pyvmm.errors.ConfigError` for the first bad one.
 """
 
@@ -289,7 +289,7 @@ class Exec:
             if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise ConfigError(f"environment variable name {name!r} is not NAME")
             variables.append(_arg_bytes(f"{name}={value}", f"environment variable {name}"))
-        raw_cwd = None if cwd is None else _guest_path(cwd, "cwd")
+        raw_cwd = None if cwd is None else check_guest_path(cwd, "cwd")
         for what, value in (("uid", uid), ("gid", gid)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32 - 1
@@ -479,12 +479,8 @@ def _arg_bytes(value: str | bytes, what: str) -> bytes:
     return raw
 
 
-def guest_path(value: str | bytes, what: str = "guest path") -> bytes:
+def check_guest_path(value: str | bytes, what: str = "guest path") -> bytes:
     """An absolute guest path as bytes, checked: ConfigError if it cannot be one."""
-    return _guest_path(value, what)
-
-
-def _guest_path(value: str | bytes, what: str) -> bytes:
     if isinstance(value, str):
         raw = value.encode("utf-8", "surrogateescape")
     elif isinstance(value, bytes):

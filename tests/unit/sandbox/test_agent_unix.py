@@ -318,11 +318,11 @@ def test_put_and_get_a_tree(agent: AgentClient, tmp_path: Path) -> None:
 def test_put_and_get_a_single_file(agent: AgentClient, tmp_path: Path) -> None:
     (tmp_path / "one").write_bytes(b"single")
     (tmp_path / "one").chmod(0o4711)
-    agent.put(tmp_path / "one", str(tmp_path / "guest-one"))
+    agent.put(host_path=tmp_path / "one", guest_path=str(tmp_path / "guest-one"))
     assert (tmp_path / "guest-one").read_bytes() == b"single"
     assert stat.S_IMODE((tmp_path / "guest-one").stat().st_mode) == 0o4711  # the guest keeps setuid
     (tmp_path / "host-one").write_bytes(b"old content")
-    agent.get(str(tmp_path / "guest-one"), tmp_path / "host-one")
+    agent.get(guest_path=str(tmp_path / "guest-one"), host_path=tmp_path / "host-one")
     assert (tmp_path / "host-one").read_bytes() == b"single"
     assert stat.S_IMODE((tmp_path / "host-one").stat().st_mode) == 0o711  # the host does not
 
