@@ -124,11 +124,20 @@ class Jailed:
             assert time.monotonic() < deadline, f"{pattern!r} not in {self.serial()[-300:]!r}"
             time.sleep(0.05)
 
+    def owns(self, pid: int) -> bool:
+        """True if ``pid`` still runs in this jail (a pid number can be reused)."""
+        try:
+            seen = os.stat(f"/proc/{pid}/root/")
+        except OSError:
+            return False
+        mine = os.stat(self.root)
+        return (seen.st_dev, seen.st_ino) == (mine.st_dev, mine.st_ino)
+
     def close(self) -> None:
         """Kill the jailer and the VMM (a daemon in its own pid namespace is not our child)."""
         pid_file = self.root / "pyvmm-firecracker.pid"
         text = pid_file.read_text() if pid_file.exists() else ""
-        if text.isdigit():
+        if text.isdigit() and self.owns(int(text)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(text), signal.SIGKILL)
         if self.process is not None and self.process.poll() is None:
