@@ -4,9 +4,10 @@
 over a socket: the VM's vsock Unix socket (:meth:`AgentClient.connect` does
 Firecracker's ``CONNECT <port>`` / ``OK <host port>`` handshake), or any
 connected stream socket (tests use socketpairs and the agent's ``--unix``
-mode). One operation runs at a time on a connection; the agent serves every
-connection in its own process, so concurrent work means one client per
-thread.
+mode). One operation runs at a time on a connection (only
+:meth:`~AgentClient.send_signal` may come from another thread); the agent
+serves every connection in its own process, so concurrent work means one
+client per thread.
 
 Every wait is bounded: the handshake, a ping, a file transfer without
 progress and the start of a command by ``timeout``; a running command by its
@@ -28,7 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -110,6 +111,12 @@ class AgentClient:
         self._lock = threading.Lock()
         self._closed: str | None = None
         self._poll = select.poll()
+        # send_signal() may come from another thread or a signal handler: it queues
+        # the signal and wakes the thread that runs the command through this pipe.
+        self._signals: list[int] = []
+        self._signals_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll.register(self._wake_r, select.POLLIN)
         sock.setblocking(False)
         try:
             if received:
@@ -224,6 +231,7 @@ class AgentClient:
         kept = {1: bytearray(), 2: bytearray()}
         with self._operation("exec"):
             started = time.monotonic()
+            self._take_signals()  # asked for before this command: not for it
             self._conn.send_exec(request)
             deadline: float | None = started + self.timeout
             running = False
@@ -357,6 +365,20 @@ class AgentClient:
             finally:
                 extractor.close()
 
+    def send_signal(self, signo: int) -> None:
+        """Send ``signo`` to the running command's process group (ignored when none runs).
+
+        Thread-safe, and safe in a signal handler: it only queues the signal;
+        the thread in :meth:`exec` sends it (a SIGINT handler of a CLI can so
+        forward Ctrl-C to the command).
+        """
+        if isinstance(signo, bool) or not isinstance(signo, int) or not 0 < signo < 128:
+            raise ConfigError(f"signal must be a number from 1 to 127, not {signo!r}")
+        with self._signals_lock:
+            self._signals.append(signo)
+        with suppress(OSError):  # a full pipe already wakes it; a closed client ignores it
+            os.write(self._wake_w, b"\0")
+
     def close(self) -> None:
         self._abandon("closed by the caller")
 
@@ -393,6 +415,13 @@ class AgentClient:
         if self._closed is None:
             self._closed = reason
             self._sock.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _take_signals(self) -> list[int]:
+        with self._signals_lock:
+            signals, self._signals = self._signals, []
+        return signals
 
     def _progress_deadline(self, overall: float | None) -> float:
         """When the next sign of progress is due: ``timeout`` from now, or the overall end."""
@@ -424,6 +453,9 @@ class AgentClient:
                 raise AgentDisconnected(f"the agent closed the connection while waiting for {what}")
             if event is not None:
                 return event
+            if self._conn.state is State.EXEC_RUNNING:
+                for signo in self._take_signals():
+                    self._conn.send_signal(signo)
             self._out += self._conn.data_to_send()
             if drain_to is not None and len(self._out) <= drain_to:
                 return None
@@ -434,7 +466,7 @@ class AgentClient:
                 and len(self._out) < _SEND_HIGH_WATER
             )
             if feeding and stdin.fd is None:
-                self._send_stdin(stdin.read())
+                self._conn.send_stdin(stdin.read())
                 continue
             self._poll.register(sock, select.POLLIN | (select.POLLOUT if self._out else 0))
             if feeding:
@@ -446,16 +478,16 @@ class AgentClient:
                     self._poll.unregister(stdin.fd)
             if not ready and deadline is not None and time.monotonic() >= deadline:
                 raise AgentTimeout(f"no answer from the agent within the time allowed for {what}")
+            if ready.get(self._wake_r):
+                with suppress(OSError):
+                    os.read(self._wake_r, 4096)
             if feeding and ready.get(stdin.fd):
-                self._send_stdin(stdin.read())
+                self._conn.send_stdin(stdin.read())
             flags = ready.get(sock.fileno(), 0)
             if flags & select.POLLOUT and self._out:
                 self._write()
             if flags & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 self._read()
-
-    def _send_stdin(self, data: bytes) -> None:
-        self._conn.send_stdin(data)
 
     def _write(self) -> None:
         try:

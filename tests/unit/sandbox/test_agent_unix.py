@@ -238,6 +238,27 @@ def test_closing_the_connection_kills_the_command(agent_socket: Path) -> None:
     assert gone(pids[0])
 
 
+def test_signals_reach_the_command(agent: AgentClient) -> None:
+    script = 'trap "echo got INT; exit 3" INT; echo ready; while :; do sleep 0.05; done'
+
+    def on_ready(data: bytes) -> None:
+        if b"ready" in data:
+            agent.send_signal(2)  # from a callback, as from a CLI's SIGINT handler
+
+    result = agent.exec(["sh", "-c", script], on_stdout=on_ready, timeout=20)
+    assert result.exit_code == 3
+    # From another thread, while the command runs; SIGTERM to the whole group.
+    timer = threading.Timer(0.5, agent.send_signal, args=(15,))
+    timer.start()
+    result = agent.exec(["sh", "-c", "sleep 100 & wait"], timeout=20)
+    timer.join()
+    assert (result.exit_code, result.signal) == (143, 15)
+    agent.send_signal(9)  # no command runs: nothing happens, nothing is left queued
+    assert agent.exec(["echo", "fine"]).stdout == b"fine\n"
+    with pytest.raises(ConfigError, match="from 1 to 127"):
+        agent.send_signal(0)
+
+
 def test_concurrent_commands_on_separate_connections(agent_socket: Path) -> None:
     clients = [connect(agent_socket) for _ in range(4)]
     results: list = []
