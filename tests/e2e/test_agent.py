@@ -181,11 +181,25 @@ try:
     agent.get("/root/big.bin", work / "big-back.bin")
     out["get_mib_s"] = 32 / (time.monotonic() - t0)
     out["big_identical"] = (work / "big-back.bin").read_bytes() == big.read_bytes()
-    total = [0]
+    def stdout_rate(argv):
+        total = [0]
+        t0 = time.monotonic()
+        agent.exec(argv, on_stdout=lambda d: total.__setitem__(0, total[0] + len(d)))
+        return total[0] / (1 << 20) / (time.monotonic() - t0)
+
+    out["stdout_mib_s"] = stdout_rate(["head", "-c", str(64 << 20), "/dev/zero"])
+    out["cat_mib_s"] = stdout_rate(["cat", "/root/big.bin"])
+    small = work / "small"
+    small.mkdir()
+    for i in range(1000):
+        (small / f"f{i:04}").write_bytes(os.urandom(1024))
     t0 = time.monotonic()
-    agent.exec(["head", "-c", str(64 << 20), "/dev/zero"],
-               on_stdout=lambda d: total.__setitem__(0, total[0] + len(d)))
-    out["stdout_mib_s"] = total[0] / (1 << 20) / (time.monotonic() - t0)
+    agent.put(small, "/root/small")
+    out["put_1000_files_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    agent.get("/root/small", work / "small-back")
+    out["get_1000_files_s"] = time.monotonic() - t0
+    out["small_identical"] = snapshot(work / "small-back") == snapshot(small)
     agent.close()
 except BaseException:
     print("guest console tail:\n" + vm.console.output[-3000:], file=sys.stderr, flush=True)
@@ -271,3 +285,4 @@ def test_agent_in_a_linux_guest(linux_host, agent_guest, tmp_path: Path) -> None
     assert out["concurrent"][0] == [0, 0]
     assert out["concurrent"][1] < 3.9  # both 2 s sleeps at once, not one after the other
     assert out["big_identical"] is True
+    assert out["small_identical"] is True
