@@ -132,13 +132,15 @@ def _unique(items: object) -> list[str]:
 # --- writing ------------------------------------------------------------------------------
 def apply(cgroup_plan: CgroupPlan, pid: int) -> None:
     """Carry out ``cgroup_plan`` and move ``pid`` into the cgroup(s)."""
-    for path, value in cgroup_plan.subtree_control:
-        _write(path, value)
     joining_a_parent = not cgroup_plan.settings
     for cgroup in cgroup_plan.cgroups:
+        if not joining_a_parent:  # a parent joined as it is must exist already
+            _make_dirs(cgroup)
+    for path, value in cgroup_plan.subtree_control:  # root first, once the tree exists
+        _write(path, value)
+    for cgroup in cgroup_plan.cgroups:
         if joining_a_parent:
-            continue  # it must exist already: the VM's own cgroup is not made
-        _make_dirs(cgroup)
+            continue
         # No task may join a cpuset cgroup whose cpus or mems are empty (ENOSPC).
         inherited = {p.name for p, _ in cgroup_plan.settings if p.parent == cgroup}
         inherited.update(_CPUSET_FILES)
@@ -154,15 +156,23 @@ def apply(cgroup_plan: CgroupPlan, pid: int) -> None:
 
 
 def _inherit(cgroup: Path, file: str) -> None:
-    """Copy ``file`` from the nearest ancestor where it is set, down to ``cgroup``."""
+    """Copy ``file`` from the nearest ancestor where it is set, down to ``cgroup``.
+
+    The v2 root has no ``cpuset.cpus``, only ``cpuset.cpus.effective``: that
+    is what an ancestor chain of empty files inherits from.
+    """
     if _read(cgroup / file):
         return
     parent = cgroup.parent
-    if not (parent / file).exists():
-        return  # the file is not one a child inherits (e.g. cpu.shares has a default)
-    if not _read(parent / file):
+    source = parent / file
+    if not source.exists():
+        effective = parent / f"{file}.effective"
+        if not effective.exists():
+            return  # not a file a child inherits (e.g. cpu.shares has a default)
+        source = effective
+    elif not _read(source):
         _inherit(parent, file)
-    value = _read(parent / file)
+    value = _read(source)
     if value:
         _write(cgroup / file, value)
 
