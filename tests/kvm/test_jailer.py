@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.jail.install import seccomp_mode
 from tests.conftest import requires_kvm
 from tests.kvm.test_api_server import UnixHTTPConnection
+from tests.kvm.test_seccomp import thread_modes
 
 pytestmark = requires_kvm
 
@@ -211,7 +211,7 @@ def test_the_jail_layout_and_the_confined_process(jailed: Jailed, probe_elf: Pat
     assert fields["NoNewPrivs"] == "1"
     for capabilities in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[capabilities], 16) == 0, capabilities
-    modes = {tid: seccomp_mode(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")}
+    modes = thread_modes(pid)
     assert set(modes.values()) == {2}, modes
     limits = Path(f"/proc/{pid}/limits").read_text()
     assert re.search(r"Max open files\s+2048\s+2048", limits)
@@ -359,3 +359,58 @@ def test_cgroup_v1_parent_alone_moves_nothing(jailed: Jailed) -> None:
     jailed.api("GET", "/")
     assert Path(f"/proc/{pid}/cgroup").read_text() == before
     assert not (v1_controller("cpu") / "pyvmm-test-alone").exists()
+
+
+CONFINED_RUN = r"""
+import os, sys
+from pathlib import Path
+from pyvmm.jail.confine import Confinement, confine
+setup = confine(Confinement(jail=Path(sys.argv[1]), uid=int(sys.argv[2]), gid=int(sys.argv[3]),
+                            vm_id="confined", cgroups=("cpu.shares=3",)))
+from pyvmm.config import MachineConfig
+from pyvmm.vmm.machine import Machine
+out = bytearray()
+with Machine(MachineConfig(kernel="/probe.elf", cmdline="hello", mem_size=32 << 20),
+             serial_out=out.extend) as machine:
+    machine.start()
+    reason = machine.wait(60)
+print(out.decode(errors="replace"))
+print("ROOT", sorted(os.listdir("/")))
+print("REASON", reason, flush=True)
+sys.stdin.read()  # the test reads /proc/PID/status meanwhile (the jail has no /proc)
+"""
+
+
+def test_confine_runs_a_vm_in_a_jail_without_the_jailer(tmp_path: Path, probe_elf: Path) -> None:
+    """What ``pyvmm run --jail DIR --uid --gid --cgroup`` will do: one process, confined."""
+    jail = tmp_path / "jail"
+    jail.mkdir()
+    (jail / "probe.elf").write_bytes(probe_elf.read_bytes())
+    (jail / "probe.elf").chmod(0o644)
+    cpu = v1_controller("cpu")
+    child = subprocess.Popen(
+        [sys.executable, "-c", CONFINED_RUN, str(jail), str(UID), str(GID)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        output = ""
+        while "REASON" not in output:
+            line = child.stdout.readline()
+            assert line, child.stderr.read()
+            output += line
+        fields = status(child.pid)
+        memberships = Path(f"/proc/{child.pid}/cgroup").read_text()
+        child.stdin.close()
+        assert child.wait(30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        remove_cgroups(cpu, "pyvmm-firecracker/confined")
+    assert "hello from probe" in output
+    assert "REASON reset: guest reset" in output
+    assert "ROOT ['dev', 'probe.elf', 'run']" in output
+    assert fields["Uid"].split() == [str(UID)] * 4
+    assert fields["NoNewPrivs"] == "1" and fields["Seccomp"] == "2"
+    assert int(fields["CapEff"], 16) == int(fields["CapBnd"], 16) == 0
+    assert ":cpu:/pyvmm-firecracker/confined" in memberships

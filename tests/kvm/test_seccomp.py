@@ -195,12 +195,15 @@ def test_library_mode_a_denied_call_fails_only_that_thread(library_setup: Seccom
 
 # --- a served VMM --------------------------------------------------------------------------
 def thread_modes(pid: int) -> dict[str, int]:
+    """``Seccomp:`` of each of the process's threads (those that end meanwhile drop out)."""
     modes = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-        if comm.startswith("kvm-"):
-            continue  # KVM's kernel workers (kvm-nx-lpage-recovery) are not ours
-        modes[f"{comm}/{tid}"] = seccomp_mode(pid, tid)
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            if not comm.startswith("kvm-"):  # KVM's kernel workers are not ours
+                modes[f"{comm}/{tid}"] = seccomp_mode(pid, tid)
+        except FileNotFoundError:
+            continue
     return modes
 
 
