@@ -10,7 +10,8 @@ the VMM's entry point. The jail then holds nothing but ``/dev/kvm``,
 interpreter's files stay outside.
 
 What "everything" is: every module of the runtime packages (not the
-tooling: ``guestkit``, ``nested``, ``jail.learn``), the third-party
+tooling and the other front ends: ``guestkit``, ``nested``, ``sandbox``,
+``cli``, ``doctor``, ``microvm``), the third-party
 modules pyvmm imports inside functions (kernel decompressors, the ELF
 reader), the libseccomp shared library, and two lazy host facts: the package version (read from its
 metadata files) and whether ``/dev/kvm`` is PVM (``/sys/module/kvm_pvm``).
@@ -37,14 +38,24 @@ LAZY_THIRD_PARTY = (
     "json",
     "logging.handlers",
 )
-_TOOLING = ("pyvmm.guestkit", "pyvmm.nested", "pyvmm.jail.learn", "pyvmm.__main__")
+#: Never run inside a jailed pyvmm-firecracker: tooling and the other front ends.
+_NOT_IN_A_JAILED_VMM = (
+    "pyvmm.guestkit",
+    "pyvmm.nested",
+    "pyvmm.sandbox",
+    "pyvmm.jail.learn",
+    "pyvmm.__main__",
+    "pyvmm.cli",
+    "pyvmm.doctor",
+    "pyvmm.microvm",
+)
 
 
 def runtime_modules() -> list[str]:
-    """Names of pyvmm's runtime modules (everything but the tooling)."""
+    """Names of the modules a jailed ``pyvmm-firecracker`` may import."""
     names = []
     for info in pkgutil.walk_packages(pyvmm.__path__, "pyvmm."):
-        if not info.name.startswith(_TOOLING):
+        if not info.name.startswith(_NOT_IN_A_JAILED_VMM):
             names.append(info.name)
     return sorted(names)
 
