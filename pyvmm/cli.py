@@ -12,10 +12,12 @@ import os
 import signal
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 
 import click
 
 from pyvmm.errors import ConfigError, HostError, PyvmmError
+from pyvmm.nested.placement import MODES as NESTED_MODES
 
 EXIT_USAGE = 2
 
@@ -101,6 +103,17 @@ def main() -> None:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--nested",
+    "nested_mode",
+    type=click.Choice(NESTED_MODES),
+    default="auto",
+    show_default=True,
+    help="Where the VM runs. auto: a Linux kernel runs inside a nested KVM host (Linux under "
+    "QEMU-TCG with kvm-amd) when this host's KVM cannot run guest kernel code at hardware "
+    "speed (PVM, see `pyvmm doctor`); everything else runs here. always: in a nested host. "
+    "never: here.",
+)
 def run(
     config_file: str | None,
     kernel: str | None,
@@ -117,23 +130,30 @@ def run(
     rng: bool,
     rng_rate: str | None,
     log_level: str,
+    nested_mode: str,
 ) -> None:
-    """Boot a kernel; the serial console is on stdin/stdout (Ctrl-A X quits)."""
+    """Boot a kernel; the serial console is on stdin/stdout (Ctrl-A X quits).
+
+    With no --kernel: the default guest, Debian's cloud kernel with a busybox
+    shell (fetched and built on first use). Piped stdin is run by that shell
+    and its end powers the guest off: `printf 'uname -r\\n' | pyvmm run`.
+    """
     _setup_logging(log_level)
     from pyvmm.config import DEFAULT_LINUX_CMDLINE, build_machine_config
 
+    context = click.get_current_context()
     if config_file is not None:
-        _refuse_flags_beside_config(click.get_current_context())
+        _refuse_flags_beside_config(context)
         try:
             config = _config_from_file(config_file)
         except (ConfigError, HostError) as error:
             _fail(str(error))
-        sys.exit(_run_machine(config, timeout))
+        sys.exit(_run_where_placed(context, config, nested_mode, timeout))
     try:
         if kernel is None:
             kernel, initrd = _default_guest(initrd)
-            if cmdline is None:  # the default guest starts a shell on the console
-                cmdline = f"{DEFAULT_LINUX_CMDLINE} quiet pyvmm.shell"
+            if cmdline is None:
+                cmdline = default_guest_cmdline(DEFAULT_LINUX_CMDLINE, _stdin_is_terminal())
         config = build_machine_config(
             kernel=kernel,
             initrd=initrd,
@@ -150,7 +170,85 @@ def run(
         )
     except (ConfigError, HostError) as error:
         _fail(str(error))
-    sys.exit(_run_machine(config, timeout))
+    sys.exit(_run_where_placed(context, config, nested_mode, timeout))
+
+
+def default_guest_cmdline(base: str, interactive: bool) -> str:
+    """The default guest's kernel command line.
+
+    ``loglevel=3`` keeps the console to critical messages (the kernel's
+    harmless "PCI: Fatal: No config space access function found", an error on
+    a platform without PCI that ``pci=off`` does not silence, included).
+    An interactive shell for a terminal; for a pipe or a file, a
+    non-interactive one that runs what arrives and ends the VM at its end.
+    """
+    return f"{base} loglevel=3 pyvmm.shell" + ("" if interactive else "=batch")
+
+
+def _stdin_is_terminal() -> bool:
+    fd = _stdin_fd()
+    return fd is not None and os.isatty(fd)
+
+
+def _run_where_placed(
+    context: click.Context, config: object, nested_mode: str, timeout: float | None
+) -> int:
+    """Run the VM here or in a nested host, as :mod:`pyvmm.nested.placement` decides."""
+    from pyvmm.doctor import virtualization_kind
+    from pyvmm.nested.placement import Where, choose, inside_nested_host, is_linux_kernel
+
+    placement = choose(
+        nested_mode,
+        is_linux_kernel(config.kernel),  # type: ignore[attr-defined]
+        virtualization_kind(),
+        inside_nested=inside_nested_host(),
+    )
+    if placement.where is Where.DIRECT:
+        if placement.notice:
+            click.echo(placement.notice, err=True)
+        return _run_machine(config, timeout)
+    from pyvmm.nested.run import check_boot_files, run_vm, unreachable_from_host, writable_dirs
+
+    refusal = unreachable_from_host(config)  # type: ignore[arg-type]
+    if refusal is not None:
+        _fail(refusal)
+    try:
+        writable = writable_dirs(config)  # type: ignore[arg-type]
+        check_boot_files(config.kernel, config.initrd, config.cmdline)  # type: ignore[attr-defined]
+    except (ValueError, PyvmmError) as error:
+        _fail(str(error))
+    if placement.notice:
+        click.echo(placement.notice, err=True)
+    return run_vm(
+        _inner_argv(context, config), writable=writable, timeout=timeout, stdin=_stdin_fd()
+    )
+
+
+def _inner_argv(context: click.Context, config: object) -> list[str]:
+    """The same ``pyvmm run``, for the nested host: the flags the user gave, with the
+    kernel, initrd and command line resolved here (the default guest included)."""
+    args: list[str] = []
+    resolved = ("kernel", "initrd", "cmdline", "nested_mode")
+    for param in context.command.params:
+        name = param.name
+        if name is None or name in resolved or not isinstance(param, click.Option):
+            continue
+        if context.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
+            continue
+        value = context.params[name]
+        if param.is_flag:
+            args += [param.opts[0]] if value else []
+        elif param.multiple:
+            for item in value:
+                args += [param.opts[0], str(item)]
+        elif value is not None:
+            args += [param.opts[0], str(value)]
+    if context.params.get("config_file") is None:
+        args += ["--kernel", str(Path(config.kernel).resolve())]  # type: ignore[attr-defined]
+        if config.initrd is not None:  # type: ignore[attr-defined]
+            args += ["--initrd", str(Path(config.initrd).resolve())]  # type: ignore[attr-defined]
+        args += ["--cmdline", config.cmdline]  # type: ignore[attr-defined]
+    return [sys.executable, "-m", "pyvmm", "run", "--nested", "never", *args]
 
 
 _VM_FLAGS = (
@@ -185,6 +283,7 @@ def _default_guest(initrd: str | None) -> tuple[str, str]:
 
 
 def _run_machine(config: object, timeout: float | None) -> int:
+    from pyvmm.host.console_input import InputRelay
     from pyvmm.host.terminal import raw_terminal
     from pyvmm.vmm.machine import Machine
     from pyvmm.vmm.stop_reason import StopKind, StopReason
@@ -196,12 +295,24 @@ def _run_machine(config: object, timeout: float | None) -> int:
     def write_stdout(data: bytes) -> None:
         os.write(stdout_fd, data)
 
-    machine = Machine(
-        config,
-        serial_out=write_stdout,
-        console_in=stdin_fd,
-        console_escape=interactive,
-    )
+    relay = None
+    console_in = stdin_fd
+    if stdin_fd is not None and not interactive:
+        # Data, not a person: relayed so that its end reaches the guest as Ctrl-D.
+        relay, console_in = InputRelay.to_pipe(stdin_fd)
+    try:
+        machine = Machine(
+            config,
+            serial_out=write_stdout,
+            console_in=console_in,
+            console_escape=interactive,
+        )
+    except BaseException:
+        if relay is not None:
+            relay.close()
+        raise
+    if relay is not None:
+        relay.start(on_error=lambda message: logging.getLogger("pyvmm").warning("%s", message))
 
     def on_signal(signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
@@ -223,6 +334,8 @@ def _run_machine(config: object, timeout: float | None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if relay is not None:
+            relay.close()
     if not reason.clean:
         click.echo(f"pyvmm: {reason}", err=True)
     else:

@@ -1,6 +1,8 @@
 """``pyvmm doctor``: what this host offers, measured where it can be.
 
-Each check returns a line; none raises. The speed probe boots the probe
+Each check returns a line; none raises. It also says where ``pyvmm run``
+puts a VM on this host (directly, or Linux guests in a nested host: the
+decision itself is :mod:`pyvmm.nested.placement`'s). The speed probe boots the probe
 guest and times a loop in guest kernel mode (CPL0) and in user mode (CPL3):
 on a PVM host CPL0 is emulated and thousands of times slower, which decides
 how real Linux guests can be tested here (see ENVIRONMENT.md).
@@ -150,12 +152,28 @@ def run_doctor(echo: Callable[[str], None]) -> int:
         usable = False
     kind = virtualization_kind()
     echo(f"virtualization:    {kind}" + (" (KVM by the kvm_pvm module)" if kind == "pvm" else ""))
+    echo(f"pyvmm run:         {run_path_line(kind)}")
     if usable:
         echo(f"guest speed:       {_speed_line()}")
     echo(f"/dev/net/tun:      {tun_status()}")
     echo(f"cgroups:           {cgroup_version()}")
     echo(f"seccomp:           {seccomp_status()}")
     return 0 if usable else 1
+
+
+def run_path_line(kind: str, qemu_found: bool | None = None) -> str:
+    """Where ``pyvmm run`` (``--nested auto``) puts a VM on a host of this kind."""
+    import shutil
+
+    from pyvmm.nested.placement import HARDWARE_KINDS, describe_default
+
+    line = describe_default(kind)
+    if kind not in HARDWARE_KINDS:
+        if qemu_found is None:
+            qemu_found = shutil.which("qemu-system-x86_64") is not None
+        if not qemu_found:
+            line += "; the nested host needs qemu-system-x86_64, which is not installed"
+    return line
 
 
 def _kvm_access() -> str:

@@ -12,7 +12,7 @@ and one thread per client; the machine has its vCPU threads and event loop.
 
 Seccomp (unless ``--no-seccomp``): the filters are compiled before
 anything starts, and the main thread confines itself with the ``vmm``
-filter once the flags are read and before the API socket exists, so every
+filter once the flags are read and before any other thread exists, so every
 thread started after it inherits at least that filter; threads started
 through :func:`~pyvmm.vmm.threads.spawn` with :attr:`ServeOptions` 's setup
 add their own role's filter. A denied call is logged, counted in
@@ -81,6 +81,8 @@ def serve(options: ServeOptions) -> int:
         serial_out=lambda data: os.write(stdout_fd, data),
         console_in=_stdin_fd(),
     )
+    if seccomp is not None:  # before the first thread (metrics, API) starts
+        _confine_main_thread(seccomp, controller)
     if options.config_file is not None:
         kwargs = {}
         if options.mmds_size_limit is not None:
@@ -121,8 +123,6 @@ def serve(options: ServeOptions) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if seccomp is not None:
-            _confine_main_thread(seccomp, controller)
         if options.api_sock is not None:
             server = ApiServer(options.api_sock, router, body_limit=router.body_limit)
             server.start()

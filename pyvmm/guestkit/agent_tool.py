@@ -26,6 +26,9 @@ from pyvmm.guestkit.cache import cache_root, staging_dir
 AGENT_NAME = "pyvmm-agent"
 #: Where a guest image carries it (busybox's /bin is on every PATH the guest kit sets).
 GUEST_PATH = "bin/pyvmm-agent"
+#: Kernel modules a Debian guest must load before starting it (virtio-mmio devices
+#: are found through ACPI; the vsock transport brings vsock and its common part).
+GUEST_MODULES: tuple[str, ...] = ("virtio_mmio", "vmw_vsock_virtio_transport")
 #: Bumped when the build procedure changes in a way the flags do not show.
 _BUILD_FORMAT = "1"
 CFLAGS: tuple[str, ...] = ("-std=gnu11", "-O2", "-Wall", "-Wextra", "-static", "-s")

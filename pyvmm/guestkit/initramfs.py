@@ -26,7 +26,8 @@ The default ``/init`` (the contract e2e tests rely on)
    output to /dev/console (the kernel's ``console=``, ttyS0 for pyvmm);
 2. ``insmod``s every module in ``/etc/modules-load.order``, printing
    ``PYVMM-INIT-MODULE-FAILED <path>`` for one that fails;
-3. prints the line ``PYVMM-INIT-OK``;
+3. prints the line ``PYVMM-INIT-OK`` (except with ``pyvmm.shell=batch``, whose
+   output is only what the commands print);
 4. runs a shell script passed on the kernel command line as
    ``pyvmm.cmd=<base64 of the script>`` (build it with
    :func:`command_arg`), or else ``/etc/pyvmm/cmd.sh`` if the image has one
@@ -39,9 +40,16 @@ The default ``/init`` (the contract e2e tests rely on)
    so no EXIT line follows (e.g. ``poweroff -f``, ``reboot -f``,
    ``echo o > /proc/sysrq-trigger``, ``echo c > /proc/sysrq-trigger``);
    ``PYVMM-CMD-ERROR <reason>`` if the argument does not decode;
-5. with ``pyvmm.shell`` on the command line (and no command), starts an
-   interactive shell on the console;
-6. ends with ``sync`` and ``poweroff -f``.
+5. with ``pyvmm.shell`` on the command line (and no command), prints how to
+   quit (:data:`SHELL_BANNER`) and starts an interactive shell on the
+   console; with ``pyvmm.shell=batch`` it runs the commands that arrive on
+   the console instead, with a non-interactive shell (no prompt, no line
+   editor), until the console's end of file (Ctrl-D): what ``pyvmm run``
+   uses when its stdin is a pipe or a file. The tty still echoes input
+   (it is a terminal); lines end in CRLF;
+6. ends with ``sync`` and ``poweroff -f`` (after a shell, with the console
+   log level at 0 so the kernel's "reboot: Power down" does not follow the
+   shell's last line).
 
 The script runs under busybox ``sh`` with ``PATH=/bin``, as root, in the
 initramfs (a writable tmpfs). Add ``quiet`` to the kernel command line so
@@ -55,6 +63,7 @@ import difflib
 import gzip
 import hashlib
 import lzma
+import shlex
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -185,6 +194,13 @@ fi
 """
 
 
+#: The first thing an interactive ``pyvmm.shell`` shows, above the prompt.
+SHELL_BANNER = (
+    "pyvmm: busybox shell in the guest. Quit pyvmm with Ctrl-A X (Ctrl-A H: help); "
+    "'poweroff' or Ctrl-D shuts the guest down."
+)
+
+
 def init_script(purpose: str, mounts: str, ready_marker: str, handoff: str = "") -> str:
     """A busybox init: ``mounts``, console, modules, ``ready_marker``, then the command.
 
@@ -203,17 +219,18 @@ if [ -s /{MODULES_LOAD_ORDER} ]; then
         insmod "$module" || echo "{MARKER_MODULE_FAILED} $module"
     done < /{MODULES_LOAD_ORDER}
 fi
-{handoff}printf '\\n%s\\n' {ready_marker}
-cmd=
+{handoff}cmd=
 shell=
 set -f
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         {COMMAND_PARAM}=*) cmd="${{arg#{COMMAND_PARAM}=}}" ;;
-        pyvmm.shell) shell=1 ;;
+        pyvmm.shell) shell=interactive ;;
+        pyvmm.shell=*) shell="${{arg#pyvmm.shell=}}" ;;
     esac
 done
 set +f
+[ "$shell" = batch ] || printf '\\n%s\\n' {ready_marker}
 script=
 if [ -n "$cmd" ]; then
     script=/tmp/pyvmm-cmd.sh
@@ -228,9 +245,13 @@ if [ -n "$script" ]; then
     echo {MARKER_CMD_BEGIN}
     sh "$script"
     printf '\\n%s%s\\n' {MARKER_CMD_EXIT} $?
+elif [ "$shell" = batch ]; then
+    sh /dev/console  # a script read from the tty: not interactive
 elif [ -n "$shell" ]; then
+    echo {shlex.quote(SHELL_BANNER)}
     setsid cttyhack sh -l
 fi
+[ -n "$shell" ] && echo 0 > /proc/sys/kernel/printk
 sync
 poweroff -f
 """

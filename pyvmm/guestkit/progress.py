@@ -58,8 +58,10 @@ class Progress:
         self._draw()
 
     def end(self) -> None:
+        """Erase the live line (once; later calls do nothing)."""
         if self._stream is not None and self._live:
             self._write("\r\x1b[K")
+        self._stream = None
 
     def _draw(self, force: bool = False) -> None:
         if self._stream is None or not self._live:

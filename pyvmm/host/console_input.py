@@ -217,4 +217,7 @@ class InputRelay:
         while view:
             if not self._wait(self._sink, select.POLLOUT):
                 return
-            view = view[os.write(self._sink, view) :]
+            try:
+                view = view[os.write(self._sink, view) :]
+            except BlockingIOError:  # a non-blocking sink (a socket) filled up again
+                continue

@@ -217,9 +217,12 @@ VMM_OWN = [
 
 
 def _filter(*groups: list[Rule]) -> dict[str, Any]:
+    """The groups' rules, once each; argument rules that an unconditional one covers go."""
     rules: list[Rule] = []
     for group in groups:
         rules.extend(rule for rule in group if rule not in rules)
+    unconditional = {rule["syscall"] for rule in rules if "args" not in rule}
+    rules = [rule for rule in rules if "args" not in rule or rule["syscall"] not in unconditional]
     return {"default_action": "trap", "filter_action": "allow", "filter": rules}
 
 

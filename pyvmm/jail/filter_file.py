@@ -202,7 +202,7 @@ def read_filter_file(path: str | os.PathLike[str]) -> dict[str, Filter]:
     """Parse the filter file at ``path``: a regular file of at most 1 MiB of JSON."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as error:
         raise ConfigError(f"cannot open seccomp filter {str(path)!r}: {error.strerror}") from None
     try:

@@ -22,13 +22,16 @@ thread and threads not named ``pyvmm-*`` are the caller's (``caller``).
 With ``--enforce``, COMMAND runs with the default filters installed on
 every pyvmm thread instead (the main thread of a VMM process is left
 alone: only the front end knows when it is done with trusted set-up), which
-is how the filters were checked against the whole suite.
+is how the filters were checked against the whole suite; ``OUT/faults.txt``
+gets one line per confined process (``PID faults=N``, or ``PID fault`` just
+before a 148 exit).
 
 Tooling only: the VMM never imports this module.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -38,15 +41,10 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
-_SITE = """\
-import os
-if os.environ.get("PYVMM_SECCOMP_LEARN"):
-    from pyvmm.jail.learn import activate
-    activate(os.environ["PYVMM_SECCOMP_LEARN"])
-if os.environ.get("PYVMM_SECCOMP_ENFORCE"):
-    from pyvmm.jail.learn import enforce
-    enforce()
-"""
+# The site directory is on PYTHONPATH only while learning or enforcing, so the hook
+# needs no environment variable (the nested host passes PYTHONPATH on, not the rest).
+_LEARN_SITE = "from pyvmm.jail.learn import activate\nactivate({tid_file!r})\n"
+_ENFORCE_SITE = "from pyvmm.jail.learn import enforce\nenforce({fault_log!r})\n"
 _CALL = re.compile(r"^(?:\d+\.\d+ )?([a-z0-9_]+)\((.*)")
 #: Syscalls whose first decoded arguments matter for the filters.
 _ARGUMENTS = {"ioctl": 1, "fcntl": 1, "socket": 0, "prctl": 0, "madvise": 2, "mmap": 2}
@@ -55,6 +53,12 @@ _ARGUMENTS = {"ioctl": 1, "fcntl": 1, "socket": 0, "prctl": 0, "madvise": 2, "mm
 def _is_pytest() -> bool:
     """True in a pytest process (``sys.argv`` is not final while ``sitecustomize`` runs)."""
     return any("pytest" in arg for arg in sys.orig_argv[:3])
+
+
+def _is_pyvmm_front_end() -> bool:
+    """``python -m pyvmm run/serve`` or ``pyvmm-firecracker`` (``-c`` ... firecracker_cli)."""
+    argv = " ".join(sys.orig_argv[1:4])
+    return "pyvmm" in argv and any(word in argv for word in ("run", "serve", "firecracker"))
 
 
 def role_for_name(name: str, library: bool = False) -> str:
@@ -83,7 +87,7 @@ def activate(tid_file: str) -> None:
     threading.Thread._bootstrap_inner = bootstrap  # type: ignore[attr-defined]
 
 
-def enforce() -> None:
+def enforce(fault_log: str) -> None:
     """Confine this process's pyvmm threads with the default filters, by thread name.
 
     The check that the filters are wide enough: COMMAND runs as usual, and
@@ -97,7 +101,11 @@ def enforce() -> None:
     from pyvmm.vmm.threads import ThreadRole
 
     library = _is_pytest()
+    if not library and not _is_pyvmm_front_end():
+        return  # helper processes (the nested host's agent, test helpers) stay as they are
     faults.install_handler(faults.FaultPolicy.STOP_VM if library else faults.FaultPolicy.EXIT)
+    faults.add_flush_hook(lambda: _record(fault_log, os.getpid(), "fault"))  # before exit 148
+    atexit.register(lambda: _record(fault_log, os.getpid(), f"faults={faults.num_faults()}"))
     setup = SeccompSetup.compile(parse_filters(DEFAULT_FILTERS, "default filters"))
     original = threading.Thread.run
 
@@ -159,12 +167,14 @@ def main(argv: list[str]) -> int:
     out = Path(argv[0]).resolve()
     site = out / "site"
     site.mkdir(parents=True, exist_ok=True)
-    (site / "sitecustomize.py").write_text(_SITE)
     if enforcing:
-        env = dict(os.environ, PYVMM_SECCOMP_ENFORCE="1")
+        fault_log = str(out / "faults.txt")
+        (site / "sitecustomize.py").write_text(_ENFORCE_SITE.format(fault_log=fault_log))
+        env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
         return subprocess.run(argv[2:], env=env, check=False).returncode
-    env = dict(os.environ, PYVMM_SECCOMP_LEARN=str(out / "tids.txt"))
+    (site / "sitecustomize.py").write_text(_LEARN_SITE.format(tid_file=str(out / "tids.txt")))
+    env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     strace = ["strace", "-f", "-ff", "-qq", "-e", "signal=none", "-o", str(out / "trace")]
     status = subprocess.run([*strace, *argv[2:]], env=env, check=False).returncode

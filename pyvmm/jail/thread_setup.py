@@ -38,15 +38,15 @@ def filters_for_roles(filters: Mapping[str, Filter], where: str) -> dict[str, Fi
     if unknown:
         names = ", ".join(sorted(known))
         raise ConfigError(f"{where}: unknown thread role {unknown[0]!r} (pyvmm has {names})")
-    chosen = {}
-    for role in ThreadRole:
-        parsed = filters.get(role.value, filters.get(FALLBACK_ROLE))
-        if parsed is None:
-            raise ConfigError(
-                f"{where}: no filter for thread role {role.value!r} and no {FALLBACK_ROLE!r} "
-                "filter to stand in for it"
-            )
-        chosen[role.value] = parsed
+    missing = [role.value for role in ThreadRole if role.value not in filters]
+    if missing and FALLBACK_ROLE not in filters:
+        raise ConfigError(
+            f"{where}: no filter for thread role(s) {', '.join(missing)} "
+            f"(a {FALLBACK_ROLE!r} filter stands in for roles a file does not name)"
+        )
+    chosen = {
+        role.value: filters.get(role.value, filters.get(FALLBACK_ROLE)) for role in ThreadRole
+    }
     return chosen
 
 

@@ -17,7 +17,12 @@ The agent protocol (all files in ``<work>/agent/``, names in
 - The agent runs the script as ``chroot /host /bin/sh <script>`` with an
   empty environment (the script exports its own), stdin from ``/dev/null``,
   in a new session, and stdout/stderr going to ``cmd-<n>.out`` and
-  ``cmd-<n>.err``. It writes the exit status to ``cmd-<n>.status`` last
+  ``cmd-<n>.err``. If the host also wrote ``cmd-<n>.console`` (before
+  ``ready``), stdin and stdout are instead the console port: a
+  virtio-serial port named :data:`CONSOLE_PORT_NAME` whose other end is a
+  Unix socket of QEMU's on the host (:mod:`pyvmm.nested.host`), so a
+  terminal or a pipe on the host streams both ways with no polling. It
+  writes the exit status to ``cmd-<n>.status`` last
   (through a rename, so a reader never sees half of it). The script exits
   125 if it cannot enter its working directory; the shell's 126/127 mean the
   command could not be run or found.
@@ -32,6 +37,13 @@ exit instead of waiting for a ``ready`` that never comes.
 Why files on a 9p share rather than a serial line or vsock: 9p without a cache
 is coherent in both directions, needs no extra module or framing, survives
 binary output of any size, and leaves every exchange on disk for a post-mortem.
+The console port is the exception, for what files cannot do well: bytes
+typed on the host reaching a command at once, and its output coming back
+without a 9p round trip per write. The host stays connected to the port for
+L1's whole life (a virtio-serial read returns end-of-file whenever the host
+side is not connected, so connecting per command would race the command's
+first read); the end of the host's input is therefore sent in-band, as the
+console's end-of-file character (see :mod:`pyvmm.host.console_input`).
 """
 
 from __future__ import annotations
@@ -43,8 +55,14 @@ from pathlib import Path, PurePosixPath
 
 #: Modules L1 needs; the guest kit adds their dependencies and orders them
 #: (virtio_ring virtio virtio_mmio 9pnet 9pnet_virtio netfs fscache 9p
-#: irqbypass kvm ccp kvm-amd; tun for TAP devices, veth for pairs).
-L1_MODULES: tuple[str, ...] = ("virtio_mmio", "9pnet_virtio", "9p", "kvm_amd", "tun", "veth")
+#: irqbypass kvm ccp kvm-amd; virtio_console for the console port; tun for TAP
+#: devices, veth for pairs).
+L1_MODULES: tuple[str, ...] = (
+    "virtio_mmio", "9pnet_virtio", "9p", "virtio_console", "kvm_amd", "tun", "veth",
+)  # fmt: skip
+
+#: The name of the virtio-serial port that carries a streamed command's stdin/stdout.
+CONSOLE_PORT_NAME = "pyvmm.console"
 
 #: 9p mount options; ``msize`` 512000 is what the kernel and QEMU 7.2 allow.
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000"
@@ -107,10 +125,26 @@ mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /host/run || fatal "cannot mount 
 mkdir -p -m 1777 /host{L1_TMPDIR}
 chroot_mounts
 ip link set lo up 2>/dev/null
+console_port() {{  # the device node of the port named {CONSOLE_PORT_NAME}
+    for p in /sys/class/virtio-ports/*; do
+        [ "$(cat "$p/name" 2>/dev/null)" = {CONSOLE_PORT_NAME} ] && echo "/dev/${{p##*/}}" && return
+    done
+    return 1
+}}
 serve() {{  # serve N: run cmd-N.sh, write cmd-N.status last
     c=$A/cmd-$1
-    setsid env -i /bin/chroot /host /bin/sh "$WORK_PATH/agent/cmd-$1.sh" \
-        >"$c.out" 2>"$c.err" </dev/null &
+    if [ ! -e "$c.console" ]; then
+        setsid env -i /bin/chroot /host /bin/sh "$WORK_PATH/agent/cmd-$1.sh" \
+            >"$c.out" 2>"$c.err" </dev/null &
+    elif port=$(console_port); then
+        # One open for both directions: a virtio-serial port allows one opener.
+        setsid env -i /bin/chroot /host /bin/sh "$WORK_PATH/agent/cmd-$1.sh" \
+            0<>"$port" 1>&0 2>"$c.err" &
+    else
+        echo "pyvmm-nested: L1 has no {CONSOLE_PORT_NAME} port" >"$c.err"
+        echo 125 >"$c.status.tmp" && mv "$c.status.tmp" "$c.status"
+        return
+    fi
     pid=$!
     (
         while kill -0 $pid 2>/dev/null; do
@@ -188,17 +222,25 @@ def is_within(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-def plan_shares(workdir: Path, cwd: Path | None, tmp: Path | None = Path("/tmp")) -> list[Share]:
-    """The shares of one L1: host ``/`` (read-only), the work dir, /tmp and the cwd.
+def plan_shares(
+    workdir: Path,
+    cwd: Path | None,
+    tmp: Path | None = Path("/tmp"),
+    extra: Sequence[Path] = (),
+) -> list[Share]:
+    """The shares of one L1: host ``/`` (read-only), the work dir, /tmp, the cwd
+    and the ``extra`` directories (e.g. where a VM's disk images are).
 
-    /tmp and the cwd are shared writable at their own paths, so a path means the
-    same file in L1 and on the host (pytest's ``tmp_path`` included). A share
-    inside another writable one is left out: it is visible through the outer one.
-    ``/`` itself is never shared writable.
+    These are shared writable at their own paths, so a path means the same
+    file in L1 and on the host (pytest's ``tmp_path`` included). A share
+    inside another writable one is left out: it is visible through the outer
+    one. ``/`` itself is never shared writable.
     """
     shares = [Share("host", Path("/"), readonly=True), Share("work", workdir)]
     writable: list[Path] = [workdir]
-    for tag, path in (("tmp", tmp), ("cwd", cwd)):
+    candidates = [("tmp", tmp), ("cwd", cwd)]
+    candidates += [(f"w{index}", path) for index, path in enumerate(extra)]
+    for tag, path in candidates:
         if path is None or path == Path("/"):
             continue
         if any(is_within(path, other) for other in writable):

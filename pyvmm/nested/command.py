@@ -3,10 +3,12 @@
 On a host with VMX or SVM, COMMAND simply runs here. Elsewhere (a PVM host,
 or no KVM at all) it runs in a fresh nested host (:mod:`pyvmm.nested.host`)
 with the current directory and /tmp writable, and its output is streamed
-back. The exit status is COMMAND's; the nested host's own failures use the
-statuses of ``timeout(1)`` and ``env(1)``: 124 for a command that overran
-``--timeout`` (it is killed), 125 for an L1 that did not boot or died, and
-126/127 when COMMAND cannot be run directly.
+back. COMMAND's stdin is /dev/null (``pyvmm run`` connects a VM's console
+itself: :mod:`pyvmm.nested.run`). The exit status is COMMAND's; the nested
+host's own failures use the statuses of ``timeout(1)`` and ``env(1)``: 124
+for a command that overran ``--timeout`` (it is killed), 125 for an L1 that
+did not boot or died, 126/127 when COMMAND cannot be run directly, and
+130/143 after SIGINT/SIGTERM (L1 is stopped and its files removed first).
 
 Register it with ``main.add_command(nested)`` in :mod:`pyvmm.cli`.
 """
@@ -97,15 +99,16 @@ def _run_directly(command: tuple[str, ...], timeout: float) -> int:
 def _run_nested(command: tuple[str, ...], timeout: float, keep_logs: Path | None) -> int:
     from pyvmm.errors import PyvmmError
     from pyvmm.nested.host import NestedHost, NestedTimeoutError
+    from pyvmm.nested.signals import Signalled, signals_raise
 
     if keep_logs is not None:
         try:
             keep_logs.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             _fail(f"cannot create {keep_logs}: {exc.strerror}", EXIT_NESTED_FAILED)
-    host = NestedHost(workdir=keep_logs)
+    hint = "" if keep_logs is not None else " (--keep-logs DIR keeps L1's logs)"
     try:
-        with host:
+        with signals_raise(), NestedHost(workdir=keep_logs) as host:
             result = host.run(
                 list(command),
                 timeout,
@@ -116,11 +119,11 @@ def _run_nested(command: tuple[str, ...], timeout: float, keep_logs: Path | None
         click.echo(f"pyvmm: error: {error}", err=True)
         return EXIT_TIMEOUT
     except PyvmmError as error:
-        click.echo(f"pyvmm: error: {error}", err=True)
+        click.echo(f"pyvmm: error: {error}{hint}", err=True)
         return EXIT_NESTED_FAILED
-    except KeyboardInterrupt:
-        click.echo("pyvmm: interrupted; the nested host was shut down", err=True)
-        return 130
+    except Signalled as signalled:
+        click.echo(f"pyvmm: received {signalled.name}; the nested host was shut down", err=True)
+        return signalled.exit_status
     if keep_logs is not None:
         click.echo(f"pyvmm: nested host logs kept in {keep_logs}", err=True)
     return result.returncode

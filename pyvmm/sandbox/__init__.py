@@ -1,17 +1,19 @@
 """Sandboxes: the host side of the guest agent (``guest/agent``).
 
-- :mod:`~pyvmm.sandbox.protocol`: frames and messages (sans-IO), the numbers
-  of ``guest/agent/PROTOCOL.md``;
+- :mod:`~pyvmm.sandbox.protocol`: the wire format (numbers, frames, fields,
+  size caps) of ``guest/agent/PROTOCOL.md``; :mod:`~pyvmm.sandbox.messages`:
+  the messages of both directions (sans-IO);
 - :mod:`~pyvmm.sandbox.connection`: one connection's state machine;
 - :mod:`~pyvmm.sandbox.tarformat`, :mod:`~pyvmm.sandbox.tarwriter`,
   :mod:`~pyvmm.sandbox.tarsafe`: the tar streams of put and get, the
   receiving side checked as hostile;
 - :mod:`~pyvmm.sandbox.client`: :class:`AgentClient`, blocking, over the
-  VM's vsock Unix socket;
+  VM's vsock Unix socket (:mod:`~pyvmm.sandbox.vsock_connect`), with
+  :mod:`~pyvmm.sandbox.stdin_feed` and :mod:`~pyvmm.sandbox.results`;
 - :mod:`~pyvmm.sandbox.errors`: what can go wrong, by whose fault.
 """
 
-from pyvmm.sandbox.client import AgentClient, ExecResult, TransferStats
+from pyvmm.sandbox.client import AgentClient
 from pyvmm.sandbox.errors import (
     AgentDisconnected,
     AgentProtocolError,
@@ -25,6 +27,7 @@ from pyvmm.sandbox.errors import (
     UnsafeArchiveError,
 )
 from pyvmm.sandbox.protocol import AGENT_PORT
+from pyvmm.sandbox.results import ExecResult, TransferStats
 
 __all__ = [
     "AGENT_PORT",

@@ -4,19 +4,21 @@
 over a socket: the VM's vsock Unix socket (:meth:`AgentClient.connect` does
 Firecracker's ``CONNECT <port>`` / ``OK <host port>`` handshake), or any
 connected stream socket (tests use socketpairs and the agent's ``--unix``
-mode). One operation runs at a time on a connection; the agent serves every
-connection in its own process, so concurrent work means one client per
-thread.
+mode). One operation runs at a time on a connection (only
+:meth:`~AgentClient.send_signal` may come from another thread); the agent
+serves every connection in its own process, so concurrent work means one
+client per thread.
 
 Every wait is bounded: the handshake, a ping, a file transfer without
 progress and the start of a command by ``timeout``; a running command by its
 own ``timeout`` (enforced by the agent) plus ``timeout_grace``. Everything
 the agent sends is capped (frames by the protocol, captured output by
 ``max_output``, file transfers by ``max_files`` / ``max_bytes``). After an
-error in the middle of an operation (a timeout, a protocol error, a refused
-archive, an exception from a callback, Ctrl-C) the connection is closed,
-which makes the agent kill a running command; errors that leave the
-connection between operations (a file the guest does not have) keep it open.
+error in the middle of an operation (a timeout, an exception from a
+callback, Ctrl-C) or any protocol error (a refused archive included) the
+connection is closed, which makes the agent kill a running command; errors
+that leave the connection between operations (a file the guest does not
+have, a command not found) keep it open.
 """
 
 from __future__ import annotations
@@ -27,10 +29,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 from pyvmm.errors import ConfigError
 from pyvmm.sandbox.connection import AgentConnection, Closed, Event, State
@@ -39,16 +40,12 @@ from pyvmm.sandbox.errors import (
     AgentProtocolError,
     AgentTimeout,
     AgentUnavailable,
-    GuestFileNotFoundError,
-    GuestOperationError,
     LocalProtocolError,
     OutputLimitError,
 )
-from pyvmm.sandbox.protocol import (
-    AGENT_PORT,
+from pyvmm.sandbox.messages import (
     Data,
     Done,
-    ErrorKind,
     Exec,
     Exit,
     Failure,
@@ -58,10 +55,20 @@ from pyvmm.sandbox.protocol import (
     Pong,
     Put,
     Started,
-    guest_path,
+    check_guest_path,
 )
+from pyvmm.sandbox.protocol import AGENT_PORT
+from pyvmm.sandbox.results import (
+    ExecResult,
+    TransferStats,
+    exec_result,
+    operation_error,
+    start_failure,
+)
+from pyvmm.sandbox.stdin_feed import StdinFeed, StdinSource
 from pyvmm.sandbox.tarsafe import SafeExtractor, check_destination, make_staging
 from pyvmm.sandbox.tarwriter import TarWriter
+from pyvmm.sandbox.vsock_connect import connect_vsock
 
 #: Seconds to wait for a handshake, a PONG, progress of a transfer, a command to start.
 DEFAULT_TIMEOUT = 30.0
@@ -71,101 +78,11 @@ DEFAULT_TIMEOUT_GRACE = 10.0
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 DEFAULT_MAX_FILES = 100_000
 DEFAULT_MAX_BYTES = 1024**3
-#: The reply to CONNECT is "OK <u32>\n": 14 bytes at most.
-MAX_CONNECT_REPLY = 32
 _RECV_SIZE = 256 * 1024
 #: Queue more stdin or PUT data only while less than this waits to be sent.
 _SEND_HIGH_WATER = 256 * 1024
 _STREAMS = {1: "stdout", 2: "stderr"}
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """How a command ended, shell style.
-
-    ``exit_code`` is the command's status; 128+N if signal N killed it; 124
-    if its timeout killed it; 126 if it could not be run and 127 if it was
-    not found (``error`` then says why). ``stdout``/``stderr`` are empty
-    for a stream given to a callback. ``duration`` is the host's wall time
-    from request to end, ``guest_duration`` the command's own run time as
-    the agent measured it (None if it never started).
-    """
-
-    exit_code: int
-    signal: int | None
-    stdout: bytes
-    stderr: bytes
-    duration: float
-    timed_out: bool = False
-    error: str | None = None
-    guest_duration: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-
-@dataclass(frozen=True)
-class TransferStats:
-    """What a put or get moved (``skipped``: guest sockets, FIFOs and devices a get left out)."""
-
-    entries: int
-    content_bytes: int
-    duration: float
-    skipped: int = 0
-
-
-StdinSource = bytes | bytearray | memoryview | BinaryIO
-
-
-def connect_vsock(
-    uds_path: str | os.PathLike[str], port: int, timeout: float
-) -> tuple[socket.socket, bytes]:
-    """Connect to guest vsock ``port`` through a VM's vsock Unix socket.
-
-    Returns the socket and any bytes that came after the ``OK`` line (the
-    guest may speak first). Raises :class:`AgentUnavailable` when there is no
-    socket, no VM behind it, or the guest refuses the port.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(os.fspath(uds_path))
-        sock.sendall(b"CONNECT %d\n" % port)
-        reply = bytearray()
-        while b"\n" not in reply:
-            chunk = sock.recv(MAX_CONNECT_REPLY)
-            if not chunk:
-                raise AgentUnavailable(
-                    f"the guest refused vsock port {port} (is its agent running yet?)"
-                )
-            reply += chunk
-            if len(reply) > MAX_CONNECT_REPLY and b"\n" not in reply[:MAX_CONNECT_REPLY]:
-                raise AgentUnavailable(f"{uds_path} answered CONNECT with an overlong line")
-    except TimeoutError:
-        sock.close()
-        raise AgentUnavailable(
-            f"no answer to CONNECT {port} on {uds_path} within {timeout:g} s"
-        ) from None
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-        raise AgentUnavailable(
-            f"no VM listens on {uds_path} (is the VM running with this vsock?)"
-        ) from None
-    except OSError as exc:
-        sock.close()
-        raise AgentUnavailable(
-            f"cannot connect through {uds_path}: {exc.strerror or exc}"
-        ) from None
-    except AgentUnavailable:
-        sock.close()
-        raise
-    line, _, rest = bytes(reply).partition(b"\n")
-    if not (line.startswith(b"OK ") and line[3:].isdigit()):
-        sock.close()
-        raise AgentUnavailable(f"{uds_path} answered CONNECT with {line[:40]!r}, not 'OK <port>'")
-    return sock, rest
 
 
 class AgentClient:
@@ -194,6 +111,12 @@ class AgentClient:
         self._lock = threading.Lock()
         self._closed: str | None = None
         self._poll = select.poll()
+        # send_signal() may come from another thread or a signal handler: it queues
+        # the signal and wakes the thread that runs the command through this pipe.
+        self._signals: list[int] = []
+        self._signals_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll.register(self._wake_r, select.POLLIN)
         sock.setblocking(False)
         try:
             if received:
@@ -303,11 +226,12 @@ class AgentClient:
             argv, env=env, cwd=cwd, uid=uid, gid=gid, timeout=timeout,
             stdin_piped=stdin is not None,
         )  # fmt: skip
-        feed = _StdinFeed(stdin) if stdin is not None else None
+        feed = StdinFeed(stdin) if stdin is not None else None
         sinks = {1: on_stdout, 2: on_stderr}
         kept = {1: bytearray(), 2: bytearray()}
         with self._operation("exec"):
             started = time.monotonic()
+            self._take_signals()  # asked for before this command: not for it
             self._conn.send_exec(request)
             deadline: float | None = started + self.timeout
             running = False
@@ -331,29 +255,32 @@ class AgentClient:
                             "(max_output); it was killed"
                         )
                 elif isinstance(event, Exit):
-                    return _exec_result(event, kept, time.monotonic() - started)
+                    return exec_result(event, kept, time.monotonic() - started)
                 elif isinstance(event, Failure) and not running:
-                    return _start_failure(event, request, time.monotonic() - started)
+                    return start_failure(event, request, time.monotonic() - started)
                 elif isinstance(event, Failure):
-                    raise _operation_error(event, "exec")
+                    raise operation_error(event, "exec")
                 else:
                     raise AgentProtocolError(f"unexpected {type(event).__name__} during exec")
 
     def put(
         self,
         host_path: str | os.PathLike[str],
-        guest_path_: str,
+        guest_path: str,
         *,
         mkdirs: bool = True,
         uid: int | None = None,
         gid: int | None = None,
         max_files: int = DEFAULT_MAX_FILES,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        timeout: float | None = None,
     ) -> TransferStats:
-        """Copy a host file or directory tree to ``guest_path_`` (created or replaced;
+        """Copy a host file or directory tree to ``guest_path`` (created or replaced;
         an existing non-empty guest directory is not replaced). Modes and mtimes
-        are kept; owners become ``uid``/``gid`` (default: the agent's, root)."""
-        request = Put(guest_path(guest_path_, "put destination"), uid, gid, mkdirs)
+        are kept; owners become ``uid``/``gid`` (default: the agent's, root).
+        ``timeout`` bounds the whole transfer (the client's ``timeout`` bounds
+        each wait for progress)."""
+        request = Put(check_guest_path(guest_path, "put destination"), uid, gid, mkdirs)
         for what, value in (("uid", uid), ("gid", gid)):
             if value is not None and not 0 <= value < 2**32 - 1:
                 raise ConfigError(f"put {what} must be from 0 to 4294967294, not {value}")
@@ -363,6 +290,7 @@ class AgentClient:
         writer = TarWriter(source, max_files=max_files, max_bytes=max_bytes)
         with self._operation("put"):
             started = time.monotonic()
+            overall = None if timeout is None else started + timeout
             self._conn.send_put(request)
             event: Event | None = None
             problem: ConfigError | None = None
@@ -370,7 +298,7 @@ class AgentClient:
                 for chunk in writer.chunks():
                     self._conn.send_put_data(chunk)
                     event = self._pump(
-                        time.monotonic() + self.timeout,
+                        self._progress_deadline(overall),
                         what="the agent to take PUT data",
                         drain_to=_SEND_HIGH_WATER,
                     )
@@ -380,11 +308,11 @@ class AgentClient:
                 problem = exc  # end the stream without its end-of-archive: nothing is placed
             self._conn.send_put_end()
             if event is None:
-                event = self._pump(time.monotonic() + self.timeout, what="the result of PUT")
+                event = self._pump(self._progress_deadline(overall), what="the result of PUT")
             if problem is not None:
                 raise problem
             if isinstance(event, Failure):
-                raise _operation_error(event, f"put {source} to {guest_path_}")
+                raise operation_error(event, f"put {source} to {guest_path}")
             done = self._expect(Done, event)
             if (done.entries, done.content_bytes) != (writer.entries, writer.content_bytes):
                 raise AgentProtocolError(
@@ -395,31 +323,34 @@ class AgentClient:
 
     def get(
         self,
-        guest_path_: str,
+        guest_path: str,
         host_path: str | os.PathLike[str],
         *,
         max_files: int = DEFAULT_MAX_FILES,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        timeout: float | None = None,
     ) -> TransferStats:
         """Copy a guest file or directory tree to ``host_path``, which must not be an
         existing directory (an existing file is replaced by a file). Nothing is
         written outside ``host_path``; a refused or failed transfer leaves
-        nothing behind (see :mod:`pyvmm.sandbox.tarsafe`)."""
-        request = Get(guest_path(guest_path_, "get source"))
+        nothing behind (see :mod:`pyvmm.sandbox.tarsafe`). ``timeout`` bounds
+        the whole transfer, as for :meth:`put`."""
+        request = Get(check_guest_path(guest_path, "get source"))
         dest = Path(host_path)
         check_destination(dest)
         with self._operation("get"):
             started = time.monotonic()
+            overall = None if timeout is None else started + timeout
             extractor = SafeExtractor(make_staging(dest), max_files=max_files, max_bytes=max_bytes)
             try:
                 self._conn.send_get(request)
                 while True:
-                    event = self._pump(time.monotonic() + self.timeout, what="GET data")
+                    event = self._pump(self._progress_deadline(overall), what="GET data")
                     if isinstance(event, Data):
                         extractor.feed(event.data)
                         continue
                     if isinstance(event, Failure):
-                        raise _operation_error(event, f"get {guest_path_}")
+                        raise operation_error(event, f"get {guest_path}")
                     done = self._expect(Done, event)
                     stats = extractor.finish()
                     if (done.entries, done.content_bytes) != (stats.entries, stats.content_bytes):
@@ -433,6 +364,20 @@ class AgentClient:
                     )
             finally:
                 extractor.close()
+
+    def send_signal(self, signo: int) -> None:
+        """Send ``signo`` to the running command's process group (ignored when none runs).
+
+        Thread-safe, and safe in a signal handler: it only queues the signal;
+        the thread in :meth:`exec` sends it (a SIGINT handler of a CLI can so
+        forward Ctrl-C to the command).
+        """
+        if isinstance(signo, bool) or not isinstance(signo, int) or not 0 < signo < 128:
+            raise ConfigError(f"signal must be a number from 1 to 127, not {signo!r}")
+        with self._signals_lock:
+            self._signals.append(signo)
+        with suppress(OSError):  # a full pipe already wakes it; a closed client ignores it
+            os.write(self._wake_w, b"\0")
 
     def close(self) -> None:
         self._abandon("closed by the caller")
@@ -459,7 +404,8 @@ class AgentClient:
         try:
             yield
         except BaseException as exc:
-            if self._conn.state is not State.IDLE:
+            # In the middle of an operation, or after a hostile frame: this connection is done.
+            if self._conn.state is not State.IDLE or isinstance(exc, AgentProtocolError):
                 self._abandon(f"{what} failed: {exc}" if str(exc) else f"{what} was interrupted")
             raise
         finally:
@@ -469,6 +415,18 @@ class AgentClient:
         if self._closed is None:
             self._closed = reason
             self._sock.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _take_signals(self) -> list[int]:
+        with self._signals_lock:
+            signals, self._signals = self._signals, []
+        return signals
+
+    def _progress_deadline(self, overall: float | None) -> float:
+        """When the next sign of progress is due: ``timeout`` from now, or the overall end."""
+        deadline = time.monotonic() + self.timeout
+        return deadline if overall is None else min(deadline, overall)
 
     def _expect(self, kind: type[_T], event: Event | None) -> _T:
         if not isinstance(event, kind):
@@ -480,7 +438,7 @@ class AgentClient:
         deadline: float | None,
         *,
         what: str,
-        stdin: _StdinFeed | None = None,
+        stdin: StdinFeed | None = None,
         drain_to: int | None = None,
     ) -> Event | None:
         """Move bytes until the connection has an event (returned), or, with
@@ -495,6 +453,9 @@ class AgentClient:
                 raise AgentDisconnected(f"the agent closed the connection while waiting for {what}")
             if event is not None:
                 return event
+            if self._conn.state is State.EXEC_RUNNING:
+                for signo in self._take_signals():
+                    self._conn.send_signal(signo)
             self._out += self._conn.data_to_send()
             if drain_to is not None and len(self._out) <= drain_to:
                 return None
@@ -505,7 +466,7 @@ class AgentClient:
                 and len(self._out) < _SEND_HIGH_WATER
             )
             if feeding and stdin.fd is None:
-                self._send_stdin(stdin.read())
+                self._conn.send_stdin(stdin.read())
                 continue
             self._poll.register(sock, select.POLLIN | (select.POLLOUT if self._out else 0))
             if feeding:
@@ -517,16 +478,16 @@ class AgentClient:
                     self._poll.unregister(stdin.fd)
             if not ready and deadline is not None and time.monotonic() >= deadline:
                 raise AgentTimeout(f"no answer from the agent within the time allowed for {what}")
+            if ready.get(self._wake_r):
+                with suppress(OSError):
+                    os.read(self._wake_r, 4096)
             if feeding and ready.get(stdin.fd):
-                self._send_stdin(stdin.read())
+                self._conn.send_stdin(stdin.read())
             flags = ready.get(sock.fileno(), 0)
             if flags & select.POLLOUT and self._out:
                 self._write()
             if flags & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 self._read()
-
-    def _send_stdin(self, data: bytes) -> None:
-        self._conn.send_stdin(data)
 
     def _write(self) -> None:
         try:
@@ -548,87 +509,7 @@ class AgentClient:
         self._conn.receive_data(data)
 
 
-class _StdinFeed:
-    """A command's stdin, read in chunks as the send queue drains."""
-
-    def __init__(self, source: StdinSource) -> None:
-        self.done = False
-        self.fd: int | None = None
-        self._data: memoryview | None = None
-        self._file: BinaryIO | None = None
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            self._data = memoryview(bytes(source))
-            return
-        if not hasattr(source, "read"):
-            raise ConfigError(f"stdin must be bytes or a binary file, not {type(source).__name__}")
-        self._file = source
-        try:
-            self.fd = source.fileno()
-        except (AttributeError, OSError, ValueError):
-            self.fd = None  # e.g. BytesIO: read it directly
-
-    def read(self) -> bytes:
-        """The next chunk; b"" once at the end."""
-        chunk = b""
-        if self._data is not None:
-            chunk, self._data = bytes(self._data[:_CHUNK]), self._data[_CHUNK:]
-        elif self.fd is not None:
-            try:
-                chunk = os.read(self.fd, _CHUNK)
-            except OSError:
-                chunk = b""  # an unreadable stdin ends the command's input
-        elif self._file is not None:
-            chunk = self._file.read(_CHUNK)
-            if not isinstance(chunk, bytes):
-                raise ConfigError("stdin must be opened in binary mode")
-        if not chunk:
-            self.done = True
-        return chunk
-
-
-_CHUNK = 64 * 1024
-
-
 def _poll_ms(deadline: float | None) -> int | None:
     if deadline is None:
         return None
     return max(0, int((deadline - time.monotonic()) * 1000) + 1)
-
-
-def _exec_result(event: Exit, kept: dict[int, bytearray], duration: float) -> ExecResult:
-    if event.timed_out:
-        code = 124
-    elif event.signal is not None:
-        code = 128 + event.signal
-    else:
-        code = event.status or 0
-    return ExecResult(
-        exit_code=code,
-        signal=event.signal,
-        stdout=bytes(kept[1]),
-        stderr=bytes(kept[2]),
-        duration=duration,
-        timed_out=event.timed_out,
-        guest_duration=event.duration_ns / 1e9,
-    )
-
-
-def _start_failure(event: Failure, request: Exec, duration: float) -> ExecResult:
-    """A command that could not start: 127 / 126 as a shell says, else an error."""
-    if event.kind is ErrorKind.NOT_FOUND:
-        code = 127
-    elif event.kind is ErrorKind.CANNOT_RUN:
-        code = 126
-    else:
-        command = request.argv[0].decode(errors="replace")
-        raise _operation_error(event, f"exec {command}")
-    return ExecResult(code, None, b"", b"", duration, error=event.message)
-
-
-def _operation_error(event: Failure, what: str) -> GuestOperationError:
-    cls = GuestFileNotFoundError if event.kind is ErrorKind.NOT_FOUND else GuestOperationError
-    return cls(
-        f"{what} failed in the guest: {event.message}",
-        kind=event.kind.name.lower(),
-        errno=event.errno,
-    )

@@ -22,20 +22,13 @@ import struct
 from dataclasses import dataclass
 
 from pyvmm.sandbox.errors import AgentDisconnected, AgentProtocolError, LocalProtocolError
-from pyvmm.sandbox.protocol import (
-    AGENT_LIMITS,
-    HEADER_SIZE,
-    MAX_CHUNK,
-    MAX_PING,
-    SUPPORTED_VERSIONS,
+from pyvmm.sandbox.messages import (
     AgentMessage,
-    AgentType,
     Data,
     Done,
     Exec,
     Exit,
     Failure,
-    FrameDecoder,
     Get,
     Hello,
     HostHello,
@@ -49,6 +42,15 @@ from pyvmm.sandbox.protocol import (
     Stdin,
     decode_agent_message,
     encode_message,
+)
+from pyvmm.sandbox.protocol import (
+    AGENT_LIMITS,
+    HEADER_SIZE,
+    MAX_CHUNK,
+    MAX_PING,
+    SUPPORTED_VERSIONS,
+    AgentType,
+    FrameDecoder,
 )
 
 

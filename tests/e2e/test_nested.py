@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,117 +17,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pyvmm.nested.agent import (
-    INIT_SCRIPT,
-    L1_TMPDIR,
-    Share,
-    command_script,
-    config_script,
-    plan_shares,
-)
 from pyvmm.nested.command import nested
-from pyvmm.nested.host import (
-    NestedError,
-    NestedTimeoutError,
-    command_environment,
-    qemu_argv,
-    tsc_arguments,
-)
+from pyvmm.nested.host import NestedError, NestedTimeoutError
 from tests.support.nested_fixture import NestedLinuxHost, linux_host  # noqa: F401
-
-# --- the pure parts ---------------------------------------------------------------
-
-
-def test_shares_put_tmp_and_cwd_writable_at_their_paths() -> None:
-    shares = plan_shares(Path("/tmp/w"), Path("/work/main"))
-    assert shares == [
-        Share("host", Path("/"), readonly=True),
-        Share("work", Path("/tmp/w")),
-        Share("tmp", Path("/tmp")),
-        Share("cwd", Path("/work/main")),
-    ]
-
-
-def test_a_share_inside_another_writable_one_is_left_out() -> None:
-    tags = [s.tag for s in plan_shares(Path("/tmp/w"), Path("/tmp/project"))]
-    assert tags == ["host", "work", "tmp"]
-    tags = [s.tag for s in plan_shares(Path("/srv/w"), Path("/"), tmp=None)]
-    assert tags == ["host", "work"]  # / is never shared writable
-
-
-def test_config_mounts_outer_paths_first_and_binds_work_only_if_uncovered() -> None:
-    covered = config_script(Path("/tmp/w"), plan_shares(Path("/tmp/w"), Path("/a b/c")))
-    assert "WORK_PATH=/tmp/w\nHOST_CACHE=loose\n" in covered
-    assert "share tmp /tmp\n    share cwd '/a b/c'\n" in covered
-    assert "bind_work" not in covered
-    uncovered = config_script(
-        Path("/var/w"), plan_shares(Path("/var/w"), Path("/srv/x/y"), tmp=None), "none"
-    )
-    assert "HOST_CACHE=none" in uncovered
-    assert uncovered.index("bind_work /var/w") < uncovered.index("share cwd /srv/x/y")
-    inside = config_script(Path("/srv/w"), plan_shares(Path("/srv/w"), Path("/srv"), tmp=None))
-    assert "share cwd /srv" in inside and "bind_work" not in inside
-    with pytest.raises(ValueError, match="host_cache"):
-        config_script(Path("/tmp/w"), [], "bogus")
-
-
-def test_command_script_quotes_argv_and_env() -> None:
-    script = command_script(
-        ["printf", "%s|", "a b", "it's"], Path("/x y"), {"A": "1 2", "B": "$HOME"}
-    )
-    assert script.splitlines()[1:] == [
-        "export A='1 2'",
-        "export B='$HOME'",
-        "cd '/x y' || exit 125",
-        "exec printf '%s|' 'a b' 'it'\"'\"'s'",
-    ]
-    out = subprocess.run(["sh", "-c", script.replace("/x y", "/")], capture_output=True)
-    assert out.stdout == b"a b|it's|"
-    assert command_script("echo $A; exit 3", Path("/"), {}).endswith("echo $A; exit 3\n")
-    with pytest.raises(ValueError):
-        command_script([], Path("/"), {})
-    with pytest.raises(ValueError):
-        command_script(["true"], Path("/"), {"NOT-A-NAME": "x"})
-
-
-def test_init_script_is_valid_shell() -> None:
-    sh = shutil.which("busybox")
-    argv = [sh, "sh", "-n"] if sh else ["sh", "-n"]
-    proc = subprocess.run(argv, input=INIT_SCRIPT.encode(), capture_output=True)
-    assert proc.returncode == 0, proc.stderr
-
-
-def test_qemu_argv_has_tcg_svm_and_one_9p_device_per_share() -> None:
-    shares = [Share("host", Path("/"), readonly=True), Share("work", Path("/tmp/a,b"))]
-    argv = qemu_argv(Path("/k"), Path("/i"), shares, Path("/tmp/c.log"), memory_mib=1024)
-    line = " ".join(argv)
-    for piece in (
-        "-M microvm,acpi=on -accel tcg -cpu EPYC,+svm,+npt -m 1024 -smp 2",
-        "-serial file:/tmp/c.log",
-        "-kernel /k -initrd /i",
-        "-fsdev local,id=fs0,path=/,security_model=none,multidevs=remap,readonly=on",
-        "-device virtio-9p-device,fsdev=fs0,mount_tag=host",
-        "path=/tmp/a,,b,security_model=none,multidevs=remap -device",
-        "mount_tag=work",
-    ):
-        assert piece in line
-
-
-def test_tsc_arguments_come_from_cpu_mhz() -> None:
-    cpuinfo = "processor\t: 0\ncpu MHz\t\t: 2445.412\nflags\t\t: fpu\n"
-    assert tsc_arguments(cpuinfo) == "tsc_early_khz=2445412 tsc=reliable"
-    assert tsc_arguments("processor : 0\n") == ""
-
-
-def test_command_environment() -> None:
-    env = command_environment({"EXTRA": "1", "TMPDIR": "/elsewhere"})
-    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
-    assert env["PYVMM_NESTED"] == "1"
-    assert env["EXTRA"] == "1" and env["TMPDIR"] == "/elsewhere"
-    assert command_environment()["TMPDIR"] == L1_TMPDIR
-    repo = str(Path(__file__).resolve().parents[2])
-    assert env["PYTHONPATH"].split(":")[0] == repo
-
 
 # --- the CLI ----------------------------------------------------------------------------
 

@@ -208,3 +208,48 @@ def test_vsock_socket_path_that_exists_is_refused(tmp_path: Path) -> None:
     result = pyvmm("run", "--kernel", str(tmp_path / "k"), "--vsock", f"cid=3,uds={taken}")
     assert_one_line_error(result, "already exists")
     assert taken.read_text() == ""
+
+
+def test_run_help_documents_nested() -> None:
+    result = pyvmm("run", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--nested [auto|always|never]" in text
+    assert "(PVM, see `pyvmm doctor`)" in text
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--net", "tap=pyvmm-test0"], "--net: a TAP device for a VM in the nested host"),
+        (["--vsock", "cid=3,uds=/tmp/pyvmm-test-never.sock"], "--vsock: the Unix socket"),
+    ],
+)
+def test_nested_refuses_what_this_host_could_not_reach(
+    tmp_path: Path, flags: list[str], needle: str
+) -> None:
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(old_bzimage())  # looks like Linux: refused before anything boots
+    result = pyvmm("run", "--nested", "always", "--kernel", str(kernel), *flags)
+    assert_one_line_error(result, needle, "--nested never")
+
+
+def test_nested_checks_the_kernel_before_booting_a_nested_host(tmp_path: Path) -> None:
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(old_bzimage())
+    result = pyvmm("run", "--nested", "always", "--kernel", str(kernel))
+    assert_one_line_error(result, "2.09", "2.12")
+
+
+def test_never_on_a_pvm_host_says_why_a_linux_guest_is_slow(tmp_path: Path) -> None:
+    from pyvmm.doctor import virtualization_kind
+
+    kind = virtualization_kind()
+    if kind != "pvm":
+        pytest.skip(f"the warning is for PVM hosts; this host's KVM is {kind}")
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(old_bzimage())
+    result = pyvmm("run", "--nested", "never", "--kernel", str(kernel))
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("pyvmm: warning: this host's KVM (pvm) emulates guest kernel code")
+    assert lines[1].startswith("pyvmm: error: ") and "2.09" in lines[1]

@@ -21,6 +21,7 @@ def test_doctor_report_includes_speed_probe(probe_elf, capsys) -> None:
         "KVM API version:",
         "capabilities:",
         "virtualization:",
+        "pyvmm run:",
         "guest speed:",
         "/dev/net/tun:",
         "cgroups:",
@@ -29,3 +30,11 @@ def test_doctor_report_includes_speed_probe(probe_elf, capsys) -> None:
         assert label in report
     speed = next(line for line in lines if line.startswith("guest speed:"))
     assert "CPL0" in speed and "CPL3" in speed, speed
+
+
+def test_doctor_says_where_pyvmm_run_puts_a_vm() -> None:
+    assert doctor.run_path_line("vmx") == "every guest runs directly on this host's KVM"
+    pvm = doctor.run_path_line("pvm", qemu_found=True)
+    assert pvm.startswith("Linux guests run in a nested KVM host") and "probe" in pvm
+    missing = doctor.run_path_line("pvm", qemu_found=False)
+    assert missing.endswith("needs qemu-system-x86_64, which is not installed")

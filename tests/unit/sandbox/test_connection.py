@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from pyvmm.errors import ConfigError
+from pyvmm.sandbox import messages as m
 from pyvmm.sandbox import protocol as p
 from pyvmm.sandbox.connection import AgentConnection, Closed, State
 from pyvmm.sandbox.errors import AgentDisconnected, AgentProtocolError, LocalProtocolError
 
-HELLO = p.Hello(1, 1, p.Cap.EXEC | p.Cap.PUT | p.Cap.GET, 4 << 20, "fake")
+HELLO = m.Hello(1, 1, p.Cap.EXEC | p.Cap.PUT | p.Cap.GET, 4 << 20, "fake")
 
 
 def sent(conn: AgentConnection) -> list:
@@ -17,13 +18,13 @@ def sent(conn: AgentConnection) -> list:
     decoder.feed(conn.data_to_send())
     out = []
     while (frame := decoder.next_frame()) is not None:
-        out.append(p.decode_host_message(*frame))
+        out.append(m.decode_host_message(*frame))
     return out
 
 
 def receive(conn: AgentConnection, *messages) -> list:
     for message in messages:
-        conn.receive_data(p.encode_message(message))
+        conn.receive_data(m.encode_message(message))
     events = []
     while (event := conn.next_event()) is not None:
         events.append(event)
@@ -34,22 +35,22 @@ def receive(conn: AgentConnection, *messages) -> list:
 def conn() -> AgentConnection:
     c = AgentConnection()
     assert receive(c, HELLO) == [HELLO]
-    assert sent(c) == [p.HostHello(1)]
+    assert sent(c) == [m.HostHello(1)]
     assert c.state is State.IDLE
     return c
 
 
 def test_version_is_the_highest_both_speak() -> None:
     c = AgentConnection(versions=range(1, 4))
-    receive(c, p.Hello(2, 9, p.Cap(0), 10, "new"))
+    receive(c, m.Hello(2, 9, p.Cap(0), 10, "new"))
     assert c.version == 3
-    assert sent(c) == [p.HostHello(3)]
+    assert sent(c) == [m.HostHello(3)]
 
 
 def test_no_common_version() -> None:
     c = AgentConnection()
     with pytest.raises(AgentProtocolError) as exc:
-        receive(c, p.Hello(7, 9, p.Cap(0), 10, "future"))
+        receive(c, m.Hello(7, 9, p.Cap(0), 10, "future"))
     assert str(exc.value) == "the agent speaks protocol versions 7..9; this pyvmm speaks 1..1"
     assert c.state is State.CLOSED
     with pytest.raises(LocalProtocolError):
@@ -61,25 +62,25 @@ def test_anything_but_hello_first_is_refused() -> None:
     with pytest.raises(
         AgentProtocolError, match="sent STARTED while waiting for the agent's HELLO"
     ):
-        receive(c, p.Started(1))
+        receive(c, m.Started(1))
 
 
 def test_a_whole_exec(conn: AgentConnection) -> None:
-    conn.send_exec(p.Exec((b"cat",), stdin_piped=True))
+    conn.send_exec(m.Exec((b"cat",), stdin_piped=True))
     conn.send_stdin(b"x" * (p.MAX_CHUNK + 1))  # pipelined behind EXEC, split in frames
     conn.send_stdin(b"")
     assert [type(m).__name__ for m in sent(conn)] == ["Exec", "Stdin", "Stdin", "Stdin"]
-    events = receive(conn, p.Started(9), p.Output(1, b"a"), p.Output(2, b"b"))
-    assert events == [p.Started(9), p.Output(1, b"a"), p.Output(2, b"b")]
+    events = receive(conn, m.Started(9), m.Output(1, b"a"), m.Output(2, b"b"))
+    assert events == [m.Started(9), m.Output(1, b"a"), m.Output(2, b"b")]
     conn.send_signal(15)
-    assert sent(conn) == [p.Signal(15)]
-    assert receive(conn, p.Exit(0, None, False, 1)) == [p.Exit(0, None, False, 1)]
+    assert sent(conn) == [m.Signal(15)]
+    assert receive(conn, m.Exit(0, None, False, 1)) == [m.Exit(0, None, False, 1)]
     assert conn.state is State.IDLE
 
 
 def test_exec_that_cannot_start(conn: AgentConnection) -> None:
-    conn.send_exec(p.Exec((b"nope",)))
-    failure = p.Failure(p.ErrorKind.NOT_FOUND, 2, "nope: No such file")
+    conn.send_exec(m.Exec((b"nope",)))
+    failure = m.Failure(p.ErrorKind.NOT_FOUND, 2, "nope: No such file")
     assert receive(conn, failure) == [failure]
     assert conn.state is State.IDLE
 
@@ -87,27 +88,27 @@ def test_exec_that_cannot_start(conn: AgentConnection) -> None:
 @pytest.mark.parametrize(
     ("setup", "message", "reason"),
     [
-        (None, p.Output(1, b"x"), "sent STDOUT while idle"),
-        (None, p.Exit(0, None, False, 0), "sent EXIT while idle"),
-        ("exec", p.Exit(0, None, False, 0), "sent EXIT while starting a command"),
-        ("exec", p.Output(2, b"x"), "sent STDERR while starting a command"),
-        ("running", p.Data(b"x"), "sent DATA while running a command"),
-        ("running", p.Started(2), "sent STARTED while running a command"),
-        ("put", p.Done(0, 0, 0), "sent DONE while sending a PUT stream"),
-        ("get", p.Output(1, b"x"), "sent STDOUT while receiving a GET stream"),
-        ("ping", p.Pong(b"other"), "does not echo the PING"),
+        (None, m.Output(1, b"x"), "sent STDOUT while idle"),
+        (None, m.Exit(0, None, False, 0), "sent EXIT while idle"),
+        ("exec", m.Exit(0, None, False, 0), "sent EXIT while starting a command"),
+        ("exec", m.Output(2, b"x"), "sent STDERR while starting a command"),
+        ("running", m.Data(b"x"), "sent DATA while running a command"),
+        ("running", m.Started(2), "sent STARTED while running a command"),
+        ("put", m.Done(0, 0, 0), "sent DONE while sending a PUT stream"),
+        ("get", m.Output(1, b"x"), "sent STDOUT while receiving a GET stream"),
+        ("ping", m.Pong(b"other"), "does not echo the PING"),
         (None, HELLO, "sent HELLO while idle"),
     ],
 )
 def test_frames_out_of_place(conn: AgentConnection, setup, message, reason: str) -> None:
     if setup in ("exec", "running"):
-        conn.send_exec(p.Exec((b"x",)))
+        conn.send_exec(m.Exec((b"x",)))
     if setup == "running":
-        receive(conn, p.Started(1))
+        receive(conn, m.Started(1))
     if setup == "put":
-        conn.send_put(p.Put(b"/x"))
+        conn.send_put(m.Put(b"/x"))
     if setup == "get":
-        conn.send_get(p.Get(b"/x"))
+        conn.send_get(m.Get(b"/x"))
     if setup == "ping":
         conn.send_ping(b"mine")
     with pytest.raises(AgentProtocolError, match=reason) as exc:
@@ -117,9 +118,9 @@ def test_frames_out_of_place(conn: AgentConnection, setup, message, reason: str)
 
 
 def test_a_put_refused_early_still_ends_its_stream(conn: AgentConnection) -> None:
-    conn.send_put(p.Put(b"/x"))
+    conn.send_put(m.Put(b"/x"))
     conn.send_put_data(b"y" * 70000)
-    refusal = p.Failure(p.ErrorKind.FAILED, 28, "no space")
+    refusal = m.Failure(p.ErrorKind.FAILED, 28, "no space")
     assert receive(conn, refusal) == [refusal]
     assert conn.state is State.PUT_REFUSED
     with pytest.raises(LocalProtocolError):
@@ -130,19 +131,19 @@ def test_a_put_refused_early_still_ends_its_stream(conn: AgentConnection) -> Non
 
 
 def test_put_and_get(conn: AgentConnection) -> None:
-    conn.send_put(p.Put(b"/x"))
+    conn.send_put(m.Put(b"/x"))
     conn.send_put_data(b"t")
     conn.send_put_end()
-    assert receive(conn, p.Done(1, 1, 0)) == [p.Done(1, 1, 0)]
-    conn.send_get(p.Get(b"/x"))
-    assert receive(conn, p.Data(b"1"), p.Data(b"2"), p.Done(1, 1, 0))[-1] == p.Done(1, 1, 0)
+    assert receive(conn, m.Done(1, 1, 0)) == [m.Done(1, 1, 0)]
+    conn.send_get(m.Get(b"/x"))
+    assert receive(conn, m.Data(b"1"), m.Data(b"2"), m.Done(1, 1, 0))[-1] == m.Done(1, 1, 0)
     assert conn.state is State.IDLE
 
 
 def test_host_misuse_is_local(conn: AgentConnection) -> None:
-    conn.send_exec(p.Exec((b"x",)))
+    conn.send_exec(m.Exec((b"x",)))
     with pytest.raises(LocalProtocolError, match="cannot send GET while starting a command"):
-        conn.send_get(p.Get(b"/"))
+        conn.send_get(m.Get(b"/"))
     with pytest.raises(LocalProtocolError, match="cannot end a PUT stream"):
         conn.send_put_end()
     with pytest.raises(LocalProtocolError, match=r"1\.\.127"):
@@ -151,9 +152,9 @@ def test_host_misuse_is_local(conn: AgentConnection) -> None:
 
 def test_request_over_the_agents_limit(conn: AgentConnection) -> None:
     small = AgentConnection()
-    receive(small, p.Hello(1, 1, p.Cap.EXEC, 100, "tiny"))
+    receive(small, m.Hello(1, 1, p.Cap.EXEC, 100, "tiny"))
     with pytest.raises(ConfigError, match="accepts at most 100"):
-        small.send_exec(p.Exec((b"x" * 200,)))
+        small.send_exec(m.Exec((b"x" * 200,)))
     assert small.state is State.IDLE
 
 
@@ -162,7 +163,7 @@ def test_end_of_stream(conn: AgentConnection) -> None:
     assert conn.next_event() == Closed()
     busy = AgentConnection()
     receive(busy, HELLO)
-    busy.send_get(p.Get(b"/x"))
+    busy.send_get(m.Get(b"/x"))
     busy.receive_data(b"")
     with pytest.raises(
         AgentDisconnected, match="closed the connection while receiving a GET stream"
@@ -171,8 +172,8 @@ def test_end_of_stream(conn: AgentConnection) -> None:
 
 
 def test_end_in_the_middle_of_a_frame(conn: AgentConnection) -> None:
-    conn.send_exec(p.Exec((b"x",)))
-    conn.receive_data(p.encode_message(p.Started(3))[:5])
+    conn.send_exec(m.Exec((b"x",)))
+    conn.receive_data(m.encode_message(m.Started(3))[:5])
     assert conn.next_event() is None
     conn.receive_data(b"")
     with pytest.raises(AgentDisconnected, match=r"in the middle of a frame \(5 bytes"):

@@ -8,37 +8,38 @@ from pathlib import Path
 import pytest
 
 from pyvmm.errors import ConfigError
+from pyvmm.sandbox import messages as m
 from pyvmm.sandbox import protocol as p
 
 AGENT_H = Path(__file__).resolve().parents[3] / "guest" / "agent" / "agent.h"
 
 AGENT_MESSAGES = [
-    p.Hello(1, 3, p.Cap.EXEC | p.Cap.GET, 4 << 20, "pyvmm-agent pid 7"),
-    p.Pong(b""),
-    p.Pong(b"x" * p.MAX_PING),
-    p.Started(4242),
-    p.Output(1, b"out"),
-    p.Output(2, b"e" * p.MAX_CHUNK),
-    p.Exit(7, None, False, 123_456),
-    p.Exit(None, 9, True, 2**63),
-    p.Failure(p.ErrorKind.NOT_FOUND, 2, "foo: No such file or directory"),
-    p.Data(b"tar" * 100),
-    p.Done(2**40, 12, 3),
+    m.Hello(1, 3, p.Cap.EXEC | p.Cap.GET, 4 << 20, "pyvmm-agent pid 7"),
+    m.Pong(b""),
+    m.Pong(b"x" * p.MAX_PING),
+    m.Started(4242),
+    m.Output(1, b"out"),
+    m.Output(2, b"e" * p.MAX_CHUNK),
+    m.Exit(7, None, False, 123_456),
+    m.Exit(None, 9, True, 2**63),
+    m.Failure(p.ErrorKind.NOT_FOUND, 2, "foo: No such file or directory"),
+    m.Data(b"tar" * 100),
+    m.Done(2**40, 12, 3),
 ]
 
 HOST_MESSAGES = [
-    p.HostHello(1),
-    p.Ping(b"12345678"),
-    p.Exec((b"echo", b"hi"), (b"A=1", b"B="), b"/tmp", 1000, 100, 5000, True),
-    p.Exec((b"true",)),
-    p.Stdin(b""),
-    p.Stdin(b"data"),
-    p.Signal(15),
-    p.Put(b"/dst", 5, 6, True),
-    p.Put(b"/dst", mkdirs=False),
-    p.Data(b"", from_host=True),
-    p.Data(b"x" * p.MAX_CHUNK, from_host=True),
-    p.Get(b"/etc/hostname"),
+    m.HostHello(1),
+    m.Ping(b"12345678"),
+    m.Exec((b"echo", b"hi"), (b"A=1", b"B="), b"/tmp", 1000, 100, 5000, True),
+    m.Exec((b"true",)),
+    m.Stdin(b""),
+    m.Stdin(b"data"),
+    m.Signal(15),
+    m.Put(b"/dst", 5, 6, True),
+    m.Put(b"/dst", mkdirs=False),
+    m.Data(b"", from_host=True),
+    m.Data(b"x" * p.MAX_CHUNK, from_host=True),
+    m.Get(b"/etc/hostname"),
 ]
 
 
@@ -54,24 +55,24 @@ def frames(data: bytes, limits) -> list[tuple[int, bytes]]:
 
 @pytest.mark.parametrize("message", AGENT_MESSAGES, ids=lambda m: type(m).__name__)
 def test_agent_messages_round_trip(message) -> None:
-    [(kind, payload)] = frames(p.encode_message(message), p.AGENT_LIMITS)
-    assert p.decode_agent_message(kind, payload) == message
+    [(kind, payload)] = frames(m.encode_message(message), p.AGENT_LIMITS)
+    assert m.decode_agent_message(kind, payload) == message
 
 
 @pytest.mark.parametrize("message", HOST_MESSAGES, ids=lambda m: type(m).__name__)
 def test_host_messages_round_trip(message) -> None:
-    [(kind, payload)] = frames(p.encode_message(message), p.HOST_LIMITS)
-    assert p.decode_host_message(kind, payload) == message
+    [(kind, payload)] = frames(m.encode_message(message), p.HOST_LIMITS)
+    assert m.decode_host_message(kind, payload) == message
 
 
 def test_decoder_takes_any_split() -> None:
-    stream = b"".join(p.encode_message(m) for m in AGENT_MESSAGES)
+    stream = b"".join(m.encode_message(msg) for msg in AGENT_MESSAGES)
     decoder = p.FrameDecoder(p.AGENT_LIMITS)
     got = []
     for i in range(len(stream)):  # one byte at a time
         decoder.feed(stream[i : i + 1])
         while (frame := decoder.next_frame()) is not None:
-            got.append(p.decode_agent_message(*frame))
+            got.append(m.decode_agent_message(*frame))
     assert got == AGENT_MESSAGES
 
 
@@ -106,28 +107,28 @@ def test_bad_headers_are_refused_before_their_payload(header: bytes, reason: str
 )
 def test_bad_agent_payloads(kind: int, payload: bytes, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
-        p.decode_agent_message(kind, payload)
+        m.decode_agent_message(kind, payload)
 
 
 def test_agent_text_becomes_one_line() -> None:
-    failure = p.Failure(p.ErrorKind.FAILED, 5, "line one\nline two\x1b[31m")
-    decoded = p.decode_agent_message(p.AgentType.ERROR, failure.encode())
+    failure = m.Failure(p.ErrorKind.FAILED, 5, "line one\nline two\x1b[31m")
+    decoded = m.decode_agent_message(p.AgentType.ERROR, failure.encode())
     assert decoded.message == "line one line two [31m"
-    hello = p.Hello(1, 1, p.Cap(0), 10, "bad\r\nname\xff")
-    assert "\n" not in p.decode_agent_message(p.AgentType.HELLO, hello.encode()).agent
+    hello = m.Hello(1, 1, p.Cap(0), 10, "bad\r\nname\xff")
+    assert "\n" not in m.decode_agent_message(p.AgentType.HELLO, hello.encode()).agent
 
 
 def test_unknown_capability_bits_are_dropped() -> None:
-    payload = p.Hello(1, 1, p.Cap.EXEC, 10, "").encode()
+    payload = m.Hello(1, 1, p.Cap.EXEC, 10, "").encode()
     payload = payload[:4] + (0xFFFF_FFFF).to_bytes(4, "big") + payload[8:]
     assert (
-        p.Hello.decode(payload).caps
+        m.Hello.decode(payload).caps
         == p.Cap.EXEC | p.Cap.PUT | p.Cap.GET | p.Cap.SIGNAL | p.Cap.SET_UID
     )
 
 
 def test_exec_build_encodes_the_callers_values() -> None:
-    req = p.Exec.build(
+    req = m.Exec.build(
         ["sh", b"-c", "echo \udcff"], env={"A": "1"}, cwd="/w", uid=5, timeout=1.5,
         stdin_piped=True,
     )  # fmt: skip
@@ -140,7 +141,7 @@ def test_exec_build_encodes_the_callers_values() -> None:
         1500,
         True,
     )
-    assert p.Exec.build(["x"], timeout=0.0001).timeout_ms == 1  # never 0, which means "none"
+    assert m.Exec.build(["x"], timeout=0.0001).timeout_ms == 1  # never 0, which means "none"
 
 
 @pytest.mark.parametrize(
@@ -167,7 +168,7 @@ def test_exec_build_encodes_the_callers_values() -> None:
 def test_exec_build_refuses_bad_values(kwargs: dict, reason: str) -> None:
     argv = kwargs.pop("argv")
     with pytest.raises(ConfigError, match=re.escape(reason)):
-        p.Exec.build(argv, **kwargs)
+        m.Exec.build(argv, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -185,14 +186,14 @@ def test_exec_build_refuses_bad_values(kwargs: dict, reason: str) -> None:
 )
 def test_bad_exec_payloads(payload: bytes, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
-        p.Exec.decode(payload)
+        m.Exec.decode(payload)
 
 
 def test_guest_path_checks() -> None:
-    assert p.guest_path("/a/b") == b"/a/b"
+    assert m.check_guest_path("/a/b") == b"/a/b"
     for bad, reason in (("a", "absolute"), ("/a/../b", "'..'"), ("/" + "x" * 5000, "4095")):
         with pytest.raises(ConfigError, match=re.escape(reason)):
-            p.guest_path(bad)
+            m.check_guest_path(bad)
 
 
 def _c_constants() -> dict[str, int]:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pyvmm.errors import ConfigError
 from pyvmm.sandbox import tarformat as t
@@ -203,3 +206,40 @@ def test_remove_tree_gets_through_read_only_directories(tmp_path: Path) -> None:
     remove_tree(root)
     assert not root.exists()
     assert (tmp_path / "keep").read_bytes() == b"k"
+
+
+def _valid_stream() -> bytes:
+    return tar(
+        d("top"), d("top/a"), f("top/a/f", b"x" * 700), s("top/a/l", "f"),
+        f("top/" + "n" * 120, b"long"), d("top/a/b", 0o500),
+    )  # fmt: skip
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
+    cut=st.integers(0, 10_000),
+    chunk=st.integers(1, 3000),
+)
+def test_corrupted_streams_extract_or_are_refused(
+    tmp_path: Path, flips, cut: int, chunk: int
+) -> None:
+    """Any corruption of a valid stream ends in a clean extraction or an UnsafeArchiveError:
+    never another exception, never a file outside the destination, never a leftover."""
+    stream = bytearray(_valid_stream())
+    for offset, value in flips:
+        stream[offset % len(stream)] = value
+    stream = stream[: max(cut, len(stream) // 2)]
+    box = Path(tempfile.mkdtemp(dir=tmp_path))
+    (box / "outside.txt").write_bytes(SENTINEL)
+    try:
+        extract(bytes(stream), box / "dest", chunk=chunk)
+    except UnsafeArchiveError as exc:
+        assert "\n" not in str(exc)
+        assert sorted(os.listdir(box)) == ["outside.txt"]
+    else:
+        assert sorted(os.listdir(box)) == ["dest", "outside.txt"]
+    assert (box / "outside.txt").read_bytes() == SENTINEL
+    remove_tree(box)

@@ -1,0 +1,107 @@
+"""``confine()``: the jailer's confinement for a process that already is the VMM.
+
+``pyvmm run`` is one process that parses its flags and then runs the VM; it
+can confine itself without the jailer's syntax or a second process::
+
+    from pyvmm.jail.confine import Confinement, confine
+    setup = confine(Confinement(jail=Path("/srv/vm1"), uid=10001, gid=10001,
+                                cgroups=("cpu.weight=50",), cgroup_version=2))
+    # ... from here on: paths are inside /srv/vm1, the uid is 10001, no
+    # capabilities, no_new_privs, rlimits set, the cgroup joined;
+    # ``setup`` (seccomp, exit-148 policy) goes to Machine(thread_setup=setup)
+    # and the main thread has already entered the vmm role.
+
+The jail directory is the caller's: unlike ``pyvmm-jailer`` (which makes
+``<base>/<exec>/<id>/root``), ``confine`` uses the given directory as it is,
+adding ``dev/kvm``, ``dev/net/tun`` and ``run`` - the kernel, disks and
+sockets the VM names must be in it, at the paths the config gives
+relative to it. Everything is checked (a :class:`~pyvmm.errors.ConfigError`
+naming the option) before the first change to the process.
+
+A library caller's process must not be confined like this (it would move
+the caller's own threads into the jail): a :class:`~pyvmm.microvm.MicroVM`
+gets in-process seccomp only, or runs its VMM as a jailed child process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyvmm.errors import ConfigError
+from pyvmm.jail import cgroups, chroot, system
+from pyvmm.jail.process import drop_privileges, join_netns, set_rlimits
+from pyvmm.jail.spec import DEFAULT_NO_FILE, parse_jail_spec
+from pyvmm.jail.thread_setup import SeccompSetup
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """What ``pyvmm run --jail DIR --uid U --gid G ...`` asks for (see :func:`confine`)."""
+
+    jail: Path | None = None  # None: stay in the host's file system
+    uid: int | None = None  # None: keep the current ids (and capabilities, unless jailed)
+    gid: int | None = None
+    vm_id: str = "pyvmm"  # names the cgroup
+    cgroups: tuple[str, ...] = ()  # "cpu.weight=50", as --cgroup
+    cgroup_version: int = 1
+    parent_cgroup: str | None = None
+    netns: str | None = None
+    no_file: int = DEFAULT_NO_FILE
+    fsize: int | None = None
+    seccomp: bool = True
+    seccomp_filter: Path | None = None
+
+
+def confine(options: Confinement) -> SeccompSetup | None:
+    """Confine this process as ``options`` say; returns the seccomp setup for its threads.
+
+    Order (the jailer's): compile the seccomp filters and import the VMM,
+    rlimits, cgroups, network namespace, pivot into the jail, device nodes,
+    drop privileges, then the main thread enters the ``vmm`` role.
+    """
+    if (options.uid is None) != (options.gid is None):
+        raise ConfigError("--uid and --gid go together")
+    if options.jail is not None and not options.jail.is_dir():
+        raise ConfigError(f"--jail {str(options.jail)!r} is not a directory")
+    limits = [f"no-file={options.no_file}"]
+    if options.fsize is not None:
+        limits.append(f"fsize={options.fsize}")
+    spec = parse_jail_spec(
+        id=options.vm_id,
+        exec_file="pyvmm-firecracker",  # names the default parent cgroup, as the jailer's
+        uid=str(os.getuid() if options.uid is None else options.uid),
+        gid=str(os.getgid() if options.gid is None else options.gid),
+        netns=options.netns,
+        cgroup_version=str(options.cgroup_version),
+        cgroups=options.cgroups,
+        parent_cgroup=options.parent_cgroup,
+        resource_limits=tuple(limits),
+    )
+    cgroup_plan = cgroups.plan(spec, cgroups.read_mounts())
+    setup = None
+    if options.seccomp:
+        from pyvmm.jail.seccomp import FaultPolicy, make_setup
+
+        setup = make_setup(options.seccomp_filter, FaultPolicy.EXIT)
+    if options.jail is not None:
+        from pyvmm.jail.preload import preload
+
+        preload()
+    set_rlimits(spec)
+    if cgroup_plan is not None:
+        cgroups.apply(cgroup_plan, os.getpid())
+    if spec.netns is not None:
+        join_netns(spec.netns)
+    if options.jail is not None:
+        system.last_capability()
+        chroot.enter(options.jail.resolve())
+        chroot.populate(spec.uid, spec.gid)
+    if options.uid is not None or options.jail is not None:
+        drop_privileges(spec.uid, spec.gid)
+    if setup is not None:
+        from pyvmm.vmm.threads import ThreadRole
+
+        setup.enter(ThreadRole.VMM)
+    return setup
