@@ -28,8 +28,8 @@ import threading
 from collections.abc import Callable
 
 from pyvmm.devices.legacy.serial import Serial
+from pyvmm.host.events import EventOps
 from pyvmm.host.terminal import EscapeFilter
-from pyvmm.vmm.event_loop import EventLoop
 
 _READ_SIZE = 4096
 _CLOSE_WAIT_S = 2.0
@@ -44,7 +44,7 @@ class SerialConsoleInput:
 
     def __init__(
         self,
-        loop: EventLoop,
+        loop: EventOps,
         fd: int,
         serial: Serial,
         on_quit: Callable[[], None],
