@@ -68,11 +68,19 @@ def test_the_runtime_never_imports_the_tooling(package: str) -> None:
     assert offenders == {}
 
 
+#: Thread roles are everyone's vocabulary: every pyvmm thread, a back end's included,
+#: starts through them.
+SHARED = ("pyvmm.vmm.threads",)
+
+
 @pytest.mark.parametrize("package", ["kvm", "devices", "boot", "snapshot", "host"])
 def test_lower_layers_never_reach_up_into_the_core_or_front_ends(package: str) -> None:
     up = ("pyvmm.vmm", "pyvmm.api", "pyvmm.cli", "pyvmm.serve", "pyvmm.microvm")
-    offenders = {rel(p): breaks(p, up) for p in modules(package) if breaks(p, up)}
-    assert offenders == {}
+    offenders = {
+        rel(p): [name for name in breaks(p, up) if not name.startswith(SHARED)]
+        for p in modules(package)
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
 
 
 @pytest.mark.parametrize("path", modules(), ids=rel)
