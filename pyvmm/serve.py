@@ -71,6 +71,7 @@ def serve(options: ServeOptions) -> int:
     from pyvmm.api.routes import Router
     from pyvmm.api.vm_config import VmResources
     from pyvmm.api.vmm import MachineController, preload_machine
+    from pyvmm.vmm.threads import NO_SETUP
 
     if options.api_sock is None and options.config_file is None:
         raise ConfigError("--no-api needs --config-file: nothing could start the microVM")
@@ -80,6 +81,7 @@ def serve(options: ServeOptions) -> int:
         options.instance_id,
         serial_out=lambda data: os.write(stdout_fd, data),
         console_in=_stdin_fd(),
+        thread_setup=seccomp or NO_SETUP,
     )
     if seccomp is not None:  # before the first thread (metrics, API) starts
         _confine_main_thread(seccomp, controller)
@@ -124,7 +126,13 @@ def serve(options: ServeOptions) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if options.api_sock is not None:
-            server = ApiServer(options.api_sock, router, body_limit=router.body_limit)
+            server = ApiServer(
+                options.api_sock,
+                router,
+                body_limit=router.body_limit,
+                setup=seccomp or NO_SETUP,
+                on_error=lambda message: api_failed(controller, message, stop_requested),
+            )
             server.start()
             preload_machine()
         if options.config_file is not None:
@@ -192,3 +200,13 @@ def run_serve(options: ServeOptions) -> None:
         print(f"pyvmm: error: {error}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code)
+
+
+def api_failed(controller: MachineController, message: str, stop: threading.Event) -> None:
+    """The API's accept loop died: nothing can drive the VM any more, so it stops, saying why."""
+    from pyvmm.vmm.stop_reason import StopKind, StopReason
+
+    print(f"pyvmm: {message}", file=sys.stderr)
+    if controller.machine is not None:
+        controller.machine.stop(StopReason(StopKind.VMM_ERROR, message))
+    stop.set()

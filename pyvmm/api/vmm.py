@@ -25,6 +25,7 @@ from pyvmm.errors import ConfigError, VmStateError
 from pyvmm.logs import configure_logging
 from pyvmm.metrics import MetricsWriter
 from pyvmm.vmm.lifecycle import VmState
+from pyvmm.vmm.threads import NO_SETUP, ThreadSetup
 
 if TYPE_CHECKING:
     from pyvmm.api.models import Logger, Metrics, RateLimiterConfig
@@ -65,10 +66,13 @@ class MachineController:
         *,
         serial_out: Callable[[bytes], object] | None = None,
         console_in: int | None = None,
+        thread_setup: ThreadSetup = NO_SETUP,
     ) -> None:
+        """``thread_setup`` confines each thread of the machine it will make (seccomp)."""
         self.instance_id = instance_id
         self._serial_out = serial_out
         self._console_in = console_in
+        self._thread_setup = thread_setup
         #: The router's request counters; set once the router (which needs
         #: this controller) exists.
         self.api_counters: Callable[[], Mapping[str, Any]] | None = None
@@ -96,7 +100,12 @@ class MachineController:
         from pyvmm.vmm.machine import Machine
 
         config = to_machine_config(resources)
-        machine = Machine(config, serial_out=self._serial_out, console_in=self._console_in)
+        machine = Machine(
+            config,
+            serial_out=self._serial_out,
+            console_in=self._console_in,
+            thread_setup=self._thread_setup,
+        )
         with self._timed("start_vm"):
             machine.start()  # on failure it has closed itself
         self.machine = machine
@@ -122,6 +131,7 @@ class MachineController:
                 vsock_uds=params.vsock_override,
                 track_dirty_pages=params.track_dirty_pages,
                 resume=params.resume_vm,
+                thread_setup=self._thread_setup,
             )
         self.machine = machine
         self._watch(machine)

@@ -164,6 +164,8 @@ IO_OWN = [
     # virtio-vsock over Unix sockets: guest-initiated connects, host-initiated accepts.
     *arg_equals("socket", 0, {"AF_UNIX": AF_UNIX}),
     *allow("connect", "accept4", "recvfrom", "recvmsg", "sendto", "sendmsg", "shutdown"),
+    # CPython asks an accepted socket its own address when wrapping it.
+    *allow("getsockname"),
     *arg_equals("ioctl", 1, {"FIONBIO": FIONBIO}),
 ]
 

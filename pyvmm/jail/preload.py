@@ -95,8 +95,7 @@ def _load_libseccomp() -> None:
 
 
 def _freeze_pvm_check() -> None:
-    """``host_is_pvm()`` reads /sys, which the jail has not got: answer it now, once."""
-    from pyvmm.vmm import machine
+    """``host_is_pvm()`` reads /sys, which the jail has not got: ask now (it remembers)."""
+    from pyvmm.vmm.cpuid import host_is_pvm
 
-    answer = machine.host_is_pvm()
-    machine.host_is_pvm = lambda: answer
+    host_is_pvm()

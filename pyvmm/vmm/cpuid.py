@@ -9,6 +9,7 @@ guest kernel mode (a PVM host: guest kernel code is emulated).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -48,8 +49,12 @@ PVM_TEMPLATE = CpuidTemplate(
 TEMPLATES = {template.name: template for template in (NO_TEMPLATE, PVM_TEMPLATE)}
 
 
+@functools.cache
 def host_is_pvm() -> bool:
-    """True when /dev/kvm is provided by the PVM module (a PVM host: guest kernel code is emulated)."""
+    """True when /dev/kvm is provided by the PVM module (a PVM host: guest kernel code is emulated).
+
+    Asked once per process (a jailed VMM cannot read /sys later; the jailer asks first).
+    """
     return os.path.exists("/sys/module/kvm_pvm")
 
 

@@ -331,11 +331,6 @@ def test_a_denied_call_ends_a_served_vmm_with_148_a_line_and_a_metric(
     assert last["seccomp"]["num_faults"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the thread-role wiring: vCPU threads must enter their role through "
-    "spawn(setup=...) for a vcpu-only filter to apply (lead's change in pyvmm/vmm)",
-)
 def test_a_vcpu_filter_without_ioctl_ends_the_vmm_with_148(probe_elf: Path, tmp_path: Path) -> None:
     def deny_ioctl_on_vcpus(document: dict) -> None:
         document["vcpu"]["filter"] = [
