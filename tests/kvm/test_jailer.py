@@ -475,3 +475,32 @@ def test_a_bad_netns_fails_before_anything_is_made(jailed: Jailed) -> None:
     ]
     assert os.listdir(jailed.root) == []
     assert not (v1_controller("cpu") / "pyvmm-firecracker" / "vm-1").exists()
+
+
+def test_snapshot_and_restore_between_two_jails(tmp_path: Path, probe_elf: Path) -> None:
+    """Everything a lifecycle needs was imported before pivoting: nothing is missing inside."""
+    first, second = Jailed(tmp_path, "snap-a"), Jailed(tmp_path, "snap-b")
+    try:
+        kernel = first.provide(probe_elf, "probe.elf")
+        first.start()
+        first.api("PUT", "/boot-source", {"kernel_image_path": kernel, "boot_args": "counter"})
+        first.api("PUT", "/actions", {"action_type": "InstanceStart"})
+        first.wait_serial(r"counter: 2\b")
+        first.api("PATCH", "/vm", {"state": "Paused"})
+        first.api("PUT", "/snapshot/create",
+                  {"snapshot_path": "/vm.state", "mem_file_path": "/vm.mem"})  # fmt: skip
+        first.api("PATCH", "/vm", {"state": "Resumed"})
+        first.wait_serial(r"counter: 4\b")
+        for name in ("vm.state", "vm.mem"):
+            assert os.stat(first.root / name).st_uid == UID
+            second.provide(first.root / name, name)
+        second.provide(probe_elf, "probe.elf")
+        second.start()
+        memory = {"backend_type": "File", "backend_path": "/vm.mem"}
+        load = {"snapshot_path": "/vm.state", "mem_backend": memory, "resume_vm": True}
+        second.api("PUT", "/snapshot/load", load)
+        second.wait_serial(r"counter: \d+")
+        assert second.api("GET", "/")["state"] == "Running"
+    finally:
+        first.close()
+        second.close()
