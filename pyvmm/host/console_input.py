@@ -12,7 +12,8 @@ Two parts, because the two halves of the job live in different places:
   it. On a terminal it also takes the escape keys (Ctrl-A X quits).
 - :class:`InputRelay` is for front ends whose input is data, not a person:
   it copies a pipe or a file on a thread of its own and, when the input
-  ends, sends the console's end-of-file character (Ctrl-D), so a shell
+  ends, sends the console's end-of-file character (Ctrl-D, after a newline
+  if the last line was unfinished), so a shell
   reading the console exits as it would at the end of a script, and the
   default guest powers off. ``printf 'uname -r\\n' | pyvmm run`` ends that
   way. The nested host's front end uses it too, with the escape keys, to
@@ -188,12 +189,19 @@ class InputRelay:
             self._copy()
 
     def _copy(self) -> None:
+        last = b"\n"
         while self._wait(self._source, select.POLLIN):
             data = os.read(self._source, _READ_SIZE)
             if not data:
                 self.ended = True
+                # An unfinished last line is ended first, as a person presses Enter
+                # before Ctrl-D: in a tty's canonical mode a Ctrl-D after text only
+                # hands that text over, it is not an end of file.
+                if self._end and last != b"\n":
+                    self._write(b"\n")
                 self._write(self._end)
                 return
+            last = data[-1:]
             if self._escape is not None:
                 data, quit_requested = self._escape.feed(data)
                 self._write(data)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pyvmm.errors import ConfigError
 from pyvmm.jail import cgroups, chroot, system
-from pyvmm.jail.process import drop_privileges, join_netns, set_rlimits
+from pyvmm.jail.process import drop_privileges, join_netns, open_netns, set_rlimits
 from pyvmm.jail.spec import DEFAULT_NO_FILE, parse_jail_spec
 from pyvmm.jail.thread_setup import SeccompSetup
 
@@ -80,6 +80,7 @@ def confine(options: Confinement) -> SeccompSetup | None:
         resource_limits=tuple(limits),
     )
     cgroup_plan = cgroups.plan(spec, cgroups.read_mounts())
+    netns_fd = open_netns(spec.netns) if spec.netns is not None else -1
     setup = None
     if options.seccomp:
         from pyvmm.jail.seccomp import FaultPolicy, make_setup
@@ -93,7 +94,7 @@ def confine(options: Confinement) -> SeccompSetup | None:
     if cgroup_plan is not None:
         cgroups.apply(cgroup_plan, os.getpid())
     if spec.netns is not None:
-        join_netns(spec.netns)
+        join_netns(netns_fd, spec.netns)
     if options.jail is not None:
         system.last_capability()
         chroot.enter(options.jail.resolve())

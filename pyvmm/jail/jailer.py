@@ -45,6 +45,7 @@ from pyvmm.jail.process import (
     daemonize,
     drop_privileges,
     join_netns,
+    open_netns,
     set_rlimits,
 )
 from pyvmm.jail.spec import DEFAULT_CHROOT_BASE, JailSpec, parse_jail_spec
@@ -94,6 +95,7 @@ def jail(spec: JailSpec) -> int:
     exec_path = resolve_exec_file(spec)
     in_process = is_pyvmm_vmm(exec_path)
     close_inherited_fds()
+    netns_fd = open_netns(spec.netns) if spec.netns is not None else -1
     os.environ.clear()
     if in_process:
         from pyvmm.jail.preload import preload
@@ -108,7 +110,7 @@ def jail(spec: JailSpec) -> int:
     if cgroup_plan is not None:
         cgroups.apply(cgroup_plan, os.getpid())
     if spec.netns is not None:
-        join_netns(spec.netns)
+        join_netns(netns_fd, spec.netns)
     dev_null = os.open("/dev/null", os.O_RDWR) if spec.daemonize else -1
     system.last_capability()  # read from /proc while there is one
     chroot.enter(root)

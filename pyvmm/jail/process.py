@@ -12,6 +12,7 @@ import signal
 
 from pyvmm.errors import ConfigError, HostError
 from pyvmm.jail import system
+from pyvmm.jail.install import set_no_new_privs
 from pyvmm.jail.spec import JailSpec
 
 
@@ -33,11 +34,16 @@ def set_rlimits(spec: JailSpec) -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
 
-def join_netns(path: str) -> None:
+def open_netns(path: str) -> int:
+    """Open ``--netns`` first, so a bad path fails before anything is created."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as error:
         raise ConfigError(f"--netns {path!r}: {error.strerror}") from None
+
+
+def join_netns(fd: int, path: str) -> None:
+    """``setns`` into the namespace ``open_netns`` opened, and close it."""
     try:
         system.setns(fd, system.CLONE_NEWNET, f"joining the network namespace {path}")
     finally:
@@ -59,8 +65,6 @@ def daemonize(dev_null: int) -> None:
 
 def drop_privileges(uid: int, gid: int) -> None:
     """Groups, gid, uid, every capability, then ``no_new_privs``: nothing to gain back."""
-    from pyvmm.jail.install import set_no_new_privs
-
     system.drop_bounding_set()
     os.setgroups([])
     os.setresgid(gid, gid, gid)

@@ -70,6 +70,7 @@ _CONSOLE_TAIL_LINES = 20
 #: QEMU warns about every CPU feature TCG lacks, twice; not worth a tail line.
 _QEMU_NOISE = "TCG doesn't support requested feature"
 _OUTPUT_TAIL_CHARS = 2000
+_STATUS_MAX_BYTES = 8
 _DRAIN_IDLE_S = 0.3
 _DRAIN_LIMIT_S = 5.0
 _LOCKUP = re.compile(rb"soft lockup - CPU#\d+ stuck for (\d+)s")
@@ -677,11 +678,14 @@ def _output_tails(out: _Tail, err: _Tail) -> str:
 
 
 def _read_status(path: Path) -> int:
-    text = path.read_text().strip()
     try:
-        return int(text)
-    except ValueError:
-        raise NestedError(f"the L1 agent wrote a malformed status {text!r} to {path}") from None
+        with open(path, "rb") as f:
+            text = f.read(_STATUS_MAX_BYTES + 1).decode("ascii", "replace").strip()
+    except OSError as exc:
+        raise NestedError(f"cannot read the L1 agent's status file {path}: {exc}") from None
+    if len(text) > _STATUS_MAX_BYTES or not text.isdigit():
+        raise NestedError(f"the L1 agent wrote a malformed status {text[:20]!r} to {path}")
+    return int(text)
 
 
 def _parent_death_signal() -> Callable[[], None] | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 PREFIX = "pyvmm-nested-"
 OWNER_FILE = "owner"
 ORPHAN_AGE_S = 600.0
+_OWNER_MAX_BYTES = 64
 
 
 def create(parent: Path | None = None) -> Path:
@@ -70,7 +72,7 @@ def remove_stale(parent: Path | None = None, now: float | None = None) -> list[P
     removed = []
     for path in candidates:
         try:
-            record = (path / OWNER_FILE).read_text()
+            record = _read_owner(path / OWNER_FILE)
         except FileNotFoundError:
             record = None
         except OSError:
@@ -91,6 +93,18 @@ def remove_stale(parent: Path | None = None, now: float | None = None) -> list[P
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+def _read_owner(path: Path) -> str:
+    """An owner file's text; OSError for anything but a small regular file.
+
+    Anyone can create ``pyvmm-nested-*`` in /tmp: a FIFO or a huge file there
+    must not hang or bloat the next nested host.
+    """
+    info = path.lstat()
+    if not stat.S_ISREG(info.st_mode) or info.st_size > _OWNER_MAX_BYTES:
+        raise OSError(f"{path} is not an owner file")
+    return path.read_text(errors="replace")
 
 
 def _all_command_lines() -> str:

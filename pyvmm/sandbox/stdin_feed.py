@@ -1,13 +1,15 @@
 """A command's stdin, fed to the agent as the connection takes it.
 
 bytes are sent in chunks; a binary file with a file descriptor (a pipe, a
-terminal, pyvmm's own stdin) is read when ``poll`` says it has data, so the
-client never blocks on it while the command's output waits; a file object
-without one (``BytesIO``) is read directly.
+terminal, pyvmm's own stdin) is read through that descriptor, from its
+current position, when ``poll`` says it has data, so the client never blocks
+on it while the command's output waits; a file object without one
+(``BytesIO``) is read directly.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from typing import BinaryIO
 
@@ -29,7 +31,7 @@ class StdinFeed:
         if isinstance(source, (bytes, bytearray, memoryview)):
             self._data = memoryview(bytes(source))
             return
-        if not hasattr(source, "read"):
+        if not hasattr(source, "read") or isinstance(source, io.TextIOBase):
             raise ConfigError(f"stdin must be bytes or a binary file, not {type(source).__name__}")
         self._file = source
         try:

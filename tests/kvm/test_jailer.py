@@ -414,3 +414,93 @@ def test_confine_runs_a_vm_in_a_jail_without_the_jailer(tmp_path: Path, probe_el
     assert fields["NoNewPrivs"] == "1" and fields["Seccomp"] == "2"
     assert int(fields["CapEff"], 16) == int(fields["CapBnd"], 16) == 0
     assert ":cpu:/pyvmm-firecracker/confined" in memberships
+
+
+STATIC_VMM = r"""
+#include <dirent.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int i = 0; i < argc; i++) printf("ARG %s\n", argv[i]);
+    printf("IDS %d %d\n", (int)getuid(), (int)getgid());
+    DIR *root = opendir("/");
+    for (struct dirent *e; root && (e = readdir(root));) printf("ENTRY %s\n", e->d_name);
+    return 7;
+}
+"""
+
+
+def test_a_static_exec_file_is_copied_into_the_jail_and_execed(tmp_path: Path) -> None:
+    """Any other VMM binary is handled as Firecracker's jailer does (copy, then exec)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed (it builds the static stand-in VMM)")
+    source = tmp_path / "vmm.c"
+    source.write_text(STATIC_VMM)
+    binary = tmp_path / "bin" / "fake-firecracker"
+    binary.parent.mkdir()
+    subprocess.run([gcc, "-static", "-O2", "-o", str(binary), str(source)], check=True)
+    jail = Jailed(tmp_path)
+    jail.exec_file = binary
+    jail.root = jail.base / "fake-firecracker" / jail.id / "root"
+    try:
+        result = subprocess.run(
+            jail.command(vmm_args=("--extra", "arg")), capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 7, result.stderr
+        lines = result.stdout.splitlines()
+        args = [line[4:] for line in lines if line.startswith("ARG ")]
+        assert args[:3] == ["fake-firecracker", "--id", "vm-1"]
+        assert args[3] == "--start-time-us" and args[5] == "--start-time-cpu-us"
+        assert args[4].isdigit() and args[6].isdigit()
+        assert args[7:] == ["--extra", "arg"]
+        assert f"IDS {UID} {GID}" in lines
+        entries = {line[6:] for line in lines if line.startswith("ENTRY ")} - {".", ".."}
+        assert entries == {"dev", "run", "fake-firecracker", "fake-firecracker.pid"}
+        copied = os.stat(jail.root / "fake-firecracker")
+        assert (copied.st_mode, copied.st_uid, copied.st_gid) == (stat.S_IFREG | 0o755, 0, 0)
+    finally:
+        jail.close()
+
+
+def test_a_bad_netns_fails_before_anything_is_made(jailed: Jailed) -> None:
+    result = subprocess.run(
+        jailed.command("--netns", "/var/run/netns/none-such", "--cgroup", "cpu.shares=5"),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "pyvmm-jailer: error: --netns '/var/run/netns/none-such': No such file or directory"
+    ]
+    assert os.listdir(jailed.root) == []
+    assert not (v1_controller("cpu") / "pyvmm-firecracker" / "vm-1").exists()
+
+
+def test_snapshot_and_restore_between_two_jails(tmp_path: Path, probe_elf: Path) -> None:
+    """Everything a lifecycle needs was imported before pivoting: nothing is missing inside."""
+    first, second = Jailed(tmp_path, "snap-a"), Jailed(tmp_path, "snap-b")
+    try:
+        kernel = first.provide(probe_elf, "probe.elf")
+        first.start()
+        first.api("PUT", "/boot-source", {"kernel_image_path": kernel, "boot_args": "counter"})
+        first.api("PUT", "/actions", {"action_type": "InstanceStart"})
+        first.wait_serial(r"counter: 2\b")
+        first.api("PATCH", "/vm", {"state": "Paused"})
+        first.api("PUT", "/snapshot/create",
+                  {"snapshot_path": "/vm.state", "mem_file_path": "/vm.mem"})  # fmt: skip
+        first.api("PATCH", "/vm", {"state": "Resumed"})
+        first.wait_serial(r"counter: 4\b")
+        for name in ("vm.state", "vm.mem"):
+            assert os.stat(first.root / name).st_uid == UID
+            second.provide(first.root / name, name)
+        second.provide(probe_elf, "probe.elf")
+        second.start()
+        memory = {"backend_type": "File", "backend_path": "/vm.mem"}
+        load = {"snapshot_path": "/vm.state", "mem_backend": memory, "resume_vm": True}
+        second.api("PUT", "/snapshot/load", load)
+        second.wait_serial(r"counter: \d+")
+        assert second.api("GET", "/")["state"] == "Running"
+    finally:
+        first.close()
+        second.close()

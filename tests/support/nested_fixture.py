@@ -108,6 +108,8 @@ class NestedLinuxHost:
     def __init__(self, workdir: Path) -> None:
         self._root = workdir
         self._boots = 0
+        #: L1 boots that stalled and were retried by NestedHost, over the session.
+        self.boot_retries = 0
         self._host: NestedHost | None = None
         self.shared_dir = workdir / "shared"
         self.shared_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,10 @@ class NestedLinuxHost:
         self._boots += 1
         host = NestedHost(workdir=self._root / f"l1-{self._boots}")
         self._host = host
-        host.start()
+        try:
+            host.start()
+        finally:
+            self.boot_retries += host.boot_retries
 
     @property
     def console_log(self) -> Path | None:
@@ -165,7 +170,11 @@ def linux_host(
         yield host
     finally:
         host.close()
-        print(f"\nnested host: L1 console log in {host.console_log}", file=sys.stderr)
+        print(
+            f"\nnested host: L1 console log in {host.console_log}; "
+            f"stalled boots retried: {host.boot_retries}",
+            file=sys.stderr,
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)

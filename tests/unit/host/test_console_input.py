@@ -121,13 +121,26 @@ def test_relay_copies_a_pipe_and_ends_with_eot() -> None:
     errors: list[str] = []
     relay.start(errors.append)
     try:
-        payload = b"uname -r\n" + bytes(200_000)  # more than a pipe holds
+        payload = b"uname -r\n" + bytes(200_000) + b"\n"  # more than a pipe holds
         writer = threading.Thread(target=lambda: (os.write(source_w, payload), os.close(source_w)))
         writer.start()
         out = relay_output(relay, read_fd)
         writer.join(5)
         assert out == payload + EOT
         assert errors == []
+    finally:
+        relay.close()
+        os.close(source_r)
+
+
+def test_an_unfinished_last_line_is_ended_before_eot() -> None:
+    source_r, source_w = os.pipe()
+    relay, read_fd = InputRelay.to_pipe(source_r)
+    relay.start(lambda message: None)
+    try:
+        os.write(source_w, b"uname -r")
+        os.close(source_w)
+        assert relay_output(relay, read_fd) == b"uname -r\n" + EOT
     finally:
         relay.close()
         os.close(source_r)

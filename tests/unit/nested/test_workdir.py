@@ -63,3 +63,13 @@ def test_ownerless_directories_go_only_when_old_and_unused(tmp_path: Path) -> No
     other.mkdir()
     assert workdir.remove_stale(tmp_path) == [in_use]  # its holder is gone now
     assert other.exists()
+
+
+def test_an_owner_file_that_is_not_a_small_file_is_left_alone(tmp_path: Path) -> None:
+    fifo_dir = tmp_path / f"{workdir.PREFIX}fifo"
+    fifo_dir.mkdir()
+    os.mkfifo(fifo_dir / workdir.OWNER_FILE)  # reading it would block forever
+    big_dir = tmp_path / f"{workdir.PREFIX}big"
+    big_dir.mkdir()
+    (big_dir / workdir.OWNER_FILE).write_bytes(b"1 2 " * 1000)
+    assert workdir.remove_stale(tmp_path) == []

@@ -49,8 +49,9 @@ def agent_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def agent_socket(agent_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("agent") / "agent.sock"
+    errors = (path.parent / "agent.stderr").open("wb")  # not a pipe nobody reads
     proc = subprocess.Popen(
-        [str(agent_binary), "--unix", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [str(agent_binary), "--unix", str(path)], stdout=subprocess.PIPE, stderr=errors
     )
     try:
         assert proc.stdout is not None
@@ -59,6 +60,7 @@ def agent_socket(agent_binary: Path, tmp_path_factory: pytest.TempPathFactory) -
     finally:
         proc.terminate()
         proc.wait(10)
+        errors.close()
 
 
 def connect(path: Path) -> AgentClient:
@@ -174,6 +176,12 @@ def test_stdin_from_a_pipe_and_a_file_object(agent: AgentClient) -> None:
     thread.join()
     assert result.stdout.strip() == b"100"
     assert agent.exec(["cat"], stdin=io.BytesIO(b"from BytesIO")).stdout == b"from BytesIO"
+
+
+def test_text_stdin_is_refused_before_anything_is_sent(agent: AgentClient) -> None:
+    with pytest.raises(ConfigError, match="stdin must be bytes or a binary file, not StringIO"):
+        agent.exec(["cat"], stdin=io.StringIO("text"))
+    assert agent.ping() < 1
 
 
 def test_no_stdin_is_dev_null(agent: AgentClient) -> None:
