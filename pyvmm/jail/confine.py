@@ -37,6 +37,15 @@ from pyvmm.jail.thread_setup import SeccompSetup
 
 
 @dataclass(frozen=True)
+class LandlockPaths:
+    """What a Landlock-restricted VMM may still open (see :mod:`pyvmm.jail.landlock`)."""
+
+    read_only: tuple[Path, ...] = ()  # kernel, initrd, read-only drives
+    read_write: tuple[Path, ...] = ()  # writable drives, socket and snapshot directories
+    devices: tuple[Path, ...] = (Path("/dev/kvm"), Path("/dev/net/tun"))
+
+
+@dataclass(frozen=True)
 class Confinement:
     """What ``pyvmm run --jail DIR --uid U --gid G ...`` asks for (see :func:`confine`)."""
 
@@ -52,6 +61,7 @@ class Confinement:
     fsize: int | None = None
     seccomp: bool = True
     seccomp_filter: Path | None = None
+    landlock: LandlockPaths | None = None  # paths as seen after the pivot, if jailed
 
 
 def confine(options: Confinement) -> SeccompSetup | None:
@@ -59,7 +69,9 @@ def confine(options: Confinement) -> SeccompSetup | None:
 
     Order (the jailer's): compile the seccomp filters and import the VMM,
     rlimits, cgroups, network namespace, pivot into the jail, device nodes,
-    drop privileges, then the main thread enters the ``vmm`` role.
+    drop privileges, Landlock, then the main thread enters the ``vmm`` role.
+    Call it before any other thread starts: Landlock and seccomp reach only
+    the threads started after them.
     """
     if (options.uid is None) != (options.gid is None):
         raise ConfigError("--uid and --gid go together")
@@ -101,6 +113,11 @@ def confine(options: Confinement) -> SeccompSetup | None:
         chroot.populate(spec.uid, spec.gid)
     if options.uid is not None or options.jail is not None:
         drop_privileges(spec.uid, spec.gid)
+    if options.landlock is not None:
+        from pyvmm.jail import landlock
+
+        paths = options.landlock
+        landlock.restrict(paths.read_only, paths.read_write, paths.devices)
     if setup is not None:
         from pyvmm.vmm.threads import ThreadRole
 

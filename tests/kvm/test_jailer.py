@@ -504,3 +504,38 @@ def test_snapshot_and_restore_between_two_jails(tmp_path: Path, probe_elf: Path)
     finally:
         first.close()
         second.close()
+
+
+LANDLOCKED_RUN = r"""
+import sys
+from pathlib import Path
+from pyvmm.config import MachineConfig
+from pyvmm.vmm.machine import Machine
+import pyvmm.boot.elf, elftools.elf.elffile  # what the run imports lazily
+from pyvmm.jail.confine import Confinement, LandlockPaths, confine
+kernel = Path(sys.argv[1])
+confine(Confinement(landlock=LandlockPaths(read_only=(kernel,))))
+try:
+    open("/etc/hostname").read()
+    print("OPENED /etc/hostname")
+except PermissionError:
+    print("DENIED /etc/hostname")
+out = bytearray()
+with Machine(MachineConfig(kernel=kernel, cmdline="hello", mem_size=32 << 20),
+             serial_out=out.extend) as machine:
+    machine.start()
+    print("REASON", machine.wait(60))
+print(out.decode(errors="replace"))
+"""
+
+
+def test_a_landlocked_and_filtered_vmm_runs_the_probe(probe_elf: Path) -> None:
+    """``pyvmm run --landlock`` (no jail): only the kernel and the devices stay openable."""
+    result = subprocess.run(
+        [sys.executable, "-c", LANDLOCKED_RUN, str(probe_elf)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "DENIED /etc/hostname" in result.stdout
+    assert "REASON reset: guest reset" in result.stdout
+    assert "hello from probe" in result.stdout
