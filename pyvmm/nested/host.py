@@ -63,8 +63,10 @@ DEFAULT_STALL_S = 20.0
 BOOT_ATTEMPTS = 2
 SHUTDOWN_TIMEOUT_S = 15.0
 CANCEL_GRACE_S = 10.0
-#: A soft lockup that L1 reports as lasting this long means L1 will not recover.
-LOCKUP_FATAL_S = 60
+#: A soft lockup that L1 reports as lasting this long means L1 will not recover:
+#: its watchdog reports at about 23 s, 49 s, 75 s...; the first report can be a
+#: host that starved QEMU for a while, the second one has never recovered here.
+LOCKUP_FATAL_S = 45
 _POLL_S = 0.05
 _CONSOLE_TAIL_LINES = 20
 #: QEMU warns about every CPU feature TCG lacks, twice; not worth a tail line.
@@ -86,6 +88,11 @@ class NestedBootError(NestedError):
 
 class NestedTimeoutError(NestedError):
     """A command did not finish in time (it was killed in L1)."""
+
+
+class NestedStallError(NestedError):
+    """L1 stopped making progress while a command ran (its kernel reports a lasting
+    soft lockup). Not the command's fault: it may be run again in a new L1."""
 
 
 @dataclass(frozen=True)
@@ -584,7 +591,7 @@ class _Stream:
             lockup = self._lasting_lockup()
             if lockup is not None:
                 host._wedged = lockup
-                raise NestedError(host._with_console(lockup, with_qemu_log=False))
+                raise NestedStallError(host._with_console(lockup, with_qemu_log=False))
             if deadline is not None and time.monotonic() > deadline:
                 fate = (
                     "was killed"

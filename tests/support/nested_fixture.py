@@ -34,7 +34,13 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.nested.host import NestedHost, NestedResult, NestedTimeoutError, describe
+from pyvmm.nested.host import (
+    NestedHost,
+    NestedResult,
+    NestedStallError,
+    NestedTimeoutError,
+    describe,
+)
 
 MODE_ENV = "PYVMM_LINUX_HOST"
 
@@ -110,6 +116,8 @@ class NestedLinuxHost:
         self._boots = 0
         #: L1 boots that stalled and were retried by NestedHost, over the session.
         self.boot_retries = 0
+        #: Commands rerun in a new L1 because L1 stalled under them.
+        self.stalls = 0
         self._host: NestedHost | None = None
         self.shared_dir = workdir / "shared"
         self.shared_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +156,16 @@ class NestedLinuxHost:
                 self._host.stop()
             self._boot()
         assert self._host is not None
-        return self._host.run(command, timeout, cwd=cwd, env=env)
+        try:
+            return self._host.run(command, timeout, cwd=cwd, env=env)
+        except NestedStallError as stall:
+            # L1 itself stopped (a soft lockup under QEMU-TCG), not the command:
+            # run it once more in a new L1, and say so in the test's output.
+            print(f"\nnested host stalled; rerunning in a new L1: {str(stall).splitlines()[0]}")
+            self.stalls += 1
+            self._host.stop()
+            self._boot()
+            return self._host.run(command, timeout, cwd=cwd, env=env)
 
     def close(self) -> None:
         if self._host is not None:
@@ -172,7 +189,8 @@ def linux_host(
         host.close()
         print(
             f"\nnested host: L1 console log in {host.console_log}; "
-            f"stalled boots retried: {host.boot_retries}",
+            f"stalled boots retried: {host.boot_retries}; commands rerun after an L1 stall: "
+            f"{host.stalls}",
             file=sys.stderr,
         )
 

@@ -17,7 +17,12 @@ import pytest
 
 from pyvmm.host.console_input import EOT
 from pyvmm.nested.agent import L1_TMPDIR
-from pyvmm.nested.host import NestedBootError, NestedError, NestedHost, command_environment
+from pyvmm.nested.host import (
+    NestedBootError,
+    NestedHost,
+    NestedStallError,
+    command_environment,
+)
 from tests.unit.nested.conftest import work_dirs
 
 READ_UNTIL_EOT = (
@@ -126,14 +131,14 @@ def test_ctrl_a_x_on_a_terminal_ends_the_run_at_once(fake_l1: Path) -> None:
 def test_a_lasting_soft_lockup_ends_the_command(fake_l1: Path) -> None:
     with NestedHost(cwd=fake_l1) as host:
         line = "[   95.1] watchdog: BUG: soft lockup - CPU#1 stuck for 75s! [rcu_preempt:15]"
-        with pytest.raises(NestedError, match="soft lockup of 75 s"):
+        with pytest.raises(NestedStallError, match="soft lockup of 75 s"):
             host.run(f"echo '{line}' >> {host.console_log}; sleep 60", 120)
         assert not host.usable
 
 
 def test_a_short_soft_lockup_is_only_noted_in_the_log(fake_l1: Path) -> None:
     with NestedHost(cwd=fake_l1) as host:
-        line = "[   30.1] watchdog: BUG: soft lockup - CPU#0 stuck for 23s! [kworker:105]"
+        line = "[   30.1] watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [kworker:105]"
         result = host.run(f"echo '{line}' >> {host.console_log}; echo fine", 30)
         assert result.stdout == "fine\n"
 
