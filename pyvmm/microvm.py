@@ -34,6 +34,7 @@ from pyvmm.config import (
     VsockConfig,
     build_machine_config,
 )
+from pyvmm.snapshot.overrides import CloneOverrides
 from pyvmm.vmm.machine import Machine, VmState
 from pyvmm.vmm.stop_reason import StopKind, StopReason
 from pyvmm.vmm.threads import NO_SETUP, ThreadRole, ThreadSetup, spawn
@@ -202,28 +203,38 @@ class MicroVM:
         vsock_uds: str | Path | None = None,
         resume: bool = True,
         thread_setup: ThreadSetup = NO_SETUP,
+        clone: CloneOverrides | None = None,
     ) -> MicroVM:
         """A MicroVM continuing from :meth:`snapshot` files (in this or another process).
 
         Running unless ``resume=False`` (then paused). ``net_overrides``
         renames TAP devices ({old TAP name: new}), ``vsock_uds`` moves the
-        vsock socket; vsock connections are reset, as in Firecracker. The
-        console holds only what the guest prints from now on.
+        vsock socket; vsock connections are reset, as in Firecracker. A
+        ``clone`` of a snapshot (one of several running at once) also gets
+        its own drive images and vsock CID. The console holds only what the
+        guest prints from now on.
         """
         vm = cls.__new__(cls)
         vm.console = SerialConsole()
         vm._closed = False
         try:
-            vm._machine = Machine.restore(
-                state_path,
-                mem_path,
-                serial_out=vm.console.feed,
-                console_in=vm.console.input_fd,
-                net_overrides=net_overrides,
-                vsock_uds=vsock_uds,
-                resume=resume,
-                thread_setup=thread_setup,
-            )
+            if clone is None:
+                vm._machine = Machine.restore(
+                    state_path,
+                    mem_path,
+                    serial_out=vm.console.feed,
+                    console_in=vm.console.input_fd,
+                    net_overrides=net_overrides,
+                    vsock_uds=vsock_uds,
+                    resume=resume,
+                    thread_setup=thread_setup,
+                )
+            else:
+                vm._machine = _restore_clone(
+                    vm.console, state_path, mem_path, net_overrides, vsock_uds, clone, thread_setup
+                )
+                if resume:
+                    vm._machine.resume()
         except BaseException:
             vm.console.close_input()
             raise
@@ -303,3 +314,31 @@ class MicroVM:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _restore_clone(
+    console: SerialConsole,
+    state_path: str | Path,
+    mem_path: str | Path,
+    net_overrides: dict[str, str] | None,
+    vsock_uds: str | Path | None,
+    clone: CloneOverrides,
+    thread_setup: ThreadSetup,
+) -> Machine:
+    """``Machine.restore`` with clone overrides, paused.
+
+    ``Machine.restore`` does not take them (yet): the same two steps it
+    takes, with the overrides passed to :func:`~pyvmm.vmm.snapshots.load_snapshot`.
+    """
+    from pyvmm.vmm.snapshots import load_snapshot
+
+    state, config, mem_fd = load_snapshot(
+        state_path, mem_path, net_overrides or {}, vsock_uds, None, clone
+    )
+    try:
+        machine = Machine(config, console.feed, console.input_fd, thread_setup=thread_setup)
+    except BaseException:
+        os.close(mem_fd)
+        raise
+    machine._restore_from(state, mem_fd)  # see the docstring: until Machine.restore takes it
+    return machine

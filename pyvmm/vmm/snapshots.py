@@ -10,7 +10,8 @@ sequence in between:
   itself: vCPUs, the in-kernel irqchip and PIT, kvmclock, every device by
   id, the whole machine config - and put both in place atomically;
 * :func:`load_snapshot`: read and verify the state file, apply the host-side
-  renames a restore may ask for (TAPs, the vsock socket), and open the
+  renames a restore may ask for (TAPs, the vsock socket; a clone's drives
+  and CID), and open the
   memory file after checking that it belongs to that state file. Building
   the machine from them is :func:`pyvmm.vmm.builder.build_from_snapshot`.
 """
@@ -28,7 +29,7 @@ from pyvmm.memory import DirtyTrackingMemory
 from pyvmm.snapshot.files import atomic_files, write_all
 from pyvmm.snapshot.kvm_state import save_vcpu, save_vm
 from pyvmm.snapshot.memory_file import open_memory_file, write_diff, write_full
-from pyvmm.snapshot.overrides import restored_config
+from pyvmm.snapshot.overrides import CloneOverrides, restored_config
 from pyvmm.snapshot.state import MemoryState, MicrovmState, pack_state, pyvmm_version, read_state
 from pyvmm.vmm.vmm import Vmm
 
@@ -94,15 +95,18 @@ def load_snapshot(
     net_overrides: dict[str, str],
     vsock_uds: str | Path | None,
     track_dirty_pages: bool | None,
+    clone: CloneOverrides | None = None,
 ) -> tuple[MicrovmState, MachineConfig, int]:
     """The verified state, the config to build (renames applied) and the memory file's fd.
+
+    ``clone`` gives a clone of the snapshot its own drive images and vsock CID.
 
     The memory file is checked against the state file before anything is
     built: a file of another snapshot, a torn pair, a diff's own memory
     file are refused with one line naming both files.
     """
     state = read_state(state_path)
-    config = restored_config(state.config, net_overrides, vsock_uds)
+    config = restored_config(state.config, net_overrides, vsock_uds, clone)
     if track_dirty_pages is not None:
         config = dataclasses.replace(config, track_dirty_pages=track_dirty_pages)
     mem_fd = open_memory_file(mem_path, state.memory, state_path)

@@ -37,10 +37,11 @@ connection. Connections are capped (:data:`MAX_CONNECTIONS`), and so is the
 queue of RSTs owed to the guest: while it is long, TX is left in the ring
 until the guest posts RX buffers.
 
-Persistence: only the CID is state. Connections do not survive a snapshot
-(as in Firecracker): :meth:`VirtioVsock.restore` drops them, and once the
-device runs again the owner calls :meth:`VirtioVsock.send_transport_reset`,
-so the guest drops its side too.
+Persistence: only the CID is state, and a restore may change it (clones).
+Connections do not survive a snapshot (as in Firecracker):
+:meth:`VirtioVsock.restore` drops them, and once the device runs again the
+owner calls :meth:`VirtioVsock.send_transport_reset`, so the guest drops its
+side too and re-reads its CID.
 """
 
 from __future__ import annotations
@@ -170,11 +171,8 @@ class VirtioVsock(VirtioDevice):
         return VirtioVsockState(self.guest_cid)
 
     def restore(self, state: VirtioVsockState) -> None:
-        """Connections do not survive: all are dropped (send a transport reset once running)."""
-        if state.guest_cid != self.guest_cid:
-            raise ValueError(
-                f"virtio-vsock state is for guest CID {state.guest_cid}, not {self.guest_cid}"
-            )
+        """Drop every connection (send a transport reset once running). The CID this
+        device was made with wins over ``state.guest_cid``: a clone's new CID."""
         self._drop_all()
 
     def send_transport_reset(self) -> bool:

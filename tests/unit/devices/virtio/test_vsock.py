@@ -453,8 +453,12 @@ def test_save_restore(env):
     fresh = VirtioVsock(GUEST_CID, env.backend)
     fresh.restore(state)
     assert fresh.save() == state
-    with pytest.raises(ValueError, match="CID"):
-        VirtioVsock(GUEST_CID + 1, env.backend).restore(state)
+    clone = VirtioVsock(GUEST_CID + 1, env.backend)  # a clone restored with its own CID
+    clone.restore(state)
+    assert clone.save() == VirtioVsockState(guest_cid=GUEST_CID + 1)
+    config = bytearray(8)
+    clone.read_config(0, memoryview(config))
+    assert int.from_bytes(config, "little") == GUEST_CID + 1  # what the guest re-reads
     # Connections do not survive a restore.
     _conn, host = env.guest_connect()
     with env.guest.mmio._lock:  # as the snapshot code would hold it
