@@ -123,6 +123,7 @@ int field_next(struct fields *it, unsigned *tag, const unsigned char **value, ui
 int field_string(const unsigned char *value, uint32_t len, char **out);
 
 /* exec.c, put.c, get.c: each returns 0 to go on serving, -1 to end the session. */
+int identity_main(int argc, char **argv);
 void exec_setup(void);
 int handle_exec(struct conn *c, const struct frame *f);
 int handle_put(struct conn *c, const struct frame *f);

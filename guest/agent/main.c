@@ -4,6 +4,7 @@
  *   pyvmm-agent [--port PORT]   listen on vsock PORT (default 28793)
  *   pyvmm-agent --unix PATH     listen on a Unix socket instead (tests, debugging)
  *   pyvmm-agent --version
+ *   pyvmm-agent --identity ...  a restored clone's new identity (identity.c)
  *
  * Prints "PYVMM-AGENT-READY vsock:PORT" (or "unix:PATH") on stdout once it
  * listens. Each connection is served by its own process, so several
@@ -33,7 +34,8 @@ static int usage(void)
 {
 	fputs("usage: " AGENT_NAME " [--port PORT]\n"
 	      "       " AGENT_NAME " --unix PATH\n"
-	      "       " AGENT_NAME " --version\n",
+	      "       " AGENT_NAME " --version\n"
+	      "       " AGENT_NAME " --identity [--hostname NAME] [--time S.NS] [--mac OLD=NEW]...\n",
 	      stderr);
 	return 2;
 }
@@ -199,6 +201,8 @@ int main(int argc, char **argv)
 	char where[PATH_MAX + 16];
 	int fd;
 
+	if (argc >= 2 && !strcmp(argv[1], "--identity"))
+		return identity_main(argc - 1, argv + 1);
 	if (argc == 2 && !strcmp(argv[1], "--version")) {
 		printf(AGENT_NAME " protocol %d..%d\n", PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX);
 		return 0;
