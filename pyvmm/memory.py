@@ -172,6 +172,20 @@ class GuestMemory:
         region, offset = self._locate(addr, length)
         region.mapping[offset : offset + length] = bytes([value]) * length
 
+    def discard(self, addr: int, length: int) -> None:
+        """Give the pages of ``[addr, addr+length)`` back to the host (a balloon inflated them).
+
+        ``madvise(MADV_DONTNEED)`` drops the host's backing: the process's RSS
+        shrinks, and a later guest access reads zeros (anonymous RAM) or the
+        memory file's bytes (RAM restored from a snapshot). Page-aligned
+        ranges inside one region only: GuestMemoryError otherwise.
+        """
+        if addr % layout.PAGE_SIZE or length % layout.PAGE_SIZE:
+            raise GuestMemoryError(f"discard {addr:#x}+{length:#x} is not page-aligned")
+        region, offset = self._locate(addr, length)
+        if length:
+            region.mapping.madvise(mmap.MADV_DONTNEED, offset, length)
+
     def read_struct(self, fmt: struct.Struct, addr: int) -> tuple:
         region, offset = self._locate(addr, fmt.size)
         return fmt.unpack_from(region.mapping, offset)

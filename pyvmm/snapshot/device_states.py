@@ -15,6 +15,7 @@ from pyvmm.devices.legacy.acpi_pm import AcpiPmState, PvPanicState
 from pyvmm.devices.legacy.boot_timer import BootTimerState
 from pyvmm.devices.legacy.i8042 import I8042State
 from pyvmm.devices.legacy.serial import SerialState
+from pyvmm.devices.virtio.balloon import VirtioBalloonState
 from pyvmm.devices.virtio.block import VirtioBlockState
 from pyvmm.devices.virtio.mmio import MmioTransportState
 from pyvmm.devices.virtio.net import VirtioNetState
@@ -33,6 +34,7 @@ DEVICE_STATE_TYPES: dict[str, type] = {
         VirtioNetState,
         VirtioRngState,
         VirtioVsockState,
+        VirtioBalloonState,
     )
 }
 

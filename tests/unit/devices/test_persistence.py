@@ -25,6 +25,7 @@ from pyvmm.devices.legacy.boot_timer import BootTimer
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.serial import Serial
 from pyvmm.devices.rate_limiter import RateLimiter
+from pyvmm.devices.virtio.balloon import VirtioBalloon
 from pyvmm.devices.virtio.block import VirtioBlock
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.net import VirtioNet
@@ -63,6 +64,7 @@ FACTORIES: dict[type, Callable[[], object]] = {
     VirtioNet: lambda: VirtioNet(FakeTap(), bytes(6), limited("ops=5"), limited("bw=2K")),
     VirtioRng: lambda: VirtioRng(os.getrandom, rate_limiter=limited("bw=1K,ops=9")),
     VirtioVsock: lambda: VirtioVsock(3, FakeVsockBackend()),
+    VirtioBalloon: lambda: VirtioBalloon(512, deflate_on_oom=True, stats=True),
     Serial: lambda: Serial(NoIrq(), lambda data: None),
     I8042: lambda: I8042(NoIrq(), lambda: None),
     AcpiPm: lambda: AcpiPm(lambda: None, lambda: None),
