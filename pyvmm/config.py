@@ -393,6 +393,23 @@ def parse_vsock(text: str) -> VsockConfig:
     return VsockConfig(cid, Path(uds))
 
 
+@dataclass(frozen=True)
+class BalloonConfig:
+    """A virtio-balloon device (Firecracker's ``/balloon``): the host asks for memory back.
+
+    ``amount_mib`` is the initial target; ``stats_polling_interval_s`` > 0
+    turns the statistics queue on and says how often to refresh them.
+    """
+
+    amount_mib: int = 0
+    deflate_on_oom: bool = False
+    stats_polling_interval_s: int = 0
+
+    def __post_init__(self) -> None:
+        _check_count("balloon amount_mib", self.amount_mib, 0, (1 << 32) // 256 - 1)
+        _check_count("balloon stats_polling_interval_s", self.stats_polling_interval_s, 0, 1 << 16)
+
+
 # --- the machine -------------------------------------------------------------------------
 
 
@@ -413,6 +430,7 @@ class MachineConfig:
     nets: tuple[NetConfig, ...] = ()
     vsock: VsockConfig | None = None
     track_dirty_pages: bool = False  # log written pages: diff snapshots need it
+    balloon: BalloonConfig | None = None
     #: Set by ``__post_init__``: one id per virtio device, in device order.
     device_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
@@ -464,6 +482,7 @@ class MachineConfig:
         ids = [drive.drive_id or f"drive{n}" for n, drive in enumerate(self.drives)]
         ids += [net.iface_id or f"net{n}" for n, net in enumerate(self.nets)]
         ids += ["rng"] * self.rng + ["vsock"] * (self.vsock is not None)
+        ids += ["balloon"] * (self.balloon is not None)
         duplicates = {name for name in ids if ids.count(name) > 1}
         if duplicates:
             raise ConfigError(f"device id {sorted(duplicates)[0]!r} is used twice")

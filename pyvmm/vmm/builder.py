@@ -26,6 +26,7 @@ from pyvmm.boot.acpi import write_acpi_tables
 from pyvmm.boot.configure import BootSetup, setup_boot
 from pyvmm.config import MachineConfig
 from pyvmm.devices.rate_limiter import RateLimiter
+from pyvmm.devices.virtio.balloon import PAGES_PER_MIB, VirtioBalloon
 from pyvmm.devices.virtio.block import VirtioBlock
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.net import VirtioNet
@@ -246,6 +247,13 @@ def _open_virtio_device(
     if device_id == "rng" and config.rng:
         limiter = RateLimiter.from_spec(config.rng_rate_limit)
         return VirtioRng(os.getrandom, rate_limiter=limiter), None
+    if device_id == "balloon" and config.balloon is not None:
+        balloon = config.balloon
+        return VirtioBalloon(
+            balloon.amount_mib * PAGES_PER_MIB,
+            deflate_on_oom=balloon.deflate_on_oom,
+            stats_interval_s=balloon.stats_polling_interval_s,
+        ), None
     if device_id == "vsock" and config.vsock is not None:
         uds = VsockUds(config.vsock.uds_path)
         return VirtioVsock(config.vsock.guest_cid, uds), uds

@@ -34,6 +34,7 @@ from pyvmm.devices.legacy.boot_timer import BootTimer
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.serial import Serial
 from pyvmm.devices.rate_limiter import LimiterPatch
+from pyvmm.devices.virtio.balloon import PAGES_PER_MIB, VirtioBalloon
 from pyvmm.devices.virtio.block import VirtioBlock
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.mmio import MmioTransport
@@ -188,6 +189,8 @@ class DeviceManager:
             backend.subscribe(self._loop, lambda: serve(queue))
         slot = VirtioSlot(device_id, transport, backend, serve, tuple(notify_fds), window)
         self.virtio[device_id] = slot
+        if isinstance(device, VirtioBalloon) and device.stats_interval_s:
+            self._loop.call_later(device.stats_interval_s, lambda: self._poll_balloon_stats(slot))
         return slot
 
     # --- guest events ------------------------------------------------------------------
@@ -315,6 +318,34 @@ class DeviceManager:
         self._loop.call_soon(lambda: (slot.serve(0), slot.serve(1)))
         return net
 
+    # --- the balloon (Firecracker's PATCH /balloon and /balloon/statistics) -----------------
+    def _balloon(self) -> VirtioSlot:
+        return self._slot("balloon", VirtioBalloon, "balloon device")
+
+    def set_balloon_target(self, amount_mib: int) -> None:
+        """A new balloon target; the guest's driver inflates or deflates towards it."""
+        pages = amount_mib * PAGES_PER_MIB
+        self._balloon().transport.run_locked(lambda device: device.set_target_pages(pages))
+
+    def balloon_stats(self) -> dict[str, int]:
+        """The balloon's sizes and the guest's latest memory statistics."""
+        return self._balloon().transport.run_locked(lambda device: device.stats())
+
+    def set_balloon_stats_interval(self, seconds: int) -> None:
+        """Refresh statistics every ``seconds`` from now on (the next refresh is immediate)."""
+        slot = self._balloon()
+        slot.transport.run_locked(lambda device: setattr(device, "stats_interval_s", seconds))
+        self._loop.call_soon(lambda: self._poll_balloon_stats(slot, reschedule=False))
+
+    def _poll_balloon_stats(self, slot: VirtioSlot, *, reschedule: bool = True) -> None:
+        """Ask the driver for fresh statistics; runs on the event loop every interval."""
+        device = slot.device
+        assert isinstance(device, VirtioBalloon)
+        if device.activated:
+            slot.transport.run_locked(lambda device: device.request_stats())
+        if reschedule and device.stats_interval_s:
+            self._loop.call_later(device.stats_interval_s, lambda: self._poll_balloon_stats(slot))
+
     # --- observability --------------------------------------------------------------------
     def device_stats(self) -> dict[str, dict[str, int]]:
         """Every virtio device's counters, as Firecracker names its metric groups.
@@ -324,6 +355,9 @@ class DeviceManager:
         groups: dict[str, dict[str, int]] = {}
         for device_id, slot in self.virtio.items():
             device = slot.device
+            if isinstance(device, VirtioBalloon):
+                groups["balloon"] = dataclasses.asdict(device.counters)
+                continue
             if isinstance(device, VirtioBlock):
                 name = f"block_{device_id}"
             elif isinstance(device, VirtioNet):

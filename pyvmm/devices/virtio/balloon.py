@@ -103,8 +103,12 @@ class VirtioBalloon(VirtioDevice):
 
     device_type = VIRTIO_ID_BALLOON
 
-    def __init__(self, target_pages: int, *, deflate_on_oom: bool, stats: bool) -> None:
+    def __init__(self, target_pages: int, *, deflate_on_oom: bool, stats_interval_s: int) -> None:
+        """``stats_interval_s`` > 0 offers the statistics queue; the owner calls
+        :meth:`request_stats` that often."""
         super().__init__()
+        stats = stats_interval_s > 0
+        self.stats_interval_s = stats_interval_s
         self.avail_features = VIRTIO_BALLOON_F_MUST_TELL_HOST
         if deflate_on_oom:
             self.avail_features |= VIRTIO_BALLOON_F_DEFLATE_ON_OOM

@@ -64,7 +64,7 @@ FACTORIES: dict[type, Callable[[], object]] = {
     VirtioNet: lambda: VirtioNet(FakeTap(), bytes(6), limited("ops=5"), limited("bw=2K")),
     VirtioRng: lambda: VirtioRng(os.getrandom, rate_limiter=limited("bw=1K,ops=9")),
     VirtioVsock: lambda: VirtioVsock(3, FakeVsockBackend()),
-    VirtioBalloon: lambda: VirtioBalloon(512, deflate_on_oom=True, stats=True),
+    VirtioBalloon: lambda: VirtioBalloon(512, deflate_on_oom=True, stats_interval_s=1),
     Serial: lambda: Serial(NoIrq(), lambda data: None),
     I8042: lambda: I8042(NoIrq(), lambda: None),
     AcpiPm: lambda: AcpiPm(lambda: None, lambda: None),

@@ -32,7 +32,9 @@ class Guest(TransportAccess):
     def __init__(self, mem: GuestMemory, *, stats: bool = True, target_mib: int = 0) -> None:
         self.mem = mem
         self.irq = CountingIrq()
-        self.balloon = VirtioBalloon(target_mib * PAGES_PER_MIB, deflate_on_oom=True, stats=stats)
+        self.balloon = VirtioBalloon(
+            target_mib * PAGES_PER_MIB, deflate_on_oom=True, stats_interval_s=int(stats)
+        )
         self.mmio = MmioTransport(self.balloon, self.irq, mem)
         count = 3 if stats else 2
         self.drivers = [MockDriver(mem, 16, desc_table=0x10_000 + n * 0x1000) for n in range(count)]
@@ -85,7 +87,7 @@ def test_identity_features_and_config(mem: GuestMemory) -> None:
     g.balloon.set_target_pages(7 * PAGES_PER_MIB)
     assert g.rd(Reg.INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG
     assert g.rd(Reg.CONFIG) == 7 * PAGES_PER_MIB
-    no_stats = VirtioBalloon(0, deflate_on_oom=False, stats=False)
+    no_stats = VirtioBalloon(0, deflate_on_oom=False, stats_interval_s=0)
     assert no_stats.queue_max_sizes == (BALLOON_QUEUE_SIZE,) * 2
     assert not no_stats.avail_features & (VIRTIO_BALLOON_F_DEFLATE_ON_OOM | F_STATS)
 
@@ -141,7 +143,7 @@ def test_state_round_trip_and_bad_states(mem: GuestMemory) -> None:
     g = Guest(mem, target_mib=2)
     g.wr(Reg.CONFIG + 4, 12)
     state = g.balloon.save()
-    fresh = VirtioBalloon(0, deflate_on_oom=True, stats=True)
+    fresh = VirtioBalloon(0, deflate_on_oom=True, stats_interval_s=1)
     fresh.restore(state)
     assert fresh.save() == state
     for bad in (
