@@ -15,7 +15,8 @@ Low memory (below 1 MiB)::
     0x0002_0000  kernel command line
     0x0008_f000  boot stack top (grows down)
     0x0009_fc00  MP floating pointer + MP config table (EBDA)
-    0x000a_0000  legacy VGA/ROM hole up to 1 MiB (not RAM in the e820 map)
+    0x000a_0000  legacy VGA/ROM hole up to 1 MiB (not RAM in the e820 map);
+                 its first page holds the VM generation id (16 bytes)
     0x000e_0000  ACPI: RSDP, then XSDT, FADT, MADT, DSDT
 
 High memory: the kernel at 1 MiB, RAM up to the 32-bit MMIO hole at 3 GiB,
@@ -53,6 +54,15 @@ RSDP_ADDR = 0xE0000  # ACPI RSDP (used once ACPI tables are built)
 # ACPI tables follow the RSDP inside [RSDP_ADDR, ACPI_TABLES_END): the BIOS
 # area Linux searches for an RSDP, and never RAM in the e820 map.
 ACPI_TABLES_END = 0x100000
+# The VM generation id (pyvmm.devices.legacy.vmgenid, described by the DSDT's
+# VGEN device): 16 bytes at the start of the 640 KiB - 1 MiB hole, which is
+# guest RAM to KVM but absent from the e820 map, so the guest kernel never
+# allocates it, while its memremap() of a non-RAM range just maps it. Why
+# there and not carved from RAM: nothing to mark reserved, and nothing else
+# is at 0xA0000 (the FADT says there is no VGA). 8-byte aligned, as the
+# spec asks; the rest of the page stays unused.
+VMGENID_ADDR = BIOS_AREA_START
+VMGENID_SIZE = 16
 
 # --- kernel ---------------------------------------------------------------
 HIMEM_START = 0x100000  # 1 MiB: where kernels are loaded
@@ -90,6 +100,9 @@ PIT_IOAPIC_PIN = 0
 # IRQs in use (0 PIT, 1 i8042, 3-4 COM ports, 8 RTC), below the 24 pins.
 VIRTIO_GSI_START = 5
 IOAPIC_NUM_PINS = 24
+# The Generic Event Device's interrupt (ACPI notifications: a new VM
+# generation id): the last IOAPIC pin, above every virtio device's.
+GED_GSI = IOAPIC_NUM_PINS - 1
 BOOT_TIMER_MAGIC = 123  # value the guest writes to BOOT_TIMER_ADDR
 # Hardware-reduced ACPI registers the FADT points at (pyvmm.devices.legacy.acpi_pm):
 # one byte each, in an I/O range nothing on a PC or in KVM claims. Sleep

@@ -14,7 +14,9 @@ in the guest's e820 map, so the kernel never hands it out as free memory.
 What the rest of the VMM must do (see :mod:`pyvmm.devices.legacy.acpi_pm`): put
 an ``AcpiPm`` at ``layout.ACPI_PM_PORT`` and a ``PvPanic`` at
 ``layout.PVPANIC_PORT`` on the port-I/O bus, and wire their callbacks to
-power-off, reset and panic.
+power-off, reset and panic. With a :class:`VmGenIdAcpi`, the DSDT describes a
+VM generation id: the VMM keeps its 16 bytes at that address
+(:mod:`pyvmm.devices.legacy.vmgenid`) and raises that GSI when they change.
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyvmm import layout
-from pyvmm.boot.acpi.dsdt import VirtioMmioDevice, build_dsdt
+from pyvmm.boot.acpi.dsdt import VirtioMmioDevice, VmGenIdAcpi, build_dsdt
 from pyvmm.boot.acpi.tables import build_fadt, build_madt, build_rsdp, build_xsdt
 from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
 
-__all__ = ["AcpiTables", "VirtioMmioDevice", "build_acpi_tables", "write_acpi_tables"]
+__all__ = [
+    "AcpiTables",
+    "VirtioMmioDevice",
+    "VmGenIdAcpi",
+    "build_acpi_tables",
+    "write_acpi_tables",
+]
 
 TABLE_ALIGNMENT = 16
 
@@ -72,18 +80,20 @@ def build_acpi_tables(
     num_cpus: int,
     virtio_devices: Sequence[VirtioMmioDevice] = (),
     base: int = layout.RSDP_ADDR,
+    vmgenid: VmGenIdAcpi | None = None,
 ) -> AcpiTables:
     """Build every table for a VM, addresses resolved; raises ConfigError if they do not fit.
 
     ``virtio_devices`` are ``(MMIO base, window size, GSI)`` triples. ``base``
     must be 16-byte aligned: that is where OSes scanning for an RSDP look.
+    ``vmgenid`` adds the VM generation id device and its Generic Event Device.
     """
     if base % TABLE_ALIGNMENT:
         raise ValueError(f"RSDP address {base:#x} is not 16-byte aligned")
     # The tables that hold addresses have fixed sizes, so placing everything
     # needs only the sizes of the MADT and DSDT, which hold none.
     madt = build_madt(num_cpus)
-    dsdt = build_dsdt(virtio_devices)
+    dsdt = build_dsdt(virtio_devices, vmgenid)
     rsdp = build_rsdp(0)
     xsdt_size = len(build_xsdt([0, 0]))  # two entries: FADT, MADT
     fadt_size = len(build_fadt(0))
@@ -113,13 +123,16 @@ def build_acpi_tables(
 
 
 def write_acpi_tables(
-    mem: GuestMemory, num_cpus: int, virtio_devices: Sequence[VirtioMmioDevice] = ()
+    mem: GuestMemory,
+    num_cpus: int,
+    virtio_devices: Sequence[VirtioMmioDevice] = (),
+    vmgenid: VmGenIdAcpi | None = None,
 ) -> int:
     """Write the tables at ``layout.RSDP_ADDR`` and return the RSDP address.
 
     Nothing is written unless every table was built and fits.
     """
-    tables = build_acpi_tables(num_cpus, virtio_devices)
+    tables = build_acpi_tables(num_cpus, virtio_devices, vmgenid=vmgenid)
     if not mem.is_valid(tables.rsdp_addr, tables.end - tables.rsdp_addr):
         raise ConfigError(
             f"guest RAM must cover {tables.rsdp_addr:#x}-{tables.end:#x} for the ACPI tables"

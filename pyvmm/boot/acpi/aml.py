@@ -59,6 +59,10 @@ ROOT_CHAR = 0x5C  # '\'
 PARENT_PREFIX_CHAR = 0x5E  # '^'
 NULL_NAME = 0x00
 RETURN_OP = 0xA4
+ARG0_OP = 0x68  # Arg0..Arg6 are 0x68..0x6E
+NOTIFY_OP = 0x86
+LEQUAL_OP = 0x93
+IF_OP = 0xA0
 
 # --- PkgLength (20.2.4): bits 7-6 of the lead byte count the bytes that follow
 PKG_LENGTH_MAX = (1 << 28) - 1
@@ -67,6 +71,7 @@ _PKG_LENGTH_ONE_BYTE_MAX = 0x3F  # 6 bits in the lead byte alone
 NAME_SEG_SIZE = 4
 MAX_METHOD_ARGS = 7
 MAX_SYNC_LEVEL = 15
+NOTIFY_VALUE_MAX = 0xFF  # a notification code is a byte (ACPI 6.x, 5.6.6)
 
 # --- resource descriptors (ACPI 6.x, 6.4) -----------------------------------------
 # Small items: tag byte = (item name << 3) | length of the data that follows.
@@ -114,6 +119,7 @@ class ResourceDescriptor(bytes):
 
 
 AmlData = int | str | Aml  # what Name, Package and Return accept
+TermArg = int | Aml  # an operand: a constant, an Arg, or an expression
 
 
 # --- building blocks -------------------------------------------------------------
@@ -363,6 +369,60 @@ class Return(Aml):
 
     def __new__(cls, value: AmlData) -> Return:
         return super().__new__(cls, bytes((RETURN_OP,)) + encode_data(value))
+
+
+# --- method code: arguments, a comparison, a branch, a notification -------------------
+
+
+def _operand(value: TermArg) -> bytes:
+    """A TermArg: an Integer for ``int``, else already-encoded AML (an Arg, an expression)."""
+    if isinstance(value, Aml):
+        return bytes(value)
+    return encode_integer(value)
+
+
+class Arg(Aml):
+    """``Arg0`` .. ``Arg6``: the method's arguments (ArgObj, 20.2.6.1)."""
+
+    __slots__ = ()
+
+    def __new__(cls, index: int) -> Arg:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 7:
+            raise AmlError(f"Arg{index!r}: AML methods have arguments Arg0-Arg6")
+        return super().__new__(cls, bytes((ARG0_OP + index,)))
+
+
+class LEqual(Aml):
+    """``LEqual (left, right)``, ASL+ ``(left == right)``: True (Ones) if the integers are equal."""
+
+    __slots__ = ()
+
+    def __new__(cls, left: TermArg, right: TermArg) -> LEqual:
+        return super().__new__(cls, bytes((LEQUAL_OP,)) + _operand(left) + _operand(right))
+
+
+class If(Aml):
+    """``If (predicate) {terms}``: IfOp PkgLength Predicate TermList (no Else)."""
+
+    __slots__ = ()
+
+    def __new__(cls, predicate: TermArg, terms: Iterable[Aml]) -> If:
+        payload = _operand(predicate) + _terms(terms)
+        return super().__new__(cls, _with_pkg_length(bytes((IF_OP,)), payload))
+
+
+class Notify(Aml):
+    r"""``Notify (\path, value)``: tell the OS driver of the device at ``path`` about ``value``.
+
+    Values 0x80 and up are device-specific (the VM generation counter uses
+    0x80, "the id changed").
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, path: str, value: int) -> Notify:
+        _check_range("Notify value", value, NOTIFY_VALUE_MAX + 1)
+        return super().__new__(cls, bytes((NOTIFY_OP,)) + name_string(path) + encode_integer(value))
 
 
 # --- resource templates --------------------------------------------------------------

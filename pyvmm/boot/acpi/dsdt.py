@@ -11,7 +11,10 @@ interrupt has to be described here with its ``_CRS``:
   driver, which accepts an I/O as well as a memory resource;
 * ``Vnnn`` (``LNRO0005``): one per virtio-mmio transport. Debian's kernels
   find virtio-mmio devices only this way (no ``virtio_mmio.device=`` on
-  the command line without ``CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES``).
+  the command line without ``CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES``);
+* ``VGEN`` (``VM_Gen_Counter``) and ``GED_`` (``ACPI0013``): the VM
+  generation id and the interrupt that announces a new one (see
+  :func:`vm_generation_id` and :func:`generic_event_device`).
 
 Plus ``\\_S5`` at the root, which tells OSPM what SLP_TYP to write to the
 FADT's sleep control register to power off; without it Linux has no ACPI
@@ -29,18 +32,23 @@ way.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pyvmm import layout
 from pyvmm.boot.acpi.aml import (
     IO,
     Aml,
+    Arg,
     Device,
     EisaId,
+    If,
     Interrupt,
     IRQNoFlags,
+    LEqual,
     Memory32Fixed,
     Method,
     Name,
+    Notify,
     Package,
     ResourceTemplate,
     Return,
@@ -59,6 +67,20 @@ MAX_VIRTIO_DEVICES = 0x1000  # names V000..VFFF
 
 # (MMIO base, window size, GSI) of one virtio-mmio transport.
 VirtioMmioDevice = tuple[int, int, int]
+
+VMGENID_HID = "QEMUVGID"  # the _HID QEMU gives it; Linux and Windows match the _CID
+VMGENID_CID = "VM_Gen_Counter"  # what Microsoft's spec requires (ACPI upper-cases it)
+VMGENID_NOTIFY = 0x80  # "the generation id changed"
+GED_HID = "ACPI0013"
+
+
+@dataclass(frozen=True)
+class VmGenIdAcpi:
+    """What the DSDT says about the VM generation id: where its 16 bytes are, which GSI
+    announces a new one."""
+
+    guid_addr: int
+    gsi: int
 
 
 def com1() -> Device:
@@ -169,14 +191,70 @@ def virtio_mmio_devices(devices: Sequence[VirtioMmioDevice]) -> list[Device]:
     ]
 
 
+def vm_generation_id(guid_addr: int) -> Device:
+    """``VGEN``: Microsoft's "Virtual Machine Generation ID" device.
+
+    The guest finds the 16-byte generation id at the address ``ADDR``
+    returns: a Package of two integers, the low and the high 32 bits (the
+    spec's format, which Linux's ``vmgenid`` driver checks). ``ADDR`` is a
+    method as the spec words it; the address never changes, so it returns a
+    constant. Linux binds through the ``_CID`` (its id table has
+    ``VM_GEN_COUNTER``: ACPICA upper-cases ``_CID`` strings); the ``_HID`` is
+    QEMU's, so a guest sees the same device under pyvmm as under QEMU.
+    """
+    if guid_addr % 8 or not 0 < guid_addr < 1 << 64:
+        raise ConfigError(f"VM generation id address {guid_addr:#x} must be 8-byte aligned")
+    return Device(
+        "VGEN",
+        [
+            Name("_HID", VMGENID_HID),
+            Name("_CID", VMGENID_CID),
+            Name("_DDN", VMGENID_CID),
+            Method("ADDR", [Return(Package([guid_addr & 0xFFFF_FFFF, guid_addr >> 32]))]),
+        ],
+    )
+
+
+def generic_event_device(gsi: int, target: str) -> Device:
+    """``GED_`` (``ACPI0013``): turns an interrupt into ``Notify (target, 0x80)``.
+
+    A hardware-reduced platform has no SCI and no GPE blocks, so a device
+    notification needs a Generic Event Device (ACPI 6.x, 5.6.9): the OS
+    requests the interrupts in its ``_CRS`` and, on each, evaluates
+    ``_EVT`` with the interrupt number. Linux's driver (``evged``) is built
+    into every ACPI kernel. The interrupt is edge-triggered and active-high,
+    like the virtio ones: pyvmm raises it through an irqfd.
+    """
+    if not 0 <= gsi < layout.IOAPIC_NUM_PINS:
+        raise ConfigError(f"GED GSI {gsi} is not an IOAPIC pin (0-{layout.IOAPIC_NUM_PINS - 1})")
+    return Device(
+        "GED",
+        [
+            Name("_HID", GED_HID),
+            Name("_CRS", ResourceTemplate([Interrupt(gsi, edge=True)])),
+            Method(
+                "_EVT",
+                [If(LEqual(Arg(0), gsi), [Notify(target, VMGENID_NOTIFY)])],
+                args=1,
+            ),
+        ],
+    )
+
+
 def sleep_states() -> list[Aml]:
     """``\\_S5``: SLP_TYPa, SLP_TYPb (the second is ignored without a PM1b block)."""
     return [Name("_S5", Package([layout.ACPI_S5_SLP_TYP, 0]))]
 
 
-def build_dsdt(virtio_devices: Sequence[VirtioMmioDevice] = ()) -> bytes:
-    """The whole DSDT, header and checksum included."""
-    system_bus = Scope(
-        "\\_SB", [com1(), ps2_keyboard(), pvpanic(), *virtio_mmio_devices(virtio_devices)]
-    )
+def build_dsdt(
+    virtio_devices: Sequence[VirtioMmioDevice] = (), vmgenid: VmGenIdAcpi | None = None
+) -> bytes:
+    """The whole DSDT, header and checksum included (``VGEN`` and ``GED_`` with ``vmgenid``)."""
+    devices = [com1(), ps2_keyboard(), pvpanic(), *virtio_mmio_devices(virtio_devices)]
+    if vmgenid is not None:
+        devices += [
+            vm_generation_id(vmgenid.guid_addr),
+            generic_event_device(vmgenid.gsi, "\\_SB.VGEN"),
+        ]
+    system_bus = Scope("\\_SB", devices)
     return build_table(b"DSDT", DSDT_REVISION, b"".join([system_bus, *sleep_states()]))

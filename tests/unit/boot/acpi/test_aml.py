@@ -13,16 +13,20 @@ from pyvmm.boot.acpi import aml
 from pyvmm.boot.acpi.aml import (
     IO,
     AmlError,
+    Arg,
     Buffer,
     Device,
     EisaId,
+    If,
     Integer,
     Interrupt,
     IRQNoFlags,
+    LEqual,
     Memory32Fixed,
     Method,
     Name,
     NamePath,
+    Notify,
     Package,
     ResourceTemplate,
     Return,
@@ -215,6 +219,36 @@ def test_name_scope_device_method_return() -> None:
     assert Method("FOO", [], args=2, serialized=True, sync_level=3)[6] == 0x3A
     with pytest.raises(AmlError):
         Method("FOO", [], args=8)
+
+
+def test_method_code_opcodes() -> None:
+    """ACPI 6.x 20.2.6.1 (ArgObj 0x68-0x6E), 20.2.5.4 (LEqualOp 0x93),
+    20.2.5.3 (IfOp 0xA0 PkgLength Predicate TermList), 20.2.5.3 (NotifyOp 0x86
+    NotifyObject NotifyValue)."""
+    assert Arg(0) == b"\x68"
+    assert Arg(6) == b"\x6e"
+    assert LEqual(Arg(0), 0x17) == b"\x93\x68\x0a\x17"
+    assert LEqual(1, Arg(1)) == b"\x93\x01\x69"
+    notify = Notify("\\_SB.VGEN", 0x80)
+    assert notify == b"\x86\\\x2e_SB_VGEN\x0a\x80"
+    branch = If(LEqual(Arg(0), 0x17), [notify])
+    assert branch == b"\xa0" + bytes((1 + 4 + len(notify),)) + LEqual(Arg(0), 0x17) + notify
+    assert If(0, []) == b"\xa0\x02\x00"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [lambda: Arg(7), lambda: Arg(-1), lambda: Arg(True), lambda: Notify("\\_SB.VGEN", 0x100)],
+    ids=["arg7", "arg-1", "arg-bool", "notify-0x100"],
+)
+def test_method_code_rejects_what_aml_cannot_encode(bad) -> None:
+    with pytest.raises(AmlError):
+        bad()
+
+
+def test_raw_bytes_are_refused_as_if_terms() -> None:
+    with pytest.raises(AmlError):
+        If(Arg(0), [b"\x86"])  # type: ignore[list-item]
 
 
 def test_nested_terms_get_multi_byte_pkg_lengths() -> None:

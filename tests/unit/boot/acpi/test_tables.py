@@ -170,7 +170,7 @@ def _asl_int(text: str) -> int:
 
 
 def asl_devices(dsl: str) -> dict[str, AslDevice]:
-    starts = [(m.start(), m.group(1)) for m in re.finditer(r"Device \((\w{4})\)", dsl)]
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r"Device \((\w{1,4})\)", dsl)]
     devices = {}
     for i, (start, name) in enumerate(starts):
         end = starts[i + 1][0] if i + 1 < len(starts) else len(dsl)
