@@ -1,7 +1,7 @@
 """The devices' part of a snapshot: every device's saved state, by the device's id.
 
 Legacy devices are saved under fixed names (``serial``, ``i8042``,
-``acpi_pm``, ``pvpanic``, ``boot_timer``), virtio devices under their
+``acpi_pm``, ``pvpanic``, ``boot_timer``, ``vmgenid``), virtio devices under their
 config ids (``drive_id``, ``iface_id``, ``rng``, ``vsock``), so a restore
 matches parts by name, never by position. :data:`DEVICE_STATE_TYPES` is
 the only set of classes a state file may name: the codec refuses any other.
@@ -15,6 +15,7 @@ from pyvmm.devices.legacy.acpi_pm import AcpiPmState, PvPanicState
 from pyvmm.devices.legacy.boot_timer import BootTimerState
 from pyvmm.devices.legacy.i8042 import I8042State
 from pyvmm.devices.legacy.serial import SerialState
+from pyvmm.devices.legacy.vmgenid import VmGenIdState
 from pyvmm.devices.virtio.balloon import VirtioBalloonState
 from pyvmm.devices.virtio.block import VirtioBlockState
 from pyvmm.devices.virtio.mmio import MmioTransportState
@@ -30,6 +31,7 @@ DEVICE_STATE_TYPES: dict[str, type] = {
         AcpiPmState,
         PvPanicState,
         BootTimerState,
+        VmGenIdState,
         VirtioBlockState,
         VirtioNetState,
         VirtioRngState,

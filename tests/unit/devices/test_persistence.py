@@ -18,12 +18,14 @@ from collections.abc import Callable
 import pytest
 
 import pyvmm.devices.virtio as virtio_package
+from pyvmm import layout
 from pyvmm.config import parse_rate_limit
 from pyvmm.devices.base import NoIrq
 from pyvmm.devices.legacy.acpi_pm import AcpiPm, PvPanic
 from pyvmm.devices.legacy.boot_timer import BootTimer
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.serial import Serial
+from pyvmm.devices.legacy.vmgenid import VmGenId
 from pyvmm.devices.rate_limiter import RateLimiter
 from pyvmm.devices.virtio.balloon import VirtioBalloon
 from pyvmm.devices.virtio.block import VirtioBlock
@@ -51,6 +53,11 @@ class FakeVsockBackend:
         return []
 
 
+class FakeGuestMemory:
+    def write(self, addr: int, data: bytes) -> None:
+        pass
+
+
 def limited(text: str) -> RateLimiter:
     limiter = RateLimiter.from_spec(parse_rate_limit(text))
     assert limiter is not None
@@ -70,6 +77,7 @@ FACTORIES: dict[type, Callable[[], object]] = {
     AcpiPm: lambda: AcpiPm(lambda: None, lambda: None),
     PvPanic: lambda: PvPanic(lambda: None),
     BootTimer: lambda: BootTimer(0),
+    VmGenId: lambda: VmGenId(FakeGuestMemory(), layout.VMGENID_ADDR, NoIrq(), os.urandom),
 }
 
 
