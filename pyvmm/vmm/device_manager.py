@@ -3,7 +3,9 @@
 It owns what the guest can touch besides RAM and vCPUs:
 
 * the legacy platform (COM1 + console input, i8042, ACPI PM, pvpanic, the
-  boot timer) on the port-I/O and MMIO buses, under fixed names;
+  boot timer) on the port-I/O and MMIO buses, under fixed names, and the
+  VM generation id (``vmgenid``: in guest memory, on no bus), which a
+  restored clone changes (:meth:`new_generation`);
 * the virtio devices, each in its virtio-mmio window with an irqfd line,
   one ioeventfd per queue and its host back end, under its config id
   (``drive_id``, ``iface_id``, ``rng``, ``vsock``);
@@ -33,6 +35,7 @@ from pyvmm.devices.legacy.acpi_pm import AcpiPm, PvPanic
 from pyvmm.devices.legacy.boot_timer import BootTimer
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.serial import Serial
+from pyvmm.devices.legacy.vmgenid import VmGenId
 from pyvmm.devices.rate_limiter import LimiterPatch
 from pyvmm.devices.virtio.balloon import PAGES_PER_MIB, VirtioBalloon
 from pyvmm.devices.virtio.block import VirtioBlock
@@ -121,6 +124,8 @@ class DeviceManager:
         self.serial: Serial | None = None
         self.i8042: I8042 | None = None
         self.serial_tail: SerialTail | None = None
+        self.vmgenid: VmGenId | None = None
+        self._generation_unannounced = False  # a new id the guest hears of at resume
 
     # --- building -------------------------------------------------------------------
     def _irq(self, gsi: int) -> EventFdIrq:
@@ -155,6 +160,28 @@ class DeviceManager:
             layout.BOOT_TIMER_ADDR, layout.MMIO_DEVICE_WINDOW, boot_timer, "boot_timer"
         )
         self.legacy["boot_timer"] = boot_timer
+
+    def add_vmgenid(self) -> VmGenId:
+        """The VM generation id at ``layout.VMGENID_ADDR``, announced on ``layout.GED_GSI``.
+
+        On no bus: the guest reads it from memory, at the address the DSDT's
+        ``VGEN`` gives. Its ids come from the host kernel's CSPRNG.
+        """
+        irq = self._irq(layout.GED_GSI)
+        self.vmgenid = VmGenId(self._memory, layout.VMGENID_ADDR, irq, os.getrandom)
+        self.legacy["vmgenid"] = self.vmgenid
+        return self.vmgenid
+
+    def new_generation(self) -> bytes | None:
+        """A restored clone's new generation id, written now; the guest is notified at the
+        first resume (:meth:`after_restore`). None for a snapshot taken without the device
+        (an older pyvmm): that guest's DSDT has no ``VGEN`` to tell."""
+        if self.vmgenid is None:
+            log.warning("the snapshot has no VM generation id device: the clone keeps its RNG")
+            return None
+        guid = self.vmgenid.new_generation(notify=False)
+        self._generation_unannounced = True
+        return guid
 
     def attach_console(self, fd: int, *, escape: bool, on_quit: Callable[[], None]) -> None:
         """Feed ``fd`` (stdin, a pty, a pipe) into COM1; with ``escape``, Ctrl-A X quits."""
@@ -238,11 +265,18 @@ class DeviceManager:
                 raise SnapshotError(f"cannot restore device {name}: {exc}") from None
 
     def after_restore(self) -> None:
-        """First resume after a restore: reset vsock connections, re-kick every queue.
+        """First resume after a restore: reset vsock connections, re-kick every queue, and
+        announce a new VM generation id.
 
         A queue kick the old process had not processed yet was lost with its
         eventfd; kicking each queue once more is harmless for the others.
+        The generation's interrupt goes out while the vCPUs are still parked,
+        into the LAPIC state the snapshot restored: the guest takes it as it
+        resumes.
         """
+        if self._generation_unannounced and self.vmgenid is not None:
+            self._generation_unannounced = False
+            self.vmgenid.notify()
         for slot in self.virtio.values():
             if isinstance(slot.device, VirtioVsock):
                 slot.transport.run_locked(lambda device: device.send_transport_reset())
