@@ -29,7 +29,7 @@ from pyvmm.errors import ConfigError
 DEFAULT_MEMORY_SIZE = 128 << 20
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off"
 #: The CPUID templates a config may name ("auto": "pvm" on PVM hosts, else "none").
-CPU_TEMPLATES = ("auto", "none", "pvm")
+CPU_TEMPLATES = ("auto", "none", "pvm", "c3", "t2", "t2s", "t2cl", "t2a")
 
 U64_MAX = (1 << 64) - 1
 #: vsock CIDs 0-2 are reserved; 2**32 - 1 means "any".

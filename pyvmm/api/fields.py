@@ -64,10 +64,16 @@ class Fields:
         where: str,
         known: Iterable[str],
         unsupported: Mapping[str, str] | None = None,
+        *,
+        ignore_unknown: bool = False,
     ) -> None:
+        """``ignore_unknown``: Firecracker's shapes without ``deny_unknown_fields``
+        (TokenBucket, Metrics, the snapshot overrides) take extra fields silently."""
         self.where = where
         self.obj = as_object(value, where)
         known = tuple(known)
+        if ignore_unknown:
+            self.obj = {name: item for name, item in self.obj.items() if name in known}
         for name in self.obj:
             if unsupported and name in unsupported and self.obj[name] is not None:
                 raise ConfigError(

@@ -9,9 +9,11 @@ line naming the field and the problem. Unknown fields are refused, as
 Firecracker's ``deny_unknown_fields`` does; ``null`` means absent.
 
 What pyvmm cannot do is refused here, at the request, with a message that
-says so, rather than accepted and ignored: CPU templates other than
-``"None"``, huge pages, the ``Async`` io_engine, vhost-user drives
-(``socket``) and the net ``mtu``.
+says so, rather than accepted and ignored: the aarch64 CPU template V1N1,
+vhost-user drives (``socket``) and a GDB stub. What it can do differently
+is accepted and said so in :mod:`pyvmm.api.machine_config`: the x86 static
+CPU templates, 2 MiB huge pages (hugetlbfs, when the host has them free),
+the ``Async`` io_engine (served by pyvmm's one I/O model) and ``mtu``.
 
 Each dataclass's ``to_json()`` gives the object in the shape ``GET
 /vm/config`` prints (``null`` for unset options), which its parser reads
@@ -30,9 +32,22 @@ from typing import Any
 
 from pyvmm import layout
 from pyvmm.api.fields import Fields, show
-from pyvmm.config import RateLimitSpec, TokenBucketSpec
-from pyvmm.devices.rate_limiter import KEEP, LimiterPatch
+from pyvmm.api.rate_limiters import (
+    RateLimiterConfig,
+    TokenBucketConfig,
+    merge_rate_limiter,
+    parse_rate_limiter,
+    parse_token_bucket,
+)
 from pyvmm.errors import ConfigError
+
+__all__ = [
+    "RateLimiterConfig",
+    "TokenBucketConfig",
+    "merge_rate_limiter",
+    "parse_rate_limiter",
+    "parse_token_bucket",
+]
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -41,6 +56,10 @@ MAX_VCPUS = layout.MAX_VCPUS
 MIN_MEM_SIZE_MIB = layout.MIN_MEMORY_SIZE >> 20
 MAX_MEM_SIZE_MIB = layout.MAX_MEMORY_SIZE >> 20
 DEFAULT_MEM_SIZE_MIB = 128
+#: Firecracker's x86_64 static CPU templates ("None": no template).
+STATIC_CPU_TEMPLATES = ("None", "C3", "T2", "T2S", "T2CL", "T2A")
+#: Firecracker's net ``mtu`` range (the smallest IPv4 MTU up to the 16-bit maximum).
+MIN_MTU, MAX_MTU = 576, 65535
 
 #: The MMDS address when ``mmds-config`` gives none (Firecracker's default).
 DEFAULT_MMDS_IPV4 = "169.254.169.254"
@@ -55,120 +74,7 @@ def _json_or_none(value: Any) -> Any:
     return None if value is None else value.to_json()
 
 
-# --- rate limiters --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TokenBucketConfig:
-    """One token bucket: ``size`` tokens refilled every ``refill_time`` ms.
-
-    A bucket with ``size`` or ``refill_time`` 0 is *disabled* (Firecracker's
-    rule): in a PATCH it removes that limit.
-    """
-
-    size: int
-    refill_time: int
-    one_time_burst: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.size > 0 and self.refill_time > 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "size": self.size,
-            "one_time_burst": self.one_time_burst or None,
-            "refill_time": self.refill_time,
-        }
-
-
-@dataclass(frozen=True)
-class RateLimiterConfig:
-    """A ``rate_limiter`` object: a bandwidth (bytes) and an ops bucket.
-
-    In a device's configuration (PUT) an absent bucket means unlimited and
-    disabled buckets have been dropped by :meth:`enabled_only`. In a PATCH
-    body an absent bucket leaves the device's bucket as it is and a disabled
-    one removes it.
-    """
-
-    bandwidth: TokenBucketConfig | None = None
-    ops: TokenBucketConfig | None = None
-
-    def enabled_only(self) -> RateLimiterConfig | None:
-        """The same limiter without disabled buckets; None if nothing is left."""
-        bandwidth = self.bandwidth if self.bandwidth and self.bandwidth.enabled else None
-        ops = self.ops if self.ops and self.ops.enabled else None
-        if bandwidth is None and ops is None:
-            return None
-        return RateLimiterConfig(bandwidth, ops)
-
-    def to_spec(self) -> RateLimitSpec | None:
-        """The machine config's limit: the enabled buckets (None when nothing is limited)."""
-        buckets = [
-            TokenBucketSpec(b.size, b.refill_time, b.one_time_burst) if b and b.enabled else None
-            for b in (self.bandwidth, self.ops)
-        ]
-        return RateLimitSpec(*buckets) if any(buckets) else None
-
-    def to_patch(self) -> LimiterPatch:
-        """Firecracker's PATCH meaning: an absent bucket stays, a disabled one goes."""
-        spec = self.to_spec()
-        return LimiterPatch(
-            bandwidth=KEEP if self.bandwidth is None else spec.bandwidth if spec else None,
-            ops=KEEP if self.ops is None else spec.ops if spec else None,
-        )
-
-    @classmethod
-    def from_spec(cls, spec: RateLimitSpec | None) -> RateLimiterConfig | None:
-        """The API's shape of a configured limit (``GET /vm/config``)."""
-        if spec is None:
-            return None
-        return cls(
-            *(
-                TokenBucketConfig(b.size, b.refill_time_ms, b.one_time_burst) if b else None
-                for b in (spec.bandwidth, spec.ops)
-            )
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {"bandwidth": _json_or_none(self.bandwidth), "ops": _json_or_none(self.ops)}
-
-
-def merge_rate_limiter(
-    current: RateLimiterConfig | None, patch: RateLimiterConfig | None
-) -> RateLimiterConfig | None:
-    """``current`` after a PATCH: absent buckets kept, disabled ones removed."""
-    if patch is None:
-        return current
-    current = current or RateLimiterConfig()
-    merged = RateLimiterConfig(
-        bandwidth=current.bandwidth if patch.bandwidth is None else patch.bandwidth,
-        ops=current.ops if patch.ops is None else patch.ops,
-    )
-    return merged.enabled_only()
-
-
-def parse_token_bucket(value: Any, where: str) -> TokenBucketConfig:
-    fields = Fields(value, where, ("size", "one_time_burst", "refill_time"))
-    return TokenBucketConfig(
-        size=fields.required_integer("size", 0, U64_MAX),
-        refill_time=fields.required_integer("refill_time", 0, U64_MAX),
-        one_time_burst=fields.integer("one_time_burst", 0, U64_MAX, default=0) or 0,
-    )
-
-
-def parse_rate_limiter(value: Any, where: str) -> RateLimiterConfig | None:
-    """A ``rate_limiter`` object as given (disabled buckets kept), or None if null."""
-    if value is None:
-        return None
-    fields = Fields(value, where, ("bandwidth", "ops"))
-    bandwidth = fields.object("bandwidth")
-    ops = fields.object("ops")
-    return RateLimiterConfig(
-        parse_token_bucket(bandwidth, f"{where}.bandwidth") if bandwidth is not None else None,
-        parse_token_bucket(ops, f"{where}.ops") if ops is not None else None,
-    )
+# --- rate limiters (shapes in pyvmm.api.rate_limiters) --------------------------------
 
 
 def _device_rate_limiter(fields: Fields, name: str) -> RateLimiterConfig | None:
@@ -213,8 +119,8 @@ def parse_boot_source(value: Any, where: str = "boot-source") -> BootSource:
 class MachineConfiguration:
     """The vCPU count and memory size (``GET /machine-config``), with defaults.
 
-    ``smt`` and ``track_dirty_pages`` are recorded and reported; CPU
-    templates and huge pages other than "None" are refused at parse time.
+    ``smt`` is recorded and reported; ``cpu_template`` is one of
+    :data:`STATIC_CPU_TEMPLATES` ("None": pyvmm's own CPUID filtering).
     """
 
     vcpu_count: int = 1
@@ -222,6 +128,7 @@ class MachineConfiguration:
     smt: bool = False
     track_dirty_pages: bool = False
     huge_pages: str = "None"
+    cpu_template: str = "None"
 
     def updated(
         self, update: MachineConfigUpdate, where: str = "machine-config"
@@ -233,6 +140,7 @@ class MachineConfiguration:
             smt=_pick(update.smt, self.smt),
             track_dirty_pages=_pick(update.track_dirty_pages, self.track_dirty_pages),
             huge_pages=_pick(update.huge_pages, self.huge_pages),
+            cpu_template=_pick(update.cpu_template, self.cpu_template),
         )
         if merged.smt and merged.vcpu_count > 1 and merged.vcpu_count % 2:
             raise ConfigError(
@@ -242,13 +150,16 @@ class MachineConfiguration:
         return merged
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "vcpu_count": self.vcpu_count,
             "mem_size_mib": self.mem_size_mib,
             "smt": self.smt,
             "track_dirty_pages": self.track_dirty_pages,
             "huge_pages": self.huge_pages,
         }
+        if self.cpu_template != "None":  # as Firecracker: shown only when one is set
+            data["cpu_template"] = self.cpu_template
+        return data
 
 
 def _pick(new: Any, old: Any) -> Any:
@@ -259,9 +170,7 @@ def _pick(new: Any, old: Any) -> Any:
 class MachineConfigUpdate:
     """A PUT or PATCH ``/machine-config`` body: the fields to change (None: keep).
 
-    ``cpu_template`` is only ever "None" (the one template pyvmm accepts);
-    it is kept so the router can flag the field as deprecated, as
-    Firecracker does.
+    The router flags ``cpu_template`` as deprecated, as Firecracker does.
     """
 
     vcpu_count: int | None = None
@@ -293,18 +202,13 @@ def _machine_fields(value: Any, where: str, *, full: bool) -> MachineConfigUpdat
         _MACHINE_FIELDS,
         unsupported={"gdb_socket_path": "no GDB stub"},
     )
-    # Firecracker accepts the static CPU templates C3, T2, T2S, T2CL, T2A, V1N1;
-    # pyvmm chooses its own CPUID filtering, so only "None" means anything here.
     cpu_template = fields.string("cpu_template")
-    if cpu_template is not None and cpu_template != "None":
-        raise fields.error(
-            "cpu_template", f'{show(cpu_template)} is not supported by pyvmm (only "None")'
-        )
-    huge_pages = fields.string("huge_pages")
-    if huge_pages is not None and huge_pages != "None":
-        raise fields.error(
-            "huge_pages", f'{show(huge_pages)} is not supported by pyvmm (only "None")'
-        )
+    if cpu_template == "V1N1":
+        raise fields.error("cpu_template", '"V1N1" is an aarch64 template; pyvmm runs on x86_64')
+    if cpu_template is not None and cpu_template not in STATIC_CPU_TEMPLATES:
+        choices = ", ".join(f'"{name}"' for name in STATIC_CPU_TEMPLATES)
+        raise fields.error("cpu_template", f"must be one of {choices}, not {show(cpu_template)}")
+    huge_pages = fields.choice("huge_pages", ("None", "2M"))
     default_flag = False if full else None
     return MachineConfigUpdate(
         vcpu_count=fields.integer("vcpu_count", 1, MAX_VCPUS, required=full),
@@ -316,7 +220,7 @@ def _machine_fields(value: Any, where: str, *, full: bool) -> MachineConfigUpdat
             fields.boolean("track_dirty_pages") if fields.has("track_dirty_pages") else default_flag
         ),
         huge_pages=huge_pages if huge_pages is not None else ("None" if full else None),
-        cpu_template=cpu_template,
+        cpu_template=cpu_template if cpu_template is not None else ("None" if full else None),
     )
 
 
@@ -381,9 +285,7 @@ def parse_drive(value: Any, where: str = "drive") -> Drive:
         raise fields.error(
             "partuuid", f"must be a partition UUID (hex digits and dashes), not {show(partuuid)}"
         )
-    io_engine = fields.choice("io_engine", ("Sync", "Async"), "Sync")
-    if io_engine == "Async":
-        raise fields.error("io_engine", '"Async" is not supported by pyvmm (only "Sync")')
+    io_engine = fields.choice("io_engine", ("Sync", "Async"), "Sync") or "Sync"
     return Drive(
         drive_id=fields.ident("drive_id"),
         path_on_host=fields.required_string("path_on_host"),
@@ -392,7 +294,7 @@ def parse_drive(value: Any, where: str = "drive") -> Drive:
         partuuid=partuuid,
         cache_type=fields.choice("cache_type", ("Unsafe", "Writeback"), "Unsafe") or "Unsafe",
         rate_limiter=_device_rate_limiter(fields, "rate_limiter"),
-        io_engine="Sync",
+        io_engine=io_engine,
     )
 
 
@@ -433,13 +335,16 @@ class NetworkInterface:
     guest_mac: str | None = None
     rx_rate_limiter: RateLimiterConfig | None = None
     tx_rate_limiter: RateLimiterConfig | None = None
+    #: Recorded and reported; pyvmm's virtio-net does not offer VIRTIO_NET_F_MTU yet,
+    #: so the guest keeps its own default (1500).
+    mtu: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "iface_id": self.iface_id,
             "host_dev_name": self.host_dev_name,
             "guest_mac": self.guest_mac,
-            "mtu": None,
+            "mtu": self.mtu,
             "rx_rate_limiter": _json_or_none(self.rx_rate_limiter),
             "tx_rate_limiter": _json_or_none(self.tx_rate_limiter),
         }
@@ -470,8 +375,6 @@ def _guest_mac(fields: Fields) -> str | None:
         raise fields.error(
             "guest_mac", f"must be six hex bytes like 06:00:ac:10:00:02, not {show(mac)}"
         )
-    if int(mac[:2], 16) & 1:
-        raise fields.error("guest_mac", f"must be a unicast address, not multicast {show(mac)}")
     return mac.lower()
 
 
@@ -479,13 +382,13 @@ def parse_network_interface(value: Any, where: str = "network-interface") -> Net
     fields = Fields(
         value,
         where,
-        ("iface_id", "host_dev_name", "guest_mac", "rx_rate_limiter", "tx_rate_limiter"),
-        unsupported={"mtu": "the device does not offer VIRTIO_NET_F_MTU"},
+        ("iface_id", "host_dev_name", "guest_mac", "rx_rate_limiter", "tx_rate_limiter", "mtu"),
     )
     return NetworkInterface(
         iface_id=fields.ident("iface_id"),
         host_dev_name=tap_name(fields, "host_dev_name"),
         guest_mac=_guest_mac(fields),
+        mtu=fields.integer("mtu", MIN_MTU, MAX_MTU),
         rx_rate_limiter=_device_rate_limiter(fields, "rx_rate_limiter"),
         tx_rate_limiter=_device_rate_limiter(fields, "tx_rate_limiter"),
     )
@@ -615,7 +518,7 @@ class Metrics:
 
 
 def parse_metrics(value: Any, where: str = "metrics") -> Metrics:
-    fields = Fields(value, where, ("metrics_path", "emit_id", "properties"))
+    fields = Fields(value, where, ("metrics_path", "emit_id", "properties"), ignore_unknown=True)
     properties = fields.object("properties") or {}
     for key, item in properties.items():
         if not isinstance(item, str):

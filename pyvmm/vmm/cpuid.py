@@ -5,6 +5,17 @@ APIC ids and topology must be rewritten per vCPU, and some features hidden.
 A :class:`CpuidTemplate` names features to hide as (leaf, register, bit);
 :data:`PVM_TEMPLATE` hides CMPXCHG16B, which the PVM emulator cannot run in
 guest kernel mode (a PVM host: guest kernel code is emulated).
+
+Firecracker's static templates (``C3``, ``T2``, ``T2S``, ``T2CL``, ``T2A``)
+exist so that one guest sees the same CPU on a fleet of different hosts
+(and a snapshot restores on any of them): each hides the features newer
+than the instance generation it is named after. pyvmm's versions are its
+own lists of such features (below), by that intent: ``c3`` presents an Ivy
+Bridge-class Intel CPU, ``t2``/``t2s``/``t2cl`` a Haswell-class Intel CPU
+(``t2s`` and ``t2cl`` in Firecracker also rewrite MSRs, which pyvmm's
+templates do not), ``t2a`` the same level on AMD. A template made for one
+vendor is refused on the other's CPU, with one line. On a PVM host every
+template also hides what PVM cannot emulate (CX16).
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+from pyvmm.errors import ConfigError
 from pyvmm.kvm.cpuid import CpuidEntry
 
 HYPERVISOR_BIT = 1 << 31  # CPUID.1:ECX, "running under a hypervisor"
@@ -33,20 +45,69 @@ class HiddenFeature:
     index: int = 0
 
 
+INTEL = "GenuineIntel"
+AMD = "AuthenticAMD"
+
+
 @dataclass(frozen=True)
 class CpuidTemplate:
-    """A named set of features hidden from the guest."""
+    """A named set of features hidden from the guest; ``vendor``: the only CPU it fits."""
 
     name: str
     hidden: tuple[HiddenFeature, ...] = ()
+    vendor: str | None = None
 
+    def plus(self, other: CpuidTemplate) -> CpuidTemplate:
+        """This template also hiding ``other``'s features (the PVM quirks)."""
+        extra = tuple(f for f in other.hidden if f not in self.hidden)
+        return CpuidTemplate(self.name, self.hidden + extra, self.vendor)
+
+
+def _features(leaf: int, register: str, bits: dict[str, int], index: int = 0) -> tuple:
+    return tuple(HiddenFeature(name, leaf, register, bit, index) for name, bit in bits.items())
+
+
+# Leaf 7 (structured extended features), subleaf 0: AVX-512 and friends, newer than
+# every template's generation.
+_AVX512 = _features(7, "ebx", {"avx512f": 16, "avx512dq": 17, "avx512ifma": 21,
+                               "avx512pf": 26, "avx512er": 27, "avx512cd": 28,
+                               "avx512bw": 30, "avx512vl": 31}) + _features(
+    7, "ecx", {"avx512vbmi": 1, "avx512vbmi2": 6, "avx512vnni": 11, "avx512bitalg": 12,
+               "avx512vpopcntdq": 14}) + _features(7, "edx", {"avx512_4vnniw": 2,
+                                                             "avx512_4fmaps": 3})  # fmt: skip
+# Newer than Haswell/Broadwell, Intel and AMD alike.
+_AFTER_HASWELL = _features(7, "ebx", {"mpx": 14, "sgx": 2, "clflushopt": 23, "clwb": 24,
+                                      "sha": 29}) + _features(
+    7, "ecx", {"pku": 3, "ospke": 4, "waitpkg": 5, "gfni": 8, "vaes": 9, "vpclmulqdq": 10,
+               "rdpid": 22, "movdiri": 27, "movdir64b": 28}) + _features(
+    0xD, "eax", {"xsavec": 1, "xgetbv_ecx1": 2, "xsaves": 3}, index=1)  # fmt: skip
+# Newer than Ivy Bridge.
+_AFTER_IVY_BRIDGE = _features(1, "ecx", {"fma": 12, "movbe": 22}) + _features(
+    7, "ebx", {"bmi1": 3, "hle": 4, "avx2": 5, "bmi2": 8, "invpcid": 10, "rtm": 11,
+               "rdseed": 18, "adx": 19, "smap": 20}) + _features(
+    0x80000001, "ecx", {"abm": 5, "3dnowprefetch": 8})  # fmt: skip
+# AMD-only extensions a Haswell-class guest never saw.
+_AMD_EXTRAS = _features(0x80000001, "ecx", {"sse4a": 6, "misalignsse": 7, "xop": 11,
+                                            "fma4": 16, "tbm": 21, "perfctr_core": 23})  # fmt: skip
 
 NO_TEMPLATE = CpuidTemplate("none")
 PVM_TEMPLATE = CpuidTemplate(
     "pvm",
     (HiddenFeature("cx16", 1, "ecx", 13),),
 )
-TEMPLATES = {template.name: template for template in (NO_TEMPLATE, PVM_TEMPLATE)}
+_T2 = _AVX512 + _AFTER_HASWELL
+TEMPLATES = {
+    template.name: template
+    for template in (
+        NO_TEMPLATE,
+        PVM_TEMPLATE,
+        CpuidTemplate("c3", _T2 + _AFTER_IVY_BRIDGE, INTEL),
+        CpuidTemplate("t2", _T2, INTEL),
+        CpuidTemplate("t2s", _T2, INTEL),
+        CpuidTemplate("t2cl", _T2, INTEL),
+        CpuidTemplate("t2a", _T2 + _AMD_EXTRAS, AMD),
+    )
+}
 
 
 @functools.cache
@@ -59,10 +120,36 @@ def host_is_pvm() -> bool:
 
 
 def resolve_template(name: str) -> CpuidTemplate:
-    """The CPUID template called ``name``; "auto" picks the one this host needs."""
+    """The CPUID template called ``name``; "auto" picks the one this host needs.
+
+    On a PVM host the static templates also hide what PVM cannot emulate.
+    """
     if name == "auto":
         return PVM_TEMPLATE if host_is_pvm() else NO_TEMPLATE
-    return TEMPLATES[name]
+    template = TEMPLATES[name]
+    if template.vendor is not None and host_is_pvm():
+        return template.plus(PVM_TEMPLATE)
+    return template
+
+
+def cpu_vendor(supported: list[CpuidEntry]) -> str:
+    """The vendor string of leaf 0 (``GenuineIntel``, ``AuthenticAMD``...)."""
+    for entry in supported:
+        if entry.function == 0:
+            raw = b"".join(r.to_bytes(4, "little") for r in (entry.ebx, entry.edx, entry.ecx))
+            return raw.decode("ascii", "replace")
+    return "unknown"
+
+
+def check_vendor(template: CpuidTemplate, supported: list[CpuidEntry]) -> None:
+    """ConfigError (one line) when ``template`` was made for another vendor's CPUs."""
+    vendor = cpu_vendor(supported)
+    if template.vendor is not None and vendor != template.vendor:
+        maker = "Intel" if template.vendor == INTEL else "AMD"
+        raise ConfigError(
+            f"CPU template {template.name.upper()!r} is for {maker} hosts; "
+            f"this host's CPU is {vendor}"
+        )
 
 
 def vcpu_cpuid(
@@ -78,6 +165,7 @@ def vcpu_cpuid(
     its TSC and LAPIC timer frequencies, so it need not calibrate them
     against the PIT (slow, and unreliable when guest kernel code is emulated).
     """
+    check_vendor(template, supported)
     result = []
     if tsc_khz:
         supported = _with_timing_leaf(supported, tsc_khz)
