@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pyvmm import layout
-from pyvmm.boot.acpi import write_acpi_tables
+from pyvmm.boot.acpi import VmGenIdAcpi, write_acpi_tables
 from pyvmm.boot.configure import BootSetup, setup_boot
 from pyvmm.config import MachineConfig
+from pyvmm.devices.legacy.vmgenid import VmGenId
 from pyvmm.devices.rate_limiter import RateLimiter
 from pyvmm.devices.virtio.balloon import PAGES_PER_MIB, VirtioBalloon
 from pyvmm.devices.virtio.block import VirtioBlock
@@ -85,10 +86,10 @@ def build_for_boot(config: MachineConfig, context: BuildContext) -> tuple[Vmm, B
     """A machine ready to boot ``config``'s kernel (threads not started yet)."""
     memory_type = DirtyTrackingMemory if config.track_dirty_pages else GuestMemory
     with _building() as stack:
-        memory = memory_type.with_size(config.mem_size)
+        memory = memory_type.with_size(config.mem_size, huge_pages=config.huge_pages)
         stack.callback(memory.close)
-        vmm, windows = _build(config, context, memory, stack, append_serial=False)
-        boot = _load_guest(config, memory, windows)
+        vmm, windows = _build(config, context, memory, stack, append_serial=False, vmgenid=True)
+        boot = _load_guest(config, memory, windows, vmm.devices.vmgenid)
         supported = vmm.kvm.supported_cpuid()
         msr_indices = set(vmm.kvm.msr_index_list())
         template = resolve_template(config.cpu_template)
@@ -121,7 +122,9 @@ def build_from_snapshot(
             raise SnapshotError(
                 f"the snapshot has {len(state.vcpus)} vCPU states for {config.vcpus}"
             )
-        vmm, _ = _build(config, context, memory, stack, append_serial=True)
+        # A snapshot from before the VM generation id keeps its device set (and its DSDT).
+        has_vmgenid = "vmgenid" in state.devices.legacy
+        vmm, _ = _build(config, context, memory, stack, append_serial=True, vmgenid=has_vmgenid)
         restore_vm(vmm.vm, state.vm)
         for vcpu, vcpu_state in zip(vmm.vcpus, state.vcpus, strict=True):
             restore_vcpu(vcpu, vcpu_state)
@@ -148,6 +151,7 @@ def _build(
     stack: contextlib.ExitStack,
     *,
     append_serial: bool,
+    vmgenid: bool,
 ) -> tuple[Vmm, list[MmioWindow]]:
     """KVM objects, memory slots, devices and vCPU threads: what boot and restore share."""
     kvm = Kvm()
@@ -174,6 +178,8 @@ def _build(
     devices.add_legacy_devices(
         _serial_sink(config, context.console, stack, append_serial), context.start_ns
     )
+    if vmgenid:
+        devices.add_vmgenid()
     if context.console.input_fd is not None:
         devices.attach_console(
             context.console.input_fd,
@@ -260,10 +266,18 @@ def _open_virtio_device(
     raise AssertionError(f"config has no device {device_id!r}")  # device_ids come from config
 
 
-def _load_guest(config: MachineConfig, memory: GuestMemory, windows: list[MmioWindow]) -> BootSetup:
-    """Write the ACPI tables, kernel, initrd and boot parameters into guest RAM."""
+def _load_guest(
+    config: MachineConfig,
+    memory: GuestMemory,
+    windows: list[MmioWindow],
+    vmgenid: VmGenId | None,
+) -> BootSetup:
+    """Write the ACPI tables, the VM generation id, kernel, initrd and boot parameters."""
     slots = [(w.base, w.size, w.gsi) for w in windows]
-    rsdp_addr = write_acpi_tables(memory, config.vcpus, slots)
+    acpi_vmgenid = VmGenIdAcpi(vmgenid.address, layout.GED_GSI) if vmgenid else None
+    rsdp_addr = write_acpi_tables(memory, config.vcpus, slots, vmgenid=acpi_vmgenid)
+    if vmgenid is not None:
+        vmgenid.publish()
     # Kernels built with VIRTIO_MMIO_CMDLINE_DEVICES find devices here;
     # the others (Debian's) through the DSDT.
     announce = "".join(

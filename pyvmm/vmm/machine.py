@@ -154,6 +154,7 @@ class Machine:
         track_dirty_pages: bool | None = None,
         resume: bool = False,
         thread_setup: ThreadSetup = NO_SETUP,
+        new_generation: bool = True,
     ) -> Machine:
         """A machine continuing from a snapshot, paused (or running with ``resume``).
 
@@ -163,6 +164,12 @@ class Machine:
         the vsock socket created afresh (at ``vsock_uds`` if given) and every
         vsock connection reset, as in Firecracker. The restored machine
         knows its whole config (:attr:`config`).
+
+        ``new_generation`` (the default, as in Firecracker) gives the VM a new
+        VM generation id, written before anything runs and announced to the
+        guest when it first resumes, so that clones of one snapshot reseed
+        their RNGs apart (Linux's vmgenid driver). ``False`` keeps the saved
+        id: for a VM that continues where it was rather than a copy.
         """
         from pyvmm.vmm.snapshots import load_snapshot
 
@@ -170,12 +177,12 @@ class Machine:
             state_path, mem_path, net_overrides or {}, vsock_uds, track_dirty_pages
         )
         machine = cls(config, serial_out, console_in, console_escape, thread_setup=thread_setup)
-        machine._restore_from(state, mem_fd)
+        machine._restore_from(state, mem_fd, new_generation)
         if resume:
             machine.resume()
         return machine
 
-    def _restore_from(self, state: MicrovmState, mem_fd: int) -> None:
+    def _restore_from(self, state: MicrovmState, mem_fd: int, new_generation: bool = True) -> None:
         from pyvmm.vmm.builder import build_from_snapshot
 
         with self._lifecycle.lock:
@@ -187,6 +194,8 @@ class Machine:
                 finally:
                     os.close(mem_fd)
                 self._install(vmm)
+                if new_generation:
+                    vmm.devices.new_generation()
                 vmm.start_parked()
             except BaseException:
                 self.close()
