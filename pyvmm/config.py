@@ -431,6 +431,7 @@ class MachineConfig:
     vsock: VsockConfig | None = None
     track_dirty_pages: bool = False  # log written pages: diff snapshots need it
     balloon: BalloonConfig | None = None
+    huge_pages: bool = False  # back guest RAM with 2 MiB hugetlb pages
     #: Set by ``__post_init__``: one id per virtio device, in device order.
     device_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
@@ -466,6 +467,8 @@ class MachineConfig:
                 f"memory size {size} bytes is not a multiple of the "
                 f"{layout.PAGE_SIZE}-byte page size"
             )
+        if self.huge_pages and size % (2 << 20):
+            raise ConfigError(f"memory size {mib:g} MiB is not a multiple of the 2 MiB huge page")
         if size < layout.MIN_MEMORY_SIZE:
             raise ConfigError(
                 f"memory size {mib:g} MiB is too small; the minimum is "

@@ -20,10 +20,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pyvmm import layout
-from pyvmm.errors import GuestMemoryError
+from pyvmm.errors import GuestMemoryError, HostError
 
 # Python 3.11 lacks the constant; the value is fixed by the Linux ABI.
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_MAP_HUGETLB = 0x40000
+_MAP_HUGE_2MB = 21 << 26  # log2(2 MiB) in the MAP_HUGE_SHIFT field
+HUGE_PAGE_SIZE = 2 << 20
 
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
@@ -55,8 +58,19 @@ class MemoryRegion:
 class GuestMemory:
     """Guest RAM made of non-overlapping, page-aligned regions."""
 
-    def __init__(self, regions: Iterable[tuple[int, int]], *, file: int | None = None) -> None:
+    def __init__(
+        self,
+        regions: Iterable[tuple[int, int]],
+        *,
+        file: int | None = None,
+        huge_pages: bool = False,
+    ) -> None:
         """Map ``regions``: anonymous memory, or copy-on-write views of ``file``.
+
+        ``huge_pages``: anonymous memory from the host's 2 MiB hugetlb pool
+        (Firecracker's ``huge_pages: "2M"``): fewer TLB misses, memory
+        reserved up front; a host without enough free huge pages is a
+        HostError naming ``vm.nr_hugepages``.
 
         With ``file`` (an open fd of a memory snapshot: the regions' bytes
         back to back, lowest address first) each region is mapped
@@ -71,7 +85,9 @@ class GuestMemory:
                 raise ValueError(f"region {guest_addr:#x}+{size:#x} is not page-aligned")
             if guest_addr < previous_end:
                 raise ValueError(f"region at {guest_addr:#x} overlaps the one before it")
-            if file is None:
+            if file is None and huge_pages:
+                mapping = _huge_mapping(size)
+            elif file is None:
                 mapping = mmap.mmap(
                     -1,
                     size,
@@ -91,9 +107,9 @@ class GuestMemory:
             file_offset += size
 
     @classmethod
-    def with_size(cls, mem_size: int) -> GuestMemory:
+    def with_size(cls, mem_size: int, *, huge_pages: bool = False) -> GuestMemory:
         """RAM of ``mem_size`` bytes laid out around the 32-bit MMIO hole."""
-        return cls(layout.ram_regions(mem_size))
+        return cls(layout.ram_regions(mem_size), huge_pages=huge_pages)
 
     @classmethod
     def from_file(cls, mem_size: int, file: int) -> GuestMemory:
@@ -248,8 +264,14 @@ class DirtyTrackingMemory(GuestMemory):
       logging on and hands over ``Vm.get_dirty_log``).
     """
 
-    def __init__(self, regions: Iterable[tuple[int, int]], *, file: int | None = None) -> None:
-        super().__init__(regions, file=file)
+    def __init__(
+        self,
+        regions: Iterable[tuple[int, int]],
+        *,
+        file: int | None = None,
+        huge_pages: bool = False,
+    ) -> None:
+        super().__init__(regions, file=file, huge_pages=huge_pages)
         self._dirty: set[int] = set()  # guest page frame numbers (address >> 12)
         self._pinned: set[int] = set()
         self._dirty_log: DirtyLogReader | None = None
@@ -287,6 +309,23 @@ class DirtyTrackingMemory(GuestMemory):
 
 
 DirtyLogReader = Callable[[int, int], bytes]
+
+
+def _huge_mapping(size: int) -> mmap.mmap:
+    if size % HUGE_PAGE_SIZE:
+        raise HostError(f"guest RAM region of {size:#x} bytes is not a multiple of 2 MiB")
+    try:
+        return mmap.mmap(
+            -1,
+            size,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_HUGETLB | _MAP_HUGE_2MB,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+    except OSError as exc:
+        raise HostError(
+            f"cannot back {size >> 20} MiB of guest RAM with 2 MiB huge pages: {exc.strerror} "
+            "(are enough free? see HugePages_Free in /proc/meminfo and vm.nr_hugepages)"
+        ) from None
 
 
 def _pages(addr: int, length: int) -> range:

@@ -17,6 +17,8 @@ options) reads back unchanged.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -226,3 +228,41 @@ def loads_strict(data: bytes | str) -> Any:
         raise ValueError("the JSON is nested too deeply") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"the body is not UTF-8 ({exc.reason})") from None
+
+
+def read_json_file(path: str | os.PathLike[str], what: str, limit: int) -> Any:
+    """The JSON document in the regular file ``path``, at most ``limit`` bytes.
+
+    Checked before a byte is read: a FIFO would block for ever, ``/dev/zero``
+    would never end, a directory is a mistake; each is refused in one line
+    (ConfigError) that names ``what`` and the path.
+    """
+    shown = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise ConfigError(f"{what} {shown}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{what} {shown} is not a regular file")
+        if info.st_size > limit:
+            raise ConfigError(
+                f"{what} {shown} is {info.st_size} bytes; at most {limit} are accepted"
+            )
+        chunks = []
+        remaining = limit + 1
+        while remaining > 0 and (chunk := os.read(fd, min(remaining, 1 << 16))):
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except OSError as exc:
+        raise ConfigError(f"{what} {shown}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:  # grew while being read
+        raise ConfigError(f"{what} {shown} is larger than {limit} bytes")
+    try:
+        return loads_strict(data)
+    except ValueError as exc:
+        raise ConfigError(f"{what} {shown} is not valid JSON: {exc}") from None

@@ -10,10 +10,11 @@ Mapped:
   default: serial console on ttyS0), not Firecracker's default, which
   silences the 8250 UART that pyvmm's users read the guest on.
 - ``machine-config``: ``vcpu_count`` -> ``vcpus``, ``mem_size_mib`` ->
-  ``mem_size`` (MiB to bytes); ``cpu_template`` is always "auto" (pyvmm
-  picks the filtering its host needs); ``track_dirty_pages`` ->
-  ``track_dirty_pages`` (diff snapshots). ``smt`` and ``huge_pages`` have
-  no counterpart and change nothing.
+  ``mem_size`` (MiB to bytes); ``cpu_template`` "None" -> "auto" (pyvmm
+  picks the filtering its host needs), C3/T2/T2S/T2CL/T2A -> pyvmm's
+  templates of those names (:mod:`pyvmm.vmm.cpuid`); ``huge_pages`` "2M"
+  -> ``huge_pages`` (hugetlb); ``track_dirty_pages`` -> ``track_dirty_pages``
+  (diff snapshots). ``smt`` has no counterpart and changes nothing.
 - ``drives`` -> ``drives``, root drive first (so it is ``/dev/vda``):
   ``path_on_host``, ``is_read_only``, ``is_root_device``, and
   ``rate_limiter`` as a :class:`~pyvmm.config.RateLimitSpec` (one-time
@@ -27,6 +28,9 @@ Mapped:
   ``rx_rate_limiter``/``tx_rate_limiter`` as specs.
 - ``vsock`` -> ``vsock`` (``guest_cid``, ``uds_path``).
 - ``entropy`` -> ``rng=True``, its ``rate_limiter`` -> ``rng_rate_limit``.
+- ``balloon`` -> ``balloon`` (:class:`~pyvmm.config.BalloonConfig`).
+- Recorded for ``GET /vm/config`` only: a drive's ``io_engine`` (pyvmm has
+  one I/O model, which serves "Async" too) and a net ``mtu``.
 
 The way back, :func:`to_vm_resources`, describes a running or restored
 machine's config in the API's terms (``GET /vm/config`` after a snapshot
@@ -41,7 +45,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pyvmm.api.models import BootSource, Drive, Entropy, NetworkInterface, RateLimiterConfig, Vsock
+from pyvmm.api.balloon import BalloonResource
+from pyvmm.api.models import (
+    STATIC_CPU_TEMPLATES,
+    BootSource,
+    Drive,
+    Entropy,
+    NetworkInterface,
+    RateLimiterConfig,
+    Vsock,
+)
 from pyvmm.api.vm_config import VmResources
 from pyvmm.config import (
     DEFAULT_LINUX_CMDLINE,
@@ -51,6 +64,8 @@ from pyvmm.config import (
     VsockConfig,
 )
 from pyvmm.errors import ConfigError
+
+_STATIC = {name.lower() for name in STATIC_CPU_TEMPLATES if name != "None"}
 
 
 def to_machine_config(resources: VmResources) -> MachineConfig:
@@ -96,7 +111,9 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
         cmdline=cmdline,
         vcpus=resources.machine_config.vcpu_count,
         mem_size=resources.machine_config.mem_size_mib << 20,
-        cpu_template="auto",
+        cpu_template=_cpu_template(resources.machine_config.cpu_template),
+        huge_pages=resources.machine_config.huge_pages == "2M",
+        balloon=resources.balloon.to_config() if resources.balloon is not None else None,
         rng=entropy is not None,
         rng_rate_limit=limiter.to_spec() if limiter is not None else None,
         drives=tuple(drives),
@@ -104,6 +121,10 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
         vsock=vsock,
         track_dirty_pages=resources.machine_config.track_dirty_pages,
     )
+
+
+def _cpu_template(name: str) -> str:
+    return "auto" if name == "None" else name.lower()
 
 
 def to_vm_resources(config: MachineConfig, resources: VmResources) -> None:
@@ -123,7 +144,10 @@ def to_vm_resources(config: MachineConfig, resources: VmResources) -> None:
         vcpu_count=config.vcpus,
         mem_size_mib=config.mem_size >> 20,
         track_dirty_pages=config.track_dirty_pages,
+        huge_pages="2M" if config.huge_pages else "None",
+        cpu_template=config.cpu_template.upper() if config.cpu_template in _STATIC else "None",
     )
+    resources.balloon = BalloonResource.from_config(config.balloon) if config.balloon else None
     ids = config.device_ids
     drives = {}
     for drive_id, drive in zip(ids, config.drives, strict=False):
@@ -140,6 +164,7 @@ def to_vm_resources(config: MachineConfig, resources: VmResources) -> None:
         )
     resources.drives = drives
     net_ids = ids[len(config.drives) : len(config.drives) + len(config.nets)]
+    old_nets = resources.nets
     resources.nets = {
         iface_id: NetworkInterface(
             iface_id=iface_id,
@@ -147,6 +172,7 @@ def to_vm_resources(config: MachineConfig, resources: VmResources) -> None:
             guest_mac=(net.mac or net.mac_bytes().hex(":")).lower(),
             rx_rate_limiter=RateLimiterConfig.from_spec(net.rx_rate_limit),
             tx_rate_limiter=RateLimiterConfig.from_spec(net.tx_rate_limit),
+            mtu=old_nets[iface_id].mtu if iface_id in old_nets else None,
         )
         for iface_id, net in zip(net_ids, config.nets, strict=True)
     }

@@ -173,8 +173,11 @@ def parse_snapshot_load(value: Any, where: str = "snapshot-load") -> SnapshotLoa
         raise ConfigError(f"{where}: mem_backend (or the deprecated mem_file_path) is required")
     overrides: list[NetworkOverride] = []
     for index, item in enumerate(fields.array("network_overrides") or ()):
-        item_fields = Fields(
-            item, f"{where}: network_overrides[{index}]", ("iface_id", "host_dev_name")
+        item_fields = Fields(  # Firecracker's NetworkOverride takes unknown fields
+            item,
+            f"{where}: network_overrides[{index}]",
+            ("iface_id", "host_dev_name"),
+            ignore_unknown=True,
         )
         override = NetworkOverride(
             item_fields.ident("iface_id"), tap_name(item_fields, "host_dev_name")
@@ -186,7 +189,9 @@ def parse_snapshot_load(value: Any, where: str = "snapshot-load") -> SnapshotLoa
         overrides.append(override)
     vsock_obj = fields.object("vsock_override")
     vsock_override = (
-        Fields(vsock_obj, f"{where}: vsock_override", ("uds_path",)).required_string("uds_path")
+        Fields(
+            vsock_obj, f"{where}: vsock_override", ("uds_path",), ignore_unknown=True
+        ).required_string("uds_path")
         if vsock_obj is not None
         else None
     )

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pyvmm import layout
-from pyvmm.api.fields import as_object, loads_strict, show
+from pyvmm.api.balloon import BalloonResource, parse_balloon
+from pyvmm.api.fields import as_object, read_json_file, show
 from pyvmm.api.mmds import DEFAULT_MMDS_SIZE_LIMIT, MmdsStore
 from pyvmm.api.models import (
     BootSource,
@@ -67,15 +68,17 @@ CONFIG_KEYS = (
     "vsock",
     "mmds-config",
     "entropy",
+    "balloon",
 )
 #: Firecracker config-file keys pyvmm has no device for.
 UNSUPPORTED_CONFIG_KEYS = {
-    "balloon": "no balloon device",
-    "cpu-config": "no custom CPU templates",
+    "cpu-config": "no custom CPU templates; use a static machine-config cpu_template",
     "pmem": "no virtio-pmem devices",
     "memory-hotplug": "no virtio-mem device",
     "serial": "the serial console is configured on the command line",
 }
+#: The largest ``--config-file`` read (Firecracker's own are a few KiB).
+MAX_CONFIG_FILE_BYTES = 1 << 20
 
 T = TypeVar("T")
 
@@ -110,6 +113,7 @@ class VmResources:
         self.logger: Logger | None = None
         self.metrics: Metrics | None = None
         self.mmds_config: MmdsConfig | None = None
+        self.balloon: BalloonResource | None = None
         #: The metadata document; shared with whoever serves it to the guest.
         self.mmds = MmdsStore(mmds_size_limit)
 
@@ -168,6 +172,11 @@ class VmResources:
             self._check_device_room(where)
         self.entropy = entropy
 
+    def set_balloon(self, balloon: BalloonResource, where: str = "balloon") -> None:
+        if self.balloon is None:
+            self._check_device_room(where)
+        self.balloon = balloon
+
     def set_logger(self, logger: Logger) -> None:
         self.logger = logger
 
@@ -191,6 +200,7 @@ class VmResources:
             + len(self.nets)
             + (self.vsock is not None)
             + (self.entropy is not None)
+            + (self.balloon is not None)
         )
         if count >= layout.MAX_VIRTIO_DEVICES:
             raise ConfigError(
@@ -261,6 +271,10 @@ class VmResources:
             "logger": maybe(self.logger),
             "metrics": maybe(self.metrics),
             "mmds-config": maybe(self.mmds_config),
+            "balloon": maybe(self.balloon),
+            "cpu-config": None,
+            "pmem": [],
+            "memory-hotplug": None,
         }
 
     # --- the config file --------------------------------------------------------------
@@ -308,6 +322,7 @@ class VmResources:
         one("vsock", parse_vsock, resources.set_vsock)
         one("mmds-config", parse_mmds_config, resources.set_mmds_config)
         one("entropy", parse_entropy, resources.set_entropy)
+        one("balloon", parse_balloon, resources.set_balloon)
         return resources
 
     @classmethod
@@ -316,14 +331,7 @@ class VmResources:
     ) -> VmResources:
         """Resources from Firecracker's ``--config-file`` JSON; errors start with the path."""
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: {exc.strerror}") from None
-        try:
-            value = loads_strict(data)
-        except ValueError as exc:
-            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        value = read_json_file(path, "config file", MAX_CONFIG_FILE_BYTES)
         try:
             return cls.from_json(value, mmds_size_limit)
         except ConfigError as exc:

@@ -18,7 +18,7 @@ from pyvmm import layout
 from pyvmm.api import models, operations
 from pyvmm.api.machine_config import to_machine_config, to_vm_resources
 from pyvmm.api.mmds import MmdsLimitError, MmdsNotInitializedError, MmdsStore, merge_patch
-from pyvmm.api.vm_config import VmResources
+from pyvmm.api.vm_config import MAX_CONFIG_FILE_BYTES, VmResources
 from pyvmm.config import (
     DEFAULT_LINUX_CMDLINE,
     DriveConfig,
@@ -298,7 +298,9 @@ def test_minimal_config_file_gets_defaults(files):
     [
         ({"boot-source": None}, '"boot-source" is required'),
         ({"drive": []}, 'unknown key "drive" (expected one of logger, metrics'),
-        ({"balloon": {"amount_mib": 1}}, '"balloon" is not supported by pyvmm'),
+        ({"balloon": {"amount_mib": 1}}, "balloon: deflate_on_oom is required"),
+        ({"cpu-config": {"cpuid_modifiers": []}}, '"cpu-config" is not supported by pyvmm'),
+        ({"memory-hotplug": {"total_size_mib": 1}}, '"memory-hotplug" is not supported'),
         ({"pmem": [{"id": "p"}]}, '"pmem" is not supported by pyvmm'),
         ({"drives": {}}, "drives must be an array, not {}"),
         ({"drives": [{"drive_id": "x", "path_on_host": "/x"}]}, "drives[0]: is_root_device is"),
@@ -461,3 +463,50 @@ def test_a_machine_config_reads_back_as_the_same_resources(files):
     }
     assert shown["machine-config"]["vcpu_count"] == 2
     assert shown["network-interfaces"][0]["host_dev_name"] == "tap0"
+
+
+def test_config_files_that_are_not_small_regular_files_are_refused(tmp_path):
+    """A FIFO would block for ever and /dev/zero never end: both refused before reading."""
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (MAX_CONFIG_FILE_BYTES + 1))
+    for path, message in (
+        (fifo, f"config file {fifo} is not a regular file"),
+        (Path("/dev/zero"), "config file /dev/zero is not a regular file"),
+        (tmp_path, f"config file {tmp_path} is not a regular file"),
+        (big, f"config file {big} is {MAX_CONFIG_FILE_BYTES + 1} bytes; at most"),
+        (tmp_path / "none.json", f"config file {tmp_path / 'none.json'}: No such file"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            VmResources.from_config_file(path)
+        assert str(info.value).startswith(message)
+
+
+def test_balloon_in_a_config_file_and_in_vm_config(files):
+    resources = VmResources.from_json(
+        {**example_config(files), "balloon": {"amount_mib": 8, "deflate_on_oom": True}}
+    )
+    shown = resources.to_json()
+    assert shown["balloon"] == {
+        "amount_mib": 8, "deflate_on_oom": True, "stats_polling_interval_s": 0,
+    }  # fmt: skip
+    assert (shown["cpu-config"], shown["pmem"], shown["memory-hotplug"]) == (None, [], None)
+
+
+def test_templates_huge_pages_balloon_and_mtu_reach_the_machine_config(files):
+    from pyvmm.api.balloon import BalloonResource
+
+    resources = VmResources.from_json(example_config(files))
+    resources.update_machine_config(
+        models.MachineConfigUpdate(cpu_template="T2", huge_pages="2M", mem_size_mib=128)
+    )
+    resources.set_balloon(BalloonResource(16, True, 2))
+    config = to_machine_config(resources)
+    assert (config.cpu_template, config.huge_pages) == ("t2", True)
+    assert config.balloon is not None and config.balloon.stats_polling_interval_s == 2
+    assert config.device_ids[-1] == "balloon"
+    shown = VmResources()
+    to_vm_resources(config, shown)
+    assert shown.machine_config.cpu_template == "T2" and shown.machine_config.huge_pages == "2M"
+    assert shown.balloon == BalloonResource(16, True, 2)
