@@ -125,7 +125,6 @@ class DeviceManager:
         self.i8042: I8042 | None = None
         self.serial_tail: SerialTail | None = None
         self.vmgenid: VmGenId | None = None
-        self._generation_unannounced = False  # a new id the guest hears of at resume
 
     # --- building -------------------------------------------------------------------
     def _irq(self, gsi: int) -> EventFdIrq:
@@ -173,15 +172,18 @@ class DeviceManager:
         return self.vmgenid
 
     def new_generation(self) -> bytes | None:
-        """A restored clone's new generation id, written now; the guest is notified at the
-        first resume (:meth:`after_restore`). None for a snapshot taken without the device
-        (an older pyvmm): that guest's DSDT has no ``VGEN`` to tell."""
+        """A new VM generation id, written into guest memory, and its interrupt raised.
+
+        On a restored machine whose vCPUs are parked, the interrupt waits in
+        the LAPIC state the snapshot restored (a snapshot taken before the
+        resume keeps it pending too): the guest takes it as it resumes.
+        None for a snapshot taken without the device (an older pyvmm): that
+        guest's DSDT has no ``VGEN`` to tell.
+        """
         if self.vmgenid is None:
             log.warning("the snapshot has no VM generation id device: the clone keeps its RNG")
             return None
-        guid = self.vmgenid.new_generation(notify=False)
-        self._generation_unannounced = True
-        return guid
+        return self.vmgenid.new_generation()
 
     def attach_console(self, fd: int, *, escape: bool, on_quit: Callable[[], None]) -> None:
         """Feed ``fd`` (stdin, a pty, a pipe) into COM1; with ``escape``, Ctrl-A X quits."""
@@ -265,18 +267,11 @@ class DeviceManager:
                 raise SnapshotError(f"cannot restore device {name}: {exc}") from None
 
     def after_restore(self) -> None:
-        """First resume after a restore: reset vsock connections, re-kick every queue, and
-        announce a new VM generation id.
+        """First resume after a restore: reset vsock connections, re-kick every queue.
 
         A queue kick the old process had not processed yet was lost with its
         eventfd; kicking each queue once more is harmless for the others.
-        The generation's interrupt goes out while the vCPUs are still parked,
-        into the LAPIC state the snapshot restored: the guest takes it as it
-        resumes.
         """
-        if self._generation_unannounced and self.vmgenid is not None:
-            self._generation_unannounced = False
-            self.vmgenid.notify()
         for slot in self.virtio.values():
             if isinstance(slot.device, VirtioVsock):
                 slot.transport.run_locked(lambda device: device.send_transport_reset())

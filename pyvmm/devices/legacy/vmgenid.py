@@ -22,11 +22,12 @@ injected ``entropy(n) -> bytes`` and the notification goes out through an
 :class:`~pyvmm.devices.base.IrqTrigger`. It has no registers: nothing on a
 bus, no guest value ever reaches it.
 
-Lifecycle: a fresh machine :meth:`publish`\\ es its first id; a restored one
-:meth:`restore`\\ s the saved id (guest memory already holds it) and then,
-for a clone, gets :meth:`new_generation` - the new id written at once, the
-interrupt sent at the first resume (:meth:`notify`), so a vCPU never runs
-between the two and the guest's LAPIC state is already in place.
+Lifecycle: a booted machine writes its first id with :meth:`publish`; a
+restored one takes the saved id with :meth:`restore` (guest memory already
+holds it) and then, for a clone, calls :meth:`new_generation`: the new id
+written, then the interrupt raised. The VMM calls it while the vCPUs are
+parked, after their LAPIC state is restored, so the guest takes the
+interrupt as it resumes.
 """
 
 from __future__ import annotations
@@ -99,24 +100,16 @@ class VmGenId:
         with self._lock:
             self._memory.write(self.address, self._generation)
 
-    def new_generation(self, *, notify: bool = True) -> bytes:
-        """A new id, written into guest memory; with ``notify``, the guest is told now.
-
-        Without it the caller sends :meth:`notify` later (a restored machine
-        waits for its first resume). Returns the new id.
-        """
+    def new_generation(self) -> bytes:
+        """A new id, written into guest memory, then one edge on the GED's GSI (the guest
+        runs ``Notify (VGEN, 0x80)`` and rereads the id). Returns the new id."""
         with self._lock:
             guid = self._draw(self._generation)
             self._memory.write(self.address, guid)
             self._generation = guid
             self.changes += 1
-        if notify:
-            self.notify()
-        return guid
-
-    def notify(self) -> None:
-        """One edge on the GED's GSI: the guest runs ``Notify (VGEN, 0x80)`` and rereads."""
         self._irq.trigger()
+        return guid
 
     def save(self) -> VmGenIdState:
         with self._lock:

@@ -53,15 +53,6 @@ def test_new_generation_writes_new_bytes_and_interrupts_once(mem: GuestMemory) -
     assert mem.read(ADDR + GUID_SIZE, 64) == bytes(64), "nothing past the 16 bytes"
 
 
-def test_a_restored_machine_writes_now_and_notifies_at_resume(mem: GuestMemory) -> None:
-    device, irq = make(mem)
-    guid = device.new_generation(notify=False)
-    assert mem.read(ADDR, GUID_SIZE) == guid
-    assert irq.count == 0
-    device.notify()
-    assert irq.count == 1
-
-
 def test_successive_generations_differ(mem: GuestMemory) -> None:
     device, _ = make(mem, os.urandom)
     seen = {device.generation} | {device.new_generation() for _ in range(50)}
