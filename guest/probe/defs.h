@@ -16,6 +16,7 @@
 
 /* Interrupt vectors the probe installs besides the 32 exceptions. */
 #define VEC_UART 0x30 /* COM1 through IOAPIC pin 4 */
+#define VEC_GED 0x31 /* the Generic Event Device's GSI (vmgenid program) */
 #define VEC_INT80 0x80 /* DPL3: counts its calls (irq program) */
 #define VEC_SPIN0 0x81 /* DPL3: dec/jnz loop of %rdi iterations in CPL0 */
 #define VEC_FAULT 0x82 /* DPL3: loads an empty IDT and faults: triple fault */

@@ -121,6 +121,8 @@ isr_stubs:
 	.balign 16
 	iretq			/* slot 37: VEC_SPURIOUS, no EOI */
 	.balign 16
+	jmp irq_ged		/* slot 38: VEC_GED */
+	.balign 16
 	.globl isr_stubs_end
 isr_stubs_end:
 
@@ -188,6 +190,18 @@ irq_uart:
 
 int80_handler:
 	incl int80_count(%rip)
+	iretq
+
+/* Generic Event Device interrupt (edge): count, EOI. */
+irq_ged:
+	pushq %rax
+	pushq %rdx
+	incl ged_irq_count(%rip)
+	xorl %eax, %eax
+	movl $(LAPIC_BASE + 0xB0), %edx
+	movl %eax, (%rdx)
+	popq %rdx
+	popq %rax
 	iretq
 
 /* %rdi iterations of dec/jnz in CPL0, bracketed by port 0x80 markers. */
@@ -263,10 +277,11 @@ ap_long:
  */
 	.data
 	.balign 8
-	.globl pvh_start_info, int80_count, uart_irq_count, ap_slot, ap_count, ap_ids
+	.globl pvh_start_info, int80_count, uart_irq_count, ged_irq_count, ap_slot, ap_count, ap_ids
 pvh_start_info:	.long 0
 int80_count:	.long 0
 uart_irq_count:	.long 0
+ged_irq_count:	.long 0
 ap_slot:	.long 0
 ap_count:	.long 0
 	.balign 8
@@ -367,6 +382,8 @@ idt:
 	gate 36, 0xEE
 	.elseif vec == VEC_SPURIOUS
 	gate 37, 0x8E
+	.elseif vec == VEC_GED
+	gate 38, 0x8E
 	.else
 	.quad 0, 0		/* not present: #NP if raised */
 	.endif

@@ -92,7 +92,7 @@ static const uint8_t *sdt_at(uint64_t addr)
 	return p;
 }
 
-static const uint8_t *find_madt(void)
+const uint8_t *acpi_table(const char *sig)
 {
 	const uint8_t *rsdp = find_rsdp();
 	const uint8_t *root = NULL;
@@ -115,10 +115,25 @@ static const uint8_t *find_madt(void)
 		uint64_t a = width == 8 ? rd64(root + off) : rd32(root + off);
 		const uint8_t *t = sdt_at(a);
 
-		if (t && !memcmp(t, "APIC", 4))
+		if (t && !memcmp(t, sig, 4))
 			return t;
 	}
 	return NULL;
+}
+
+/* The DSDT: the FADT's X_DSDT (offset 140) if set, else its 32-bit DSDT (40). */
+const uint8_t *acpi_dsdt(void)
+{
+	const uint8_t *fadt = acpi_table("FACP");
+	const uint8_t *dsdt = NULL;
+
+	if (!fadt)
+		return NULL;
+	if (rd32(fadt + 4) >= 148 && rd64(fadt + 140))
+		dsdt = sdt_at(rd64(fadt + 140));
+	else
+		dsdt = sdt_at(rd32(fadt + 40));
+	return dsdt && !memcmp(dsdt, "DSDT", 4) ? dsdt : NULL;
 }
 
 static int madt_cpus(const uint8_t *madt, uint32_t *ids, int max)
@@ -204,7 +219,7 @@ static int mp_cpus(const uint8_t *cfg, uint32_t *ids, int max)
 
 int acpi_cpus(uint32_t *ids, int max)
 {
-	const uint8_t *t = find_madt();
+	const uint8_t *t = acpi_table("APIC");
 
 	return t ? madt_cpus(t, ids, max) : 0;
 }

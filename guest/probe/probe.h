@@ -22,6 +22,7 @@
 extern volatile uint32_t pvh_start_info;
 extern volatile uint32_t int80_count;
 extern volatile uint32_t uart_irq_count;
+extern volatile uint32_t ged_irq_count;
 extern volatile uint32_t ap_slot;
 extern volatile uint32_t ap_count;
 extern volatile uint32_t ap_ids[MAX_CPUS];
@@ -189,6 +190,10 @@ int platform_cpus(uint32_t *ids, int max, const char **source);
 /* The same from one table only (0 if that table is absent). */
 int acpi_cpus(uint32_t *ids, int max);
 int mptable_cpus(uint32_t *ids, int max);
+/* The checksummed ACPI table with signature sig (through the XSDT, else the
+ * RSDT), and the DSDT (through the FADT); NULL if absent or broken. */
+const uint8_t *acpi_table(const char *sig);
+const uint8_t *acpi_dsdt(void);
 
 /* --- the command line ----------------------------------------------------- */
 /* The command line as the VMM passed it (unsplit, NUL-terminated). */
@@ -221,5 +226,6 @@ int prog_blkcheck(uint64_t arg);
 int prog_nettx(uint64_t arg);
 int prog_netrx(uint64_t arg);
 int prog_rngread(uint64_t arg);
+int prog_vmgenid(uint64_t arg);
 
 #endif
