@@ -204,6 +204,7 @@ class MicroVM:
         resume: bool = True,
         thread_setup: ThreadSetup = NO_SETUP,
         clone: CloneOverrides | None = None,
+        new_generation: bool = True,
     ) -> MicroVM:
         """A MicroVM continuing from :meth:`snapshot` files (in this or another process).
 
@@ -212,7 +213,10 @@ class MicroVM:
         vsock socket; vsock connections are reset, as in Firecracker. A
         ``clone`` of a snapshot (one of several running at once) also gets
         its own drive images and vsock CID. The console holds only what the
-        guest prints from now on.
+        guest prints from now on. The VM gets a new VM generation id, so
+        that clones reseed their RNGs apart (as Firecracker does on every
+        load); ``new_generation=False`` keeps the saved id (a ``clone``
+        always gets a new one).
         """
         vm = cls.__new__(cls)
         vm.console = SerialConsole()
@@ -228,6 +232,7 @@ class MicroVM:
                     vsock_uds=vsock_uds,
                     resume=resume,
                     thread_setup=thread_setup,
+                    new_generation=new_generation,
                 )
             else:
                 vm._machine = _restore_clone(
