@@ -132,6 +132,7 @@ class MachineController:
                 track_dirty_pages=params.track_dirty_pages,
                 resume=params.resume_vm,
                 thread_setup=self._thread_setup,
+                new_generation=True,  # as in Firecracker: every load gets a new VM generation id
             )
         self.machine = machine
         self._watch(machine)
