@@ -32,6 +32,7 @@ GUEST_SCRIPT = f"""
 echo VMGENID-BOUND $(ls /sys/bus/acpi/drivers/vmgenid | grep QEMUVGID)
 echo VMGENID-PATH $(cat /sys/bus/acpi/devices/QEMUVGID:00/path)
 echo GED-IRQ $(grep -c 'ACPI:Ged' /proc/interrupts)
+dmesg | grep -i -E 'ACPI (BIOS )?(error|warning)|ACPI Exception' | sed 's/^/ACPI-PROBLEM /'
 guid() {{
     dd if=/dev/mem bs=16 skip=$(({layout.VMGENID_ADDR} / 16)) count=1 2>/dev/null \\
         | od -An -tx1 | tr -d ' \\n'
@@ -127,6 +128,7 @@ def test_clones_get_new_generations_and_different_randomness(
     assert values(lines, "BOOT | VMGENID-BOUND") == ["QEMUVGID:00"], context
     assert values(lines, "BOOT | VMGENID-PATH") == ["\\_SB_.VGEN"], context
     assert values(lines, "BOOT | GED-IRQ") == ["1"], context
+    assert values(lines, "BOOT | ACPI-PROBLEM") == [], context
     (host_boot,) = values(lines, "HOST-GUID-BOOT")
     assert values(lines, "BOOT | GUEST-GUID-BOOT") == [host_boot], context
 
