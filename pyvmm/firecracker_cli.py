@@ -61,11 +61,13 @@ def _early_socket_path(argv: list[str]) -> str | None:
 
 def main() -> None:
     """The console script: bind the API socket first, then parse flags and serve."""
-    from pyvmm.api.early_socket import bind_early
+    from pyvmm.api.early_socket import adopt_handed, bind_early
 
     argv = sys.argv[1:]
     path = _early_socket_path(argv)
-    early = bind_early(path) if path else None
+    early = adopt_handed(path) if path else None  # bound by the C launcher (launcher.c)
+    if early is None and path:
+        early = bind_early(path)
     try:
         _run_command(argv, early)
     finally:
@@ -210,3 +212,7 @@ def __getattr__(name: str) -> object:
         globals()["firecracker"] = command
         return command
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":  # how the C launcher runs it: python -m pyvmm.firecracker_cli
+    main()

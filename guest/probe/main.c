@@ -46,6 +46,7 @@ static const struct program programs[] = {
 	{ "spin3", true, prog_spin3, 0, 0 },
 	{ "fault", false, prog_fault, 0, 0 },
 	{ "counter", false, prog_counter, 0, 0 },
+	{ "idle", false, prog_idle, 0, 0 },
 	{ "tsc", false, prog_tsc, 0, 0 },
 	{ "virtio", false, prog_virtio, 0, 0 },
 	{ "qd", true, set_qd, 1, 32 },
@@ -60,6 +61,14 @@ static const struct program programs[] = {
 	{ "vmgenid", true, prog_vmgenid, 0, 1000 },
 	{ "selftest", false, prog_selftest, 0, 0 }, /* last: the default */
 };
+
+static const struct program *find_program(const char *name)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(programs); i++)
+		if (!strcmp(programs[i].name, name))
+			return &programs[i];
+	return NULL;
+}
 
 const char *probe_cmdline(void)
 {
@@ -174,8 +183,6 @@ static bool parse_number(const char *s, uint64_t *out)
 	return true;
 }
 
-/* Splits the command line in place into steps; checks every word before
- * anything runs, so a typo fails fast. Returns the number of steps, -1. */
 /* "module.param" words are meant for a kernel's modules (a VMM announces
  * virtio-mmio devices that way); like Linux, the probe leaves them alone. */
 static bool is_kernel_parameter(const char *word)
@@ -185,6 +192,28 @@ static bool is_kernel_parameter(const char *word)
 			return true;
 	return false;
 }
+
+/* Plain words a Linux command line carries that name no probe program:
+ * clients that boot "a kernel" send them, and the probe skips them. */
+static const char *const kernel_words[] = {
+	"quiet", "ro", "rw", "debug", "single", "splash", "nosmp", "noapic", "nolapic",
+	"noacpi", "nomodeset", "nokaslr", "nosplash", "earlyprintk", "ignore_loglevel",
+};
+
+static bool is_kernel_word(const char *word)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(kernel_words); i++)
+		if (!strcmp(kernel_words[i], word))
+			return true;
+	return false;
+}
+
+static unsigned kernel_args_skipped;
+
+/* Splits the command line in place into steps; checks every word before
+ * anything runs, so a typo fails fast. Kernel parameters (key=value with
+ * a key no program has, module.param, and the words above) are counted in
+ * kernel_args_skipped and skipped. Returns the number of steps, -1. */
 
 static int parse(char *s, struct step *steps, int max)
 {
@@ -206,17 +235,23 @@ static int parse(char *s, struct step *steps, int max)
 		}
 		if (*s)
 			*s++ = '\0';
-		if (is_kernel_parameter(word))
+		if (is_kernel_parameter(word)) {
+			kernel_args_skipped++;
 			continue;
-		if (n == max)
-			return fail("too many programs (max %d)", max);
+		}
 		const struct program *p = NULL;
 
 		for (size_t i = 0; i < ARRAY_SIZE(programs); i++)
 			if (!strcmp(programs[i].name, word))
 				p = &programs[i];
+		if (!p && (arg || is_kernel_word(word))) {
+			kernel_args_skipped++; /* console=ttyS0, panic=1, quiet... */
+			continue;
+		}
 		if (!p)
 			return fail("unknown program '%s'", word);
+		if (n == max)
+			return fail("too many programs (max %d)", max);
 		steps[n].prog = p;
 		steps[n].arg = 0;
 		if (p->needs_arg && !arg)
@@ -258,6 +293,16 @@ NORETURN void probe_main(void)
 	n = parse(cmdline, steps, MAX_WORDS);
 	if (n < 0)
 		probe_finish(false, fail_reason);
+	if (kernel_args_skipped)
+		kprintf("probe: skipped %u kernel parameters\n", kernel_args_skipped);
+	if (n == 0 && kernel_args_skipped) {
+		/* Booted as a Linux kernel by a client that knows nothing of the probe:
+		 * say hello, then stay up as a kernel would, until the VMM stops it. */
+		steps[0].prog = find_program("hello");
+		steps[1].prog = find_program("idle");
+		steps[0].arg = steps[1].arg = 0;
+		n = 2;
+	}
 	if (n == 0) {
 		steps[0].prog = &programs[ARRAY_SIZE(programs) - 1]; /* selftest */
 		steps[0].arg = 0;

@@ -184,3 +184,17 @@ int prog_counter(uint64_t arg)
 			__asm__ volatile("pause");
 	}
 }
+
+/*
+ * idle: "probe: idle", then nothing until the VMM stops the guest (what a
+ * booted kernel with nothing to do looks like from outside). A CPL3 pause
+ * loop: no VM exits, one host CPU busy while it runs.
+ */
+int prog_idle(uint64_t arg)
+{
+	(void)arg;
+	kputs("probe: idle");
+	uart_flush();
+	for (;;)
+		__asm__ volatile("pause");
+}

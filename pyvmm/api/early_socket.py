@@ -60,3 +60,20 @@ def bind_early(path: str) -> EarlySocket | None:
     except OSError:
         listener.close()
         return None
+
+
+def adopt_handed(path: str) -> EarlySocket | None:
+    """The listening socket the C launcher bound at ``path`` and handed over as
+    ``PYVMM_API_SOCK_FD`` (see :mod:`pyvmm.api.launcher`), or None."""
+    raw = os.environ.pop("PYVMM_API_SOCK_FD", None)
+    if raw is None or not raw.isdigit():
+        return None
+    try:
+        listener = socket.socket(fileno=int(raw))
+        if listener.family != socket.AF_UNIX or listener.getsockname() != path:
+            listener.detach()
+            return None
+        listener.set_inheritable(False)
+        return EarlySocket(listener, path)
+    except OSError:
+        return None
