@@ -50,11 +50,21 @@ class Vmm:
             stderr=subprocess.PIPE,
         )  # fmt: skip
         deadline = time.monotonic() + 20
-        while not self.sock.exists():
+        while not self._listening():  # a stale socket file may be there before ours
             assert self.process.poll() is None, self.process.stderr.read().decode()
             assert time.monotonic() < deadline, "the API socket never appeared"
             time.sleep(0.01)
         self.conn = UnixHTTPConnection(self.sock)
+
+    def _listening(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(self.sock))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        finally:
+            probe.close()
+        return True
 
     def request(self, method: str, path: str, body: object = None) -> tuple[int, object]:
         data = None if body is None else json.dumps(body)
@@ -80,13 +90,16 @@ class Vmm:
         return match
 
     def close(self) -> int:
+        """SIGTERM (if still running) and wait; ``stderr_text`` then holds what it printed."""
         self.conn.close()
         if self.process.poll() is None:
             self.process.terminate()
         try:
             return self.process.wait(20)
         finally:
-            self.process.stderr.close()
+            if not self.process.stderr.closed:
+                self.stderr_text = self.process.stderr.read().decode(errors="replace")
+                self.process.stderr.close()
 
 
 @pytest.fixture
