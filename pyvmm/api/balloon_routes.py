@@ -1,10 +1,11 @@
 """The balloon routes: ``/balloon``, ``/balloon/statistics`` and ``/balloon/hinting/*``.
 
-Registered into :mod:`pyvmm.api.routes`' table on import. Before boot they
-change the configuration; after boot ``PATCH /balloon`` sets the running
-device's target and ``PATCH /balloon/statistics`` its polling interval
-(which cannot turn statistics on or off: the statistics queue exists or not
-from boot). Free page hinting is refused by name.
+Registered into :mod:`pyvmm.api.routes`' table on import. ``PUT`` configures
+the device before boot; after boot ``PATCH /balloon`` sets the running
+device's target (never more than the guest's memory) and ``PATCH
+/balloon/statistics`` its polling interval (which cannot turn statistics on
+or off: the statistics queue exists or not from boot). Free page hinting is
+refused by name.
 """
 
 from __future__ import annotations
@@ -49,20 +50,32 @@ def _get_balloon_stats(router: Router, value: Any, path_id: str | None) -> Respo
     return Response(200, stats)
 
 
+def _check_amount(router: Router, amount_mib: int) -> None:
+    """A balloon cannot ask for more than the guest has (Firecracker's rule)."""
+    memory = router.resources.machine_config.mem_size_mib
+    if amount_mib > memory:
+        raise Fault(
+            f"Balloon error: amount_mib {amount_mib} is more than the guest's memory ({memory} MiB)"
+        )
+
+
 @route("PUT", "/balloon", "balloon")
 def _put_balloon(router: Router, value: Any, path_id: str | None) -> Response:
     balloon = parse_balloon(value)
     router.pre_boot(boot_specific=True)
+    _check_amount(router, balloon.amount_mib)
     router.resources.set_balloon(balloon)
     return no_content()
 
 
 @route("PATCH", "/balloon", "balloon")
 def _patch_balloon(router: Router, value: Any, path_id: str | None) -> Response:
+    """After boot only, as in Firecracker (before, PUT the device again)."""
     amount_mib = parse_balloon_update(value)
     balloon = _configured(router)
-    if router.started:
-        router.call("Balloon error: ", router.controller.set_balloon_target, amount_mib)
+    router.post_boot()
+    _check_amount(router, amount_mib)
+    router.call("Balloon error: ", router.controller.set_balloon_target, amount_mib)
     router.resources.balloon = replace(balloon, amount_mib=amount_mib)
     return no_content()
 

@@ -54,7 +54,7 @@ def _update_machine_config(
 ) -> Response:
     router.pre_boot(boot_specific=True)
     router.resources.update_machine_config(update)
-    if update.cpu_template is not None and (verb == "PATCH" or update.cpu_template != "None"):
+    if update.cpu_template is not None:  # Firecracker flags the field, even "None"
         return no_content(
             router.deprecated(f"{verb} /machine-config: cpu_template field is deprecated.")
         )

@@ -140,7 +140,9 @@ class MachineConfiguration:
             smt=_pick(update.smt, self.smt),
             track_dirty_pages=_pick(update.track_dirty_pages, self.track_dirty_pages),
             huge_pages=_pick(update.huge_pages, self.huge_pages),
-            cpu_template=_pick(update.cpu_template, self.cpu_template),
+            cpu_template=_pick(
+                update.cpu_template, "None" if update.replaces else self.cpu_template
+            ),
         )
         if merged.smt and merged.vcpu_count > 1 and merged.vcpu_count % 2:
             raise ConfigError(
@@ -179,6 +181,8 @@ class MachineConfigUpdate:
     track_dirty_pages: bool | None = None
     huge_pages: str | None = None
     cpu_template: str | None = None
+    #: A PUT: what it does not name goes back to its default (a template too).
+    replaces: bool = False
 
     @property
     def empty(self) -> bool:
@@ -220,7 +224,8 @@ def _machine_fields(value: Any, where: str, *, full: bool) -> MachineConfigUpdat
             fields.boolean("track_dirty_pages") if fields.has("track_dirty_pages") else default_flag
         ),
         huge_pages=huge_pages if huge_pages is not None else ("None" if full else None),
-        cpu_template=cpu_template if cpu_template is not None else ("None" if full else None),
+        cpu_template=cpu_template,
+        replaces=full,
     )
 
 

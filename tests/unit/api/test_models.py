@@ -149,7 +149,7 @@ def test_boot_source():
 
 def test_machine_config_put_requires_both_sizes_and_resets_flags():
     update = models.parse_machine_config({"vcpu_count": 2, "mem_size_mib": 256})
-    assert update == models.MachineConfigUpdate(2, 256, False, False, "None", "None")
+    assert update == models.MachineConfigUpdate(2, 256, False, False, "None", None, replaces=True)
     assert error_of(models.parse_machine_config, {"vcpu_count": 2}) == (
         "machine-config: mem_size_mib is required"
     )

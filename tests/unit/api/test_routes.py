@@ -697,7 +697,10 @@ def test_balloon_routes(api, files, controller):
     assert api.ok("GET", "/balloon") == {
         "amount_mib": 4, "deflate_on_oom": True, "stats_polling_interval_s": 1,
     }  # fmt: skip
-    api.ok("PATCH", "/balloon", {"amount_mib": 8})  # before boot: the configuration changes
+    assert api.fault("PATCH", "/balloon", {"amount_mib": 8}) == NOT_SUPPORTED_PRE_BOOT
+    assert "more than the guest's memory (128 MiB)" in api.fault(
+        "PUT", "/balloon", {"amount_mib": 129, "deflate_on_oom": False}
+    )
     assert api.fault("GET", "/balloon/statistics") == NOT_SUPPORTED_PRE_BOOT
     assert "free page hinting" in api.fault("PUT", "/balloon", {
         "amount_mib": 1, "deflate_on_oom": False, "free_page_hinting": True})  # fmt: skip
@@ -706,6 +709,7 @@ def test_balloon_routes(api, files, controller):
         NOT_SUPPORTED_POST_BOOT
     )
     api.ok("PATCH", "/balloon", {"amount_mib": 2})
+    assert "more than the guest's memory" in api.fault("PATCH", "/balloon", {"amount_mib": 300})
     assert api.ok("GET", "/balloon/statistics")["target_pages"] == 256
     api.ok("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 5})
     assert "cannot be turned on or off" in api.fault(
