@@ -18,8 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from pyvmm import layout
 from pyvmm.boot.acpi import VmGenIdAcpi, write_acpi_tables
@@ -50,8 +49,7 @@ if TYPE_CHECKING:
 StopSink = Callable[[StopReason], None]
 
 
-@dataclass(frozen=True)
-class ConsoleIO:
+class ConsoleIO(NamedTuple):
     """The host side of the guest's serial console.
 
     ``out`` receives what the guest prints (unless the config names a
@@ -64,8 +62,7 @@ class ConsoleIO:
     escape: bool = False
 
 
-@dataclass(frozen=True)
-class BuildContext:
+class BuildContext(NamedTuple):
     """What every build needs besides the config: the console, where stops go, thread setup."""
 
     console: ConsoleIO
