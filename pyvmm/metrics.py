@@ -6,10 +6,16 @@ snapshot of nested groups (``api_server``, ``vcpu``, ``block``, ``net``,
 line*, as Firecracker's ``SharedIncMetric`` writes them, so a reader sums
 lines; values under ``latencies_us`` are the latest measurement (gauges).
 
+Every line carries Firecracker's groups and names (:data:`FIRECRACKER_GROUPS`,
+zero where pyvmm has nothing to count), so a reader written for
+Firecracker's lines (Kata Containers' metrics FIFO) finds what it expects;
+pyvmm's own counters (per-device groups, exit kinds) come on top.
+
 The writer knows nothing about VMs: it is given ``sources``, callables
 that each return a nested dict of ints, and merges them. A flush runs on
-whichever thread asks (``FlushMetrics``) or on the writer's own periodic
-thread (``pyvmm-metrics``); a lock keeps lines whole and deltas right.
+whichever thread asks (``FlushMetrics``) or when the serving loop finds one
+due (:meth:`MetricsWriter.flush_if_due`, every ``interval``); a lock keeps
+lines whole and deltas right. It starts no thread of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +37,38 @@ DEFAULT_INTERVAL_S = 60.0
 GAUGE_GROUPS = frozenset({"latencies_us"})
 
 MetricsSource = Callable[[], Mapping[str, Any]]
+
+
+def _zeros(*names: str) -> dict[str, int]:
+    return dict.fromkeys(names, 0)
+
+
+_API = ("actions", "boot_source", "drive", "logger", "machine_cfg", "cpu_cfg", "metrics",
+        "network", "mmds", "vsock", "pmem", "serial", "hotplug_memory")  # fmt: skip
+#: Firecracker's metric groups and the names in each (its metrics.rs), as zeros.
+FIRECRACKER_GROUPS: dict[str, dict[str, int]] = {
+    "api_server": _zeros("process_startup_time_us", "process_startup_time_cpu_us"),
+    "deprecated_api": _zeros("deprecated_http_api_calls"),
+    "get_api_requests": _zeros(
+        "instance_info_count", "machine_cfg_count", "mmds_count", "vmm_version_count",
+        "hotplug_memory_count",
+    ),
+    "put_api_requests": _zeros(*(f"{n}_{k}" for n in _API for k in ("count", "fails"))),
+    "patch_api_requests": _zeros(
+        *(f"{n}_{k}" for n in ("drive", "network", "machine_cfg", "mmds", "hotplug_memory",
+                               "pmem") for k in ("count", "fails"))
+    ),
+    "logger": _zeros("missed_metrics_count", "metrics_fails", "missed_log_count",
+                     "rate_limited_log_count"),
+    "mmds": _zeros("rx_accepted", "rx_accepted_err", "rx_accepted_unusual", "rx_bad_eth",
+                   "rx_invalid_token", "rx_no_token", "rx_count", "tx_bytes", "tx_count",
+                   "tx_errors", "tx_frames", "connections_created", "connections_destroyed"),
+    "seccomp": _zeros("num_faults"),
+    "signals": _zeros("sigbus", "sigsegv", "sigxfsz", "sigxcpu", "sigpipe", "sighup", "sigill"),
+    "vcpu": _zeros("exit_io_in", "exit_io_out", "exit_mmio_read", "exit_mmio_write",
+                   "failures", "kvmclock_ctrl_fails"),
+    "vmm": _zeros("panic_count"),
+}  # fmt: skip
 
 
 def _deltas(current: Mapping[str, Any], previous: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,9 +113,8 @@ class MetricsWriter:
         self._clock = clock
         self._lock = threading.Lock()
         self._previous: dict[str, Any] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._fd = _open_metrics_file(self.path)
+        self._next_due = time.monotonic() + interval
         self.lines_written = 0
 
     def add_source(self, source: MetricsSource) -> None:
@@ -90,6 +127,7 @@ class MetricsWriter:
             if self._fd < 0:
                 return
             current: dict[str, Any] = {}
+            _merge(current, FIRECRACKER_GROUPS)
             for source in self._sources:
                 _merge(current, source())
             line = {"utc_timestamp_ms": int(self._clock() * 1000)}
@@ -101,22 +139,17 @@ class MetricsWriter:
                 os.write(self._fd, data)
             self.lines_written += 1
 
-    def start(self) -> None:
-        """Flush every ``interval`` seconds on a ``pyvmm-metrics`` thread."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="pyvmm-metrics", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.flush()
+    def flush_if_due(self) -> bool:
+        """Flush when ``interval`` seconds passed since the last periodic line."""
+        now = time.monotonic()
+        if now < self._next_due:
+            return False
+        self._next_due = now + self._interval
+        self.flush()
+        return True
 
     def close(self) -> None:
-        """Write a last line, stop the thread and close the file; idempotent."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Write a last line and close the file; idempotent."""
         if self._fd >= 0:
             self.flush()
             with self._lock:

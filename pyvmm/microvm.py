@@ -23,7 +23,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pyvmm.config import (
@@ -235,8 +235,15 @@ class MicroVM:
                     new_generation=new_generation,
                 )
             else:
-                vm._machine = _restore_clone(
-                    vm.console, state_path, mem_path, net_overrides, vsock_uds, clone, thread_setup
+                vm._machine = restore_clone(
+                    state_path,
+                    mem_path,
+                    clone,
+                    serial_out=vm.console.feed,
+                    console_in=vm.console.input_fd,
+                    net_overrides=net_overrides,
+                    vsock_uds=vsock_uds,
+                    thread_setup=thread_setup,
                 )
                 if resume:
                     vm._machine.resume()
@@ -321,19 +328,22 @@ class MicroVM:
         self.close()
 
 
-def _restore_clone(
-    console: SerialConsole,
+def restore_clone(
     state_path: str | Path,
     mem_path: str | Path,
-    net_overrides: dict[str, str] | None,
-    vsock_uds: str | Path | None,
     clone: CloneOverrides,
-    thread_setup: ThreadSetup,
+    *,
+    serial_out: Callable[[bytes], object] | None = None,
+    console_in: int | None = None,
+    net_overrides: dict[str, str] | None = None,
+    vsock_uds: str | Path | None = None,
+    thread_setup: ThreadSetup = NO_SETUP,
 ) -> Machine:
-    """``Machine.restore`` with clone overrides, paused.
+    """``Machine.restore`` for a clone (its own drives and vsock CID), paused.
 
-    ``Machine.restore`` does not take them (yet): the same two steps it
-    takes, with the overrides passed to :func:`~pyvmm.vmm.snapshots.load_snapshot`.
+    ``Machine.restore`` does not take clone overrides (yet): these are the
+    same two steps, with the overrides passed to
+    :func:`~pyvmm.vmm.snapshots.load_snapshot`.
     """
     from pyvmm.vmm.snapshots import load_snapshot
 
@@ -341,7 +351,7 @@ def _restore_clone(
         state_path, mem_path, net_overrides or {}, vsock_uds, None, clone
     )
     try:
-        machine = Machine(config, console.feed, console.input_fd, thread_setup=thread_setup)
+        machine = Machine(config, serial_out, console_in, thread_setup=thread_setup)
     except BaseException:
         os.close(mem_fd)
         raise

@@ -122,6 +122,8 @@ class ActionQueue:
                 pending.run()
             finally:
                 self.running = None
+                if not pending.done.is_set():  # interrupted before it could even start
+                    pending.fail(ActionCancelledError("the VMM is stopping"))
             if pending.error is not None and not isinstance(pending.error, Exception):
                 raise pending.error
             try:

@@ -8,8 +8,10 @@ on a VM goes through this protocol, which
 
 Contract for implementers:
 
-- Calls are serialized: the router holds one lock around each request, so
-  no two methods run at once.
+- Calls that act are serialized: they run on the VMM thread, one request
+  at a time; :attr:`state`, :meth:`instance_info`, :meth:`flush_metrics`
+  and :meth:`balloon_stats` are queries and may run on an API thread at
+  the same time.
 - The router calls each method only in the state where Firecracker allows
   it (see the method docs); a method still validates what only it can know.
 - Report failure by raising :class:`~pyvmm.errors.PyvmmError` (or
@@ -49,6 +51,9 @@ class InstanceInfo:
             "id": self.id,
             # Firecracker never reports a stopped VM: its process exits with the guest.
             "state": (VmState.RUNNING if self.state is VmState.STOPPED else self.state).value,
+            # Firecracker 0.2x's field, still what Kata Containers' vendored client reads
+            # to know the VM runs (fc.go, vmRunning).
+            "started": self.state is not VmState.NOT_STARTED,
             "vmm_version": self.vmm_version,
             "app_name": self.app_name,
         }
@@ -130,4 +135,16 @@ class VmmController(Protocol):
     ) -> None:
         """``PATCH /network-interfaces/{id}``: new RX/TX rate limiters
         (PATCH semantics as in :meth:`patch_drive`); ``iface_id`` exists."""
+        ...
+
+    def set_balloon_target(self, amount_mib: int) -> None:
+        """``PATCH /balloon`` after boot (the VM has a balloon)."""
+        ...
+
+    def balloon_stats(self) -> dict[str, int]:
+        """``GET /balloon/statistics`` after boot (the balloon polls statistics)."""
+        ...
+
+    def set_balloon_stats_interval(self, seconds: int) -> None:
+        """``PATCH /balloon/statistics`` after boot (never turns them on or off)."""
         ...

@@ -8,13 +8,18 @@ framed by :mod:`pyvmm.api.http_protocol` and handed to ``handler(method,
 path, body) -> Response``, which may be called from several threads at
 once; the router serializes VMM actions under its own lock.
 
-Robustness:
+Robustness (Firecracker's micro_http serves one connection at a time;
+pyvmm serves them concurrently, so it owes limits):
 
-- at most ``max_connections`` clients; one more gets a 503 and is closed;
-- a request that has started must complete within ``request_timeout``
-  seconds of its last byte, or the connection is closed; an idle
-  keep-alive connection waits ``idle_timeout`` (None: for ever, as
+- a request must arrive whole within ``request_timeout`` seconds of its
+  first byte, however slowly it trickles in (a slowloris client is cut);
+- an idle keep-alive connection waits ``idle_timeout`` (None: for ever, as
   Firecracker's clients expect);
+- at most ``max_connections`` clients; when one more arrives, the
+  connection that has waited longest without a request being handled
+  (idle, or still sending its request) is closed to make room, so a new
+  client is always served whatever the other clients do; only when every
+  connection has a request being handled does the newcomer get a 503;
 - framing errors (:class:`~pyvmm.api.http_protocol.ProtocolError`) get
   ``{"fault_message": ...}`` with status 400 and the connection closes,
   after reading what the client had in flight so it sees the answer;
@@ -58,10 +63,26 @@ Handler = Callable[[str, str, bytes], Response]
 
 DEFAULT_MAX_CONNECTIONS = 32
 DEFAULT_REQUEST_TIMEOUT = 10.0
+_IDLE, _RECEIVING, _HANDLING = "idle", "receiving", "handling"
 _RECV_SIZE = 65536
 _JOIN_TIMEOUT = 5.0
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1 << 20
+
+
+class _Connection:
+    """One client: its socket, its thread, and what it is doing since when."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.thread: threading.Thread | None = None
+        self.phase = _IDLE
+        self.since = time.monotonic()
+
+    def enter(self, phase: str) -> None:
+        if phase != self.phase:
+            self.phase = phase
+            self.since = time.monotonic()
 
 
 class ApiServer:
@@ -78,9 +99,12 @@ class ApiServer:
         idle_timeout: float | None = None,
         setup: ThreadSetup = NO_SETUP,
         on_error: Callable[[str], None] | None = None,
+        listener: socket.socket | None = None,
     ) -> None:
         """``setup`` confines each API thread as it starts; ``on_error`` hears if the
-        accept loop dies (a connection's own failure only ends that connection)."""
+        accept loop dies (a connection's own failure only ends that connection).
+        ``listener``: a socket already bound to ``path`` and listening (bound early
+        at start-up, before the heavy imports, so clients can connect at once)."""
         self.path = Path(path)
         self._setup = setup
         self._on_error = on_error or (lambda message: None)
@@ -90,11 +114,12 @@ class ApiServer:
         self._request_timeout = request_timeout
         self._idle_timeout = idle_timeout
         self._listener: socket.socket | None = None
+        self._prebound = listener
         self._inode: tuple[int, int] | None = None
         self._wake_r, self._wake_w = -1, -1
         self._accept_thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._connections: dict[socket.socket, _Connection] = {}
         self._closing = False
 
     # --- lifecycle ---------------------------------------------------------------
@@ -104,7 +129,7 @@ class ApiServer:
             raise RuntimeError("the API server is already started")
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            self._listener = self._bind()
+            self._listener = self._adopt(self._prebound) if self._prebound else self._bind()
         except BaseException:
             os.close(wake_r)
             os.close(wake_w)
@@ -133,7 +158,10 @@ class ApiServer:
         for sock, _ in connections:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        for _, thread in connections:
+        for _, connection in connections:
+            thread = connection.thread
+            if thread is None:
+                continue
             thread.join(_JOIN_TIMEOUT)
             if thread.is_alive():
                 log.error("API connection thread %s did not stop", thread.name)
@@ -157,7 +185,19 @@ class ApiServer:
         with self._lock:
             return len(self._connections)
 
+    @property
+    def busy_count(self) -> int:
+        """Connections whose request is being handled right now."""
+        with self._lock:
+            return sum(c.phase == _HANDLING for c in self._connections.values())
+
     # --- binding -------------------------------------------------------------------
+    def _adopt(self, listener: socket.socket) -> socket.socket:
+        """Take over a socket bound early (see :func:`bind_api_socket`)."""
+        info = os.stat(self.path)
+        self._inode = (info.st_dev, info.st_ino)
+        return listener
+
     def _bind(self) -> socket.socket:
         # A socket nobody listens on (a killed VMM's) is replaced; a live one is refused.
         check_socket_path(self.path, "API socket")
@@ -209,17 +249,20 @@ class ApiServer:
             if self._closing:
                 conn.close()
                 return
+            if len(self._connections) >= self._max_connections:
+                self._make_room()
             if len(self._connections) < self._max_connections:
-                thread = spawn(
+                connection = _Connection(conn)
+                connection.thread = spawn(
                     ThreadRole.API,
                     "api-conn",
-                    lambda: self._serve(conn),
+                    lambda: self._serve(connection),
                     on_error=lambda message: log.error("API connection: %s", message),
                     setup=self._setup,
                     start=False,
                 )
-                self._connections[conn] = thread
-                thread.start()
+                self._connections[conn] = connection
+                connection.thread.start()
                 return
         message = f"Too many open API connections (at most {self._max_connections})"
         with contextlib.suppress(OSError):
@@ -227,20 +270,41 @@ class ApiServer:
             conn.sendall(render_response(Response.fault(503, message), keep_alive=False))
         conn.close()
 
+    def _make_room(self) -> None:
+        """Close the connection that waited longest without a request being handled.
+
+        Called with the lock held. The victim's thread sees its socket shut
+        down and ends; its entry goes at once so the newcomer is counted.
+        """
+        waiting = [c for c in self._connections.values() if c.phase != _HANDLING]
+        if not waiting:
+            return
+        victim = min(waiting, key=lambda c: c.since)
+        log.info(
+            "API server: %d connections open; closing one %s for %.1f s to serve a new client",
+            len(self._connections), victim.phase, time.monotonic() - victim.since,
+        )  # fmt: skip
+        with contextlib.suppress(OSError):
+            victim.sock.shutdown(socket.SHUT_RDWR)
+        del self._connections[victim.sock]
+
     # --- serving one connection ---------------------------------------------------------
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, connection: _Connection) -> None:
+        conn = connection.sock
         try:
-            self._serve_requests(conn)
+            self._serve_requests(connection)
         except OSError as exc:
             log.debug("API connection ended: %s", exc)
         except Exception:  # a bug here must end one connection, not the server
             log.exception("API connection failed")
         finally:
             with self._lock:
-                self._connections.pop(conn, None)
+                if self._connections.get(conn) is connection:
+                    del self._connections[conn]
             conn.close()
 
-    def _serve_requests(self, conn: socket.socket) -> None:
+    def _serve_requests(self, connection: _Connection) -> None:
+        conn = connection.sock
         parser = RequestParser(self._body_limit)
         while True:
             try:
@@ -253,21 +317,43 @@ class ApiServer:
                 conn.sendall(CONTINUE_RESPONSE)
                 continue
             if event is NEED_DATA:
-                conn.settimeout(self._request_timeout if parser.in_request else self._idle_timeout)
-                try:
-                    data = conn.recv(_RECV_SIZE)
-                except TimeoutError:
-                    log.debug("API connection timed out")
+                if not self._receive(connection, parser):
                     return
-                if not data:
-                    return
-                parser.feed(data)
                 continue
             assert isinstance(event, Request)
+            connection.enter(_HANDLING)
             response = self._handle(event)
             self._send(conn, response, keep_alive=event.keep_alive, version=event.version)
+            connection.enter(_IDLE)
             if not event.keep_alive:
                 return
+
+    def _receive(self, connection: _Connection, parser: RequestParser) -> bool:
+        """Feed the parser what the client sends; False when the connection should end.
+
+        A request's deadline counts from its first byte: trickling bytes in
+        does not extend it.
+        """
+        conn = connection.sock
+        if parser.in_request:
+            connection.enter(_RECEIVING)
+            remaining = connection.since + self._request_timeout - time.monotonic()
+            if remaining <= 0:
+                log.debug("API connection: request not complete within %s s", self._request_timeout)
+                return False
+            conn.settimeout(remaining)
+        else:
+            connection.enter(_IDLE)
+            conn.settimeout(self._idle_timeout)
+        try:
+            data = conn.recv(_RECV_SIZE)
+        except TimeoutError:
+            log.debug("API connection timed out")
+            return False
+        if not data:
+            return False
+        parser.feed(data)
+        return True
 
     def _handle(self, request: Request) -> Response:
         try:

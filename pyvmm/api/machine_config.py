@@ -29,6 +29,7 @@ Mapped:
 - ``vsock`` -> ``vsock`` (``guest_cid``, ``uds_path``).
 - ``entropy`` -> ``rng=True``, its ``rate_limiter`` -> ``rng_rate_limit``.
 - ``balloon`` -> ``balloon`` (:class:`~pyvmm.config.BalloonConfig`).
+- ``PUT /serial``'s ``serial_out_path`` -> ``serial_out``.
 - Recorded for ``GET /vm/config`` only: a drive's ``io_engine`` (pyvmm has
   one I/O model, which serves "Async" too) and a net ``mtu``.
 
@@ -120,6 +121,7 @@ def to_machine_config(resources: VmResources) -> MachineConfig:
         nets=tuple(nets),
         vsock=vsock,
         track_dirty_pages=resources.machine_config.track_dirty_pages,
+        serial_out=Path(resources.serial_out_path) if resources.serial_out_path else None,
     )
 
 

@@ -1,11 +1,21 @@
 """The router: Firecracker's API paths and rules on top of a :class:`VmmController`.
 
 ``Router.handle(method, path, body) -> Response`` is the HTTP server's
-handler. It decodes the JSON body, parses it with :mod:`pyvmm.api.models`,
-applies Firecracker's ordering rules, then changes the
-:class:`~pyvmm.api.vm_config.VmResources` (pre-boot configuration) or calls
-the controller (anything that acts on the VM). One lock serializes whole
-requests, so the controller never sees two at once.
+handler, called on API threads. It resolves the route and decodes the JSON
+body there, then:
+
+- a query (every ``GET``, and ``FlushMetrics``) is answered right there, so
+  it never waits behind a long action;
+- anything else is handed to :attr:`Router.actions` (the VMM thread, one
+  request at a time, in :mod:`pyvmm.api.actions`): configuration changes
+  and the actions that build, pause, snapshot or change the VM.
+
+The routes themselves live by subject: actions, VM state, snapshots and the
+queries here; the pre-boot configuration in :mod:`pyvmm.api.config_routes`;
+the balloon in :mod:`pyvmm.api.balloon_routes`. A route handler parses with
+:mod:`pyvmm.api.models` / :mod:`pyvmm.api.operations`, applies
+Firecracker's ordering rules, then changes the
+:class:`~pyvmm.api.vm_config.VmResources` or calls the controller.
 
 Rules (from Firecracker's ``rpc_interface.rs`` pre-boot/runtime
 controllers and ``firecracker.yaml``):
@@ -13,30 +23,33 @@ controllers and ``firecracker.yaml``):
 - pre-boot only (afterwards 400 "The requested operation is not supported
   after starting the microVM."): ``InstanceStart``, PUT ``/boot-source``,
   ``/machine-config`` (and PATCH), ``/drives/{id}``,
-  ``/network-interfaces/{id}``, ``/vsock``, ``/entropy``, ``/logger``,
-  ``/metrics``, ``/mmds/config``, ``/snapshot/load``;
+  ``/network-interfaces/{id}``, ``/vsock``, ``/entropy``, ``/balloon``,
+  ``/serial``, ``/logger``, ``/metrics``, ``/mmds/config``,
+  ``/snapshot/load``;
 - post-boot only (before, 400 "... not supported before starting the
-  microVM."): ``SendCtrlAltDel``, ``FlushMetrics``, PATCH ``/vm``,
-  ``/drives/{id}``, ``/network-interfaces/{id}``, PUT ``/snapshot/create``;
+  microVM."): ``SendCtrlAltDel``, PATCH ``/vm``, ``/drives/{id}``,
+  ``/network-interfaces/{id}``, PUT ``/snapshot/create``, GET
+  ``/balloon/statistics``;
 - any time: GET ``/``, ``/version``, ``/vm/config``, ``/machine-config``,
-  GET/PUT/PATCH ``/mmds``;
+  ``/balloon``, GET/PUT/PATCH ``/mmds``, PATCH ``/balloon`` and
+  ``/balloon/statistics``, ``FlushMetrics`` (a no-op without metrics);
 - ``/snapshot/load`` only on a fresh VMM: once a boot-specific resource
-  (boot source, machine config, drive, net, vsock, entropy, MMDS config)
-  was configured, even unsuccessfully, it is refused; logger, metrics and
-  MMDS data do not count;
-- ``/snapshot/create`` only while the VM is Paused (the yaml: "The microVM
-  should be in the Paused state");
-- ``InstanceStart`` needs a boot source; ``/metrics`` can be set once;
-- the id in a ``/drives/{id}`` or ``/network-interfaces/{id}`` path must be
-  letters, digits and underscores, and equal the body's id;
-- a GET must not have a body, a PUT or PATCH must (an empty PATCH
-  ``/machine-config`` is also "Empty PATCH request.").
+  (boot source, machine config, drive, net, vsock, entropy, balloon, MMDS
+  config) was configured, even unsuccessfully, it is refused; logger,
+  metrics and MMDS data do not count;
+- ``/snapshot/create`` only while the VM is Paused; pausing a paused VM and
+  resuming a running one succeed and change nothing;
+- ``InstanceStart`` needs a boot source; metrics can be set once (also
+  counting ``--metrics-path``).
 
-Every error is ``{"fault_message": ...}`` with status 400, as in
-Firecracker (which has no 404: an unknown path or method is a 400 "Invalid
-request method and/or path"), except an MMDS store over its limit (413)
-and a controller bug (500). Paths match exactly (Firecracker ignores extra
-path segments; pyvmm refuses them).
+Paths are matched as Firecracker matches them: by their first segment (and
+the second where a resource has sub-resources: ``/vm/config``,
+``/snapshot/create``, ``/mmds/config``, ``/balloon/statistics``); further
+segments are ignored, except under a resource with sub-resources, where an
+unknown one is an error. Every error is ``{"fault_message": ...}`` with
+status 400 (Firecracker has no 404: an unknown path or method is "Invalid
+request method and/or path"), except an MMDS store over its limit (413),
+a request cancelled because the VMM is stopping (503) and a bug (500).
 
 :class:`ApiCounters` counts requests and failures per route for the
 metrics writer.
@@ -44,14 +57,17 @@ metrics writer.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvmm.api import models, operations
+from pyvmm.api import operations
+from pyvmm.api.actions import ActionCancelledError, Actions, InlineActions
 from pyvmm.api.controller import VmmController
 from pyvmm.api.fields import is_valid_id, loads_strict
 from pyvmm.api.http_protocol import DEFAULT_MAX_BODY, Response
@@ -74,7 +90,7 @@ INVALID_ID = "API Resource IDs can only contain alphanumeric characters and unde
 DEPRECATION_HEADER = (("Deprecation", "true"),)
 
 
-class _Fault(Exception):
+class Fault(Exception):
     """A request refused with ``status`` and Firecracker's ``fault_message``."""
 
     def __init__(self, message: str, status: int = 400) -> None:
@@ -116,35 +132,48 @@ class ApiCounters:
             return groups
 
 
-# --- routes ---------------------------------------------------------------------------
+# --- the route table --------------------------------------------------------------------
 
-# (self, body value, path id) -> Response
-RouteHandler = Callable[["Router", Any, str | None], Response]
+# (router, body value, path id) -> Response
+RouteHandler = Callable[["Router", Any, "str | None"], Response]
 
 
 @dataclass(frozen=True)
-class _Route:
+class Route:
+    """One route: ``path`` segments ("{id}" marks an id), where its handler runs."""
+
     method: str
-    path: tuple[str, ...]  # "{id}" marks the id segment
+    path: tuple[str, ...]
     metric: str
     handler: RouteHandler
-    needs_body: bool
+    #: "query": on the API thread; "config": on the VMM thread with the configuration
+    #: locked; "action": on the VMM thread, locking the configuration only to change it.
+    kind: str
+
+    @property
+    def needs_body(self) -> bool:
+        return self.method != "GET"
 
 
-_ROUTES: list[_Route] = []
+ROUTES: list[Route] = []
 
 
-def _route(method: str, path: str, metric: str) -> Callable[[RouteHandler], RouteHandler]:
+def route(
+    method: str, path: str, metric: str, kind: str = "config"
+) -> Callable[[RouteHandler], RouteHandler]:
+    """Register ``handler`` for ``method path`` (GET routes are always queries)."""
+
     def register(handler: RouteHandler) -> RouteHandler:
         segments = tuple(path.strip("/").split("/")) if path != "/" else ()
         group = f"{method.lower()}_api_requests"
-        _ROUTES.append(_Route(method, segments, f"{group}.{metric}", handler, method != "GET"))
+        where = "query" if method == "GET" else kind
+        ROUTES.append(Route(method, segments, f"{group}.{metric}", handler, where))
         return handler
 
     return register
 
 
-def _no_content(headers: tuple[tuple[str, str], ...] = ()) -> Response:
+def no_content(headers: tuple[tuple[str, str], ...] = ()) -> Response:
     return Response(204, None, headers)
 
 
@@ -157,30 +186,36 @@ class Router:
         resources: VmResources | None = None,
         *,
         max_body: int = DEFAULT_MAX_BODY,
+        actions: Actions | None = None,
     ) -> None:
         self.controller = controller
         self.resources = resources if resources is not None else VmResources()
         self.max_body = max_body
+        #: Where requests that act run: the VMM thread's queue when served by
+        #: ``pyvmm serve``, the calling thread otherwise.
+        self.actions: Actions = actions or InlineActions()
         self.counters = ApiCounters()
-        self._lock = threading.Lock()
+        #: ``--metrics-path`` configured metrics already: ``PUT /metrics`` is then refused.
+        self.metrics_initialized = False
+        # Queries read the configuration while the VMM thread changes it.
+        self._state_lock = threading.RLock()
         # A boot-specific resource was configured: no snapshot can be loaded any more.
-        self._boot_path = _has_boot_resources(self.resources)
+        self.boot_path = _has_boot_resources(self.resources)
 
     # --- entry points -----------------------------------------------------------------
     def __call__(self, method: str, path: str, body: bytes) -> Response:
         return self.handle(method, path, body)
 
     def handle(self, method: str, path: str, body: bytes) -> Response:
-        """Answer one request (thread-safe; requests run one at a time)."""
-        with self._lock:
-            try:
-                route, path_id = self._resolve(method, path, body)
-            except _Fault as fault:
-                self.counters.record("invalid_api_requests.path", failed=True)
-                return Response.fault(fault.status, str(fault))
-            response = self._run(route, path_id, body)
-            self.counters.record(route.metric, failed=response.status >= 400)
-            return response
+        """Answer one request (any thread); see the module docstring for where it runs."""
+        try:
+            found, path_id = self._resolve(method, path, body)
+        except Fault as fault:
+            self.counters.record("invalid_api_requests.path", failed=True)
+            return Response.fault(fault.status, str(fault))
+        response = self._dispatch(found, path_id, body)
+        self.counters.record(found.metric, failed=response.status >= 400)
+        return response
 
     def body_limit(self, method: str, path: str) -> int:
         """The HTTP body cap for a request: the MMDS store's limit on ``/mmds``."""
@@ -191,68 +226,85 @@ class Router:
     def boot_from_config(self) -> None:
         """Firecracker's ``--config-file`` start: apply logger and metrics, then InstanceStart.
 
-        Raises :class:`ConfigError` with the fault message on failure.
+        Runs on the VMM thread. Raises :class:`ConfigError` with the fault message.
         """
-        with self._lock:
-            try:
-                self._pre_boot()
-                if self.resources.logger is not None:
-                    self._call(
-                        "Logger error: ", self.controller.configure_logger, self.resources.logger
-                    )
-                if self.resources.metrics is not None:
-                    self._call(
-                        "Metrics error: ", self.controller.configure_metrics, self.resources.metrics
-                    )
-                self._start()
-            except _Fault as fault:
-                raise ConfigError(str(fault)) from None
+        try:
+            self.pre_boot()
+            if self.resources.logger is not None:
+                self.call("Logger error: ", self.controller.configure_logger, self.resources.logger)
+            if self.resources.metrics is not None:
+                self.call(
+                    "Metrics error: ", self.controller.configure_metrics, self.resources.metrics
+                )
+            self.start()
+        except Fault as fault:
+            raise ConfigError(str(fault)) from None
 
     # --- dispatch ---------------------------------------------------------------------
-    def _resolve(self, method: str, path: str, body: bytes) -> tuple[_Route, str | None]:
+    def _resolve(self, method: str, path: str, body: bytes) -> tuple[Route, str | None]:
         if method == "GET" and body:
-            raise _Fault("GET request cannot have a body.")
-        if method in ("PUT", "PATCH") and not body:
-            raise _Fault(f"Empty {method} request.")
-        segments = path.lstrip("/").split("/")
-        if segments[-1] == "":
-            segments.pop()  # "/" itself, or one trailing slash
-        for route in _ROUTES:
-            if route.method != method:
+            raise Fault("GET request cannot have a body.")
+        if method in ("PUT", "PATCH") and not body and not _may_be_empty(method, path):
+            raise Fault(f"Empty {method} request.")
+        tokens = [token for token in path.split("/") if token]
+        candidates = [r for r in ROUTES if r.method == method and r.path[:1] == tuple(tokens[:1])]
+        deepest = max((len(r.path) for r in candidates), default=0)
+        for candidate in sorted(candidates, key=lambda r: -len(r.path)):
+            fixed = [s for s in candidate.path if s != "{id}"]
+            if "{id}" in candidate.path:
+                if len(tokens) < 2:
+                    raise Fault(EMPTY_ID)
+                if not is_valid_id(tokens[1]):
+                    raise Fault(INVALID_ID)
+                return candidate, tokens[1]
+            if tokens[: len(fixed)] != fixed:
                 continue
-            if "{id}" in route.path:
-                if segments[:1] != [route.path[0]]:
-                    continue
-                if len(segments) == 1:
-                    raise _Fault(EMPTY_ID)
-                if len(segments) != 2:
-                    continue
-                if not is_valid_id(segments[1]):
-                    raise _Fault(INVALID_ID)
-                return route, segments[1]
-            if tuple(segments) == route.path:
-                return route, None
-        raise _Fault(f"Invalid request method and/or path: {method} {path}.")
+            # Extra segments are ignored, unless the resource has sub-resources.
+            if len(tokens) > len(fixed) and deepest > len(fixed):
+                break
+            return candidate, None
+        raise Fault(f"Invalid request method and/or path: {method} {path}.")
 
-    def _run(self, route: _Route, path_id: str | None, body: bytes) -> Response:
+    def _dispatch(self, found: Route, path_id: str | None, body: bytes) -> Response:
         try:
-            value = None
-            if route.needs_body:
-                try:
-                    value = loads_strict(body)
-                except ValueError as exc:
-                    raise _Fault(
-                        f"An error occurred when deserializing the json body of a request: {exc}."
-                    ) from None
-            return route.handler(self, value, path_id)
-        except _Fault as fault:
+            value = self._decode(found, body)
+            if found.kind == "query" or _runs_inline(found, value):
+                with self._state_lock:
+                    return self._run(found, value, path_id)
+            return self.actions.call(lambda: self._run_on_vmm_thread(found, value, path_id))
+        except Fault as fault:
+            return Response.fault(fault.status, str(fault))
+        except ActionCancelledError:
+            return Response.fault(503, "The request was cancelled: the VMM is stopping.")
+
+    def _run_on_vmm_thread(self, found: Route, value: Any, path_id: str | None) -> Response:
+        if found.kind == "action":
+            return self._run(found, value, path_id)
+        with self._state_lock:
+            return self._run(found, value, path_id)
+
+    @staticmethod
+    def _decode(found: Route, body: bytes) -> Any:
+        if not found.needs_body or not body:
+            return None
+        try:
+            return loads_strict(body)
+        except ValueError as exc:
+            raise Fault(
+                f"An error occurred when deserializing the json body of a request: {exc}."
+            ) from None
+
+    def _run(self, found: Route, value: Any, path_id: str | None) -> Response:
+        try:
+            return found.handler(self, value, path_id)
+        except Fault as fault:
             return Response.fault(fault.status, str(fault))
         except MmdsLimitError as exc:
             return Response.fault(413, str(exc))
         except ConfigError as exc:
             return Response.fault(400, str(exc))
         except Exception as exc:
-            log.exception("API route %s failed", route.metric)
+            log.exception("API route %s failed", found.metric)
             return Response.fault(500, f"Internal error: {type(exc).__name__}: {exc}")
 
     # --- helpers for the handlers -----------------------------------------------------
@@ -260,272 +312,170 @@ class Router:
     def started(self) -> bool:
         return self.controller.state is not VmState.NOT_STARTED
 
-    def _pre_boot(self, boot_specific: bool = False) -> None:
-        if self.started:
-            raise _Fault(NOT_SUPPORTED_POST_BOOT)
-        if boot_specific:
-            self._boot_path = True
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[VmResources]:
+        """The configuration, locked against queries, for an action to change it."""
+        with self._state_lock:
+            yield self.resources
 
-    def _post_boot(self) -> None:
+    def pre_boot(self, boot_specific: bool = False) -> None:
+        if self.started:
+            raise Fault(NOT_SUPPORTED_POST_BOOT)
+        if boot_specific:
+            self.boot_path = True
+
+    def post_boot(self) -> None:
         if not self.started:
-            raise _Fault(NOT_SUPPORTED_PRE_BOOT)
+            raise Fault(NOT_SUPPORTED_PRE_BOOT)
 
     @staticmethod
-    def _call(prefix: str, action: Callable[..., None], *args: Any) -> None:
+    def call(prefix: str, action: Callable[..., Any], *args: Any) -> Any:
         """Run a controller action; its user-facing errors become 400 faults."""
         try:
-            action(*args)
+            return action(*args)
         except PyvmmError as exc:
-            raise _Fault(f"{prefix}{exc}") from None
+            raise Fault(f"{prefix}{exc}") from None
         except OSError as exc:
             where = f": {exc.filename}" if exc.filename else ""
-            raise _Fault(f"{prefix}{exc.strerror or exc}{where}") from None
+            raise Fault(f"{prefix}{exc.strerror or exc}{where}") from None
 
     @staticmethod
-    def _check_id(path_id: str | None, body_id: str, message: str) -> None:
+    def check_id(path_id: str | None, body_id: str, message: str) -> None:
         if path_id != body_id:
-            raise _Fault(message)
+            raise Fault(message)
 
     @staticmethod
-    def _deprecated(message: str) -> tuple[tuple[str, str], ...]:
+    def deprecated(message: str) -> tuple[tuple[str, str], ...]:
         log.warning("%s", message)
         return DEPRECATION_HEADER
 
-    def _start(self) -> None:
+    def start(self) -> None:
         if self.started:
-            raise _Fault(NOT_SUPPORTED_POST_BOOT)
+            raise Fault(NOT_SUPPORTED_POST_BOOT)
         if self.resources.boot_source is None:
-            raise _Fault(MISSING_KERNEL)
-        self._call("Start microvm error: ", self.controller.start, self.resources)
+            raise Fault(MISSING_KERNEL)
+        self.call("Start microvm error: ", self.controller.start, self.resources)
 
-    # --- GET --------------------------------------------------------------------------
-    @_route("GET", "/", "instance_info")
-    def _get_instance_info(self, value: Any, path_id: str | None) -> Response:
-        return Response(200, self.controller.instance_info().to_json())
 
-    @_route("GET", "/version", "vmm_version")
-    def _get_version(self, value: Any, path_id: str | None) -> Response:
-        return Response(200, {"firecracker_version": self.controller.instance_info().vmm_version})
+def _may_be_empty(method: str, path: str) -> bool:
+    """Firecracker's bodiless PATCH: ``/balloon/hinting/stop`` (start's body is optional)."""
+    return method == "PATCH" and path.rstrip("/").startswith("/balloon/hinting/")
 
-    @_route("GET", "/vm/config", "vm_config")
-    def _get_vm_config(self, value: Any, path_id: str | None) -> Response:
-        return Response(200, self.resources.to_json())
 
-    @_route("GET", "/machine-config", "machine_cfg")
-    def _get_machine_config(self, value: Any, path_id: str | None) -> Response:
-        return Response(200, self.resources.machine_config.to_json())
-
-    @_route("GET", "/mmds", "mmds")
-    def _get_mmds(self, value: Any, path_id: str | None) -> Response:
-        return Response(200, self.resources.mmds.get())
-
-    # --- actions ----------------------------------------------------------------------
-    @_route("PUT", "/actions", "actions")
-    def _put_actions(self, value: Any, path_id: str | None) -> Response:
-        action = operations.parse_instance_action(value)
-        if action == "InstanceStart":
-            self._start()
-        elif action == "SendCtrlAltDel":
-            self._post_boot()
-            self._call("Internal VMM error: ", self.controller.send_ctrl_alt_del)
-        else:
-            self._post_boot()
-            self._call("Internal VMM error: ", self.controller.flush_metrics)
-        return _no_content()
-
-    @_route("PATCH", "/vm", "vm")
-    def _patch_vm(self, value: Any, path_id: str | None) -> Response:
-        state = operations.parse_vm_state(value)
-        self._post_boot()
-        if state == "Paused":
-            self._call("Internal VMM error: ", self.controller.pause)
-        else:
-            self._call("Internal VMM error: ", self.controller.resume)
-        return _no_content()
-
-    # --- boot source and machine configuration ----------------------------------------
-    @_route("PUT", "/boot-source", "boot_source")
-    def _put_boot_source(self, value: Any, path_id: str | None) -> Response:
-        boot = models.parse_boot_source(value)
-        self._pre_boot(boot_specific=True)
-        self.resources.set_boot_source(boot)
-        return _no_content()
-
-    @_route("PUT", "/machine-config", "machine_cfg")
-    def _put_machine_config(self, value: Any, path_id: str | None) -> Response:
-        return self._update_machine_config(models.parse_machine_config(value), "PUT")
-
-    @_route("PATCH", "/machine-config", "machine_cfg")
-    def _patch_machine_config(self, value: Any, path_id: str | None) -> Response:
-        update = models.parse_machine_config_update(value)
-        if update.empty:
-            raise _Fault("Empty PATCH request.")
-        return self._update_machine_config(update, "PATCH")
-
-    def _update_machine_config(self, update: models.MachineConfigUpdate, verb: str) -> Response:
-        self._pre_boot(boot_specific=True)
-        self.resources.update_machine_config(update)
-        if update.cpu_template is not None:
-            return _no_content(
-                self._deprecated(f"{verb} /machine-config: cpu_template field is deprecated.")
-            )
-        return _no_content()
-
-    # --- drives -----------------------------------------------------------------------
-    @_route("PUT", "/drives/{id}", "drive")
-    def _put_drive(self, value: Any, path_id: str | None) -> Response:
-        drive = models.parse_drive(value)
-        self._check_id(
-            path_id, drive.drive_id, "The id from the path does not match the id from the body!"
-        )
-        self._pre_boot(boot_specific=True)
-        self.resources.set_drive(drive)
-        return _no_content()
-
-    @_route("PATCH", "/drives/{id}", "drive")
-    def _patch_drive(self, value: Any, path_id: str | None) -> Response:
-        patch = models.parse_partial_drive(value)
-        self._check_id(
-            path_id, patch.drive_id, "The id from the path does not match the id from the body!"
-        )
-        self._post_boot()
-        if patch.path_on_host is None and patch.rate_limiter is None:
-            raise _Fault("drive: nothing to update (give path_on_host and/or rate_limiter)")
-        updated = self.resources.patched_drive(patch)
-        self._call(
-            "Drive config error: Unable to patch the block device: ",
-            self.controller.patch_drive,
-            patch.drive_id,
-            patch.path_on_host,
-            patch.rate_limiter,
-        )
-        self.resources.replace_drive(updated)
-        return _no_content()
-
-    # --- network interfaces -----------------------------------------------------------
-    @staticmethod
-    def _net_id_message(path_id: str | None, body_id: str) -> str:
-        return f"The id from the path [{path_id}] does not match the id from the body [{body_id}]!"
-
-    @_route("PUT", "/network-interfaces/{id}", "network")
-    def _put_net(self, value: Any, path_id: str | None) -> Response:
-        net = models.parse_network_interface(value)
-        self._check_id(path_id, net.iface_id, self._net_id_message(path_id, net.iface_id))
-        self._pre_boot(boot_specific=True)
-        self.resources.set_network_interface(net)
-        return _no_content()
-
-    @_route("PATCH", "/network-interfaces/{id}", "network")
-    def _patch_net(self, value: Any, path_id: str | None) -> Response:
-        patch = models.parse_partial_network_interface(value)
-        self._check_id(path_id, patch.iface_id, self._net_id_message(path_id, patch.iface_id))
-        self._post_boot()
-        updated = self.resources.patched_network_interface(patch)
-        self._call(
-            "Network config error: ",
-            self.controller.patch_net,
-            patch.iface_id,
-            patch.rx_rate_limiter,
-            patch.tx_rate_limiter,
-        )
-        self.resources.replace_network_interface(updated)
-        return _no_content()
-
-    # --- other devices ----------------------------------------------------------------
-    @_route("PUT", "/vsock", "vsock")
-    def _put_vsock(self, value: Any, path_id: str | None) -> Response:
-        vsock = models.parse_vsock(value)
-        self._pre_boot(boot_specific=True)
-        self.resources.set_vsock(vsock)
-        if vsock.vsock_id is not None:
-            return _no_content(self._deprecated("PUT /vsock: vsock_id field is deprecated."))
-        return _no_content()
-
-    @_route("PUT", "/entropy", "entropy")
-    def _put_entropy(self, value: Any, path_id: str | None) -> Response:
-        entropy = models.parse_entropy(value)
-        self._pre_boot(boot_specific=True)
-        self.resources.set_entropy(entropy)
-        return _no_content()
-
-    # --- logger and metrics -----------------------------------------------------------
-    @_route("PUT", "/logger", "logger")
-    def _put_logger(self, value: Any, path_id: str | None) -> Response:
-        logger = models.parse_logger(value)
-        self._pre_boot()
-        self._call("Logger error: ", self.controller.configure_logger, logger)
-        self.resources.set_logger(logger)
-        return _no_content()
-
-    @_route("PUT", "/metrics", "metrics")
-    def _put_metrics(self, value: Any, path_id: str | None) -> Response:
-        metrics = models.parse_metrics(value)
-        self._pre_boot()
-        if self.resources.metrics is not None:
-            raise _Fault("Metrics error: Reinitialization of metrics not allowed.")
-        self._call("Metrics error: ", self.controller.configure_metrics, metrics)
-        self.resources.set_metrics(metrics)
-        return _no_content()
-
-    # --- MMDS -------------------------------------------------------------------------
-    @_route("PUT", "/mmds", "mmds")
-    def _put_mmds(self, value: Any, path_id: str | None) -> Response:
-        self.resources.mmds.put(operations.parse_mmds_contents(value))
-        return _no_content()
-
-    @_route("PATCH", "/mmds", "mmds")
-    def _patch_mmds(self, value: Any, path_id: str | None) -> Response:
-        self.resources.mmds.patch(operations.parse_mmds_contents(value))
-        return _no_content()
-
-    @_route("PUT", "/mmds/config", "mmds_config")
-    def _put_mmds_config(self, value: Any, path_id: str | None) -> Response:
-        config = operations.parse_mmds_config(value)
-        self._pre_boot(boot_specific=True)
-        self.resources.set_mmds_config(config)
-        if config.version == "V1":
-            return _no_content(
-                self._deprecated("PUT /mmds/config: V1 is deprecated. Use V2 instead.")
-            )
-        return _no_content()
-
-    # --- snapshots --------------------------------------------------------------------
-    @_route("PUT", "/snapshot/create", "snapshot_create")
-    def _put_snapshot_create(self, value: Any, path_id: str | None) -> Response:
-        params = operations.parse_snapshot_create(value)
-        self._post_boot()
-        if self.controller.state is not VmState.PAUSED:
-            raise _Fault(
-                "Create snapshot error: the microVM must be paused first "
-                '(PATCH /vm {"state": "Paused"})'
-            )
-        self._call("Create snapshot error: ", self.controller.create_snapshot, params)
-        return _no_content()
-
-    @_route("PUT", "/snapshot/load", "snapshot_load")
-    def _put_snapshot_load(self, value: Any, path_id: str | None) -> Response:
-        params = operations.parse_snapshot_load(value)
-        self._pre_boot()
-        if self._boot_path:
-            raise _Fault(LOAD_SNAPSHOT_NOT_ALLOWED)
-        self._call("Load snapshot error: ", self.controller.load_snapshot, params, self.resources)
-        if params.deprecated_fields:
-            return _no_content(
-                self._deprecated(
-                    "PUT /snapshot/load: mem_file_path and enable_diff_snapshots fields are "
-                    "deprecated."
-                )
-            )
-        return _no_content()
+def _runs_inline(found: Route, value: Any) -> bool:
+    """``FlushMetrics`` is a query in all but name: it must not wait behind an action."""
+    return (
+        found.metric == "put_api_requests.actions"
+        and isinstance(value, dict)
+        and value.get("action_type") == "FlushMetrics"
+    )
 
 
 def _has_boot_resources(resources: VmResources) -> bool:
+    from pyvmm.api.models import MachineConfiguration
+
     return (
         resources.boot_source is not None
-        or resources.machine_config != models.MachineConfiguration()
+        or resources.machine_config != MachineConfiguration()
         or bool(resources.drives)
         or bool(resources.nets)
         or resources.vsock is not None
         or resources.entropy is not None
         or resources.mmds_config is not None
+        or resources.balloon is not None
     )
+
+
+# --- queries ----------------------------------------------------------------------------
+
+
+@route("GET", "/", "instance_info")
+def _get_instance_info(router: Router, value: Any, path_id: str | None) -> Response:
+    return Response(200, router.controller.instance_info().to_json())
+
+
+@route("GET", "/version", "vmm_version")
+def _get_version(router: Router, value: Any, path_id: str | None) -> Response:
+    return Response(200, {"firecracker_version": router.controller.instance_info().vmm_version})
+
+
+@route("GET", "/vm/config", "vm_config")
+def _get_vm_config(router: Router, value: Any, path_id: str | None) -> Response:
+    return Response(200, router.resources.to_json())
+
+
+@route("GET", "/machine-config", "machine_cfg")
+def _get_machine_config(router: Router, value: Any, path_id: str | None) -> Response:
+    return Response(200, router.resources.machine_config.to_json())
+
+
+@route("GET", "/mmds", "mmds")
+def _get_mmds(router: Router, value: Any, path_id: str | None) -> Response:
+    return Response(200, router.resources.mmds.get())
+
+
+# --- actions and the VM's state -----------------------------------------------------------
+
+
+@route("PUT", "/actions", "actions", kind="action")
+def _put_actions(router: Router, value: Any, path_id: str | None) -> Response:
+    action = operations.parse_instance_action(value)
+    if action == "InstanceStart":
+        router.start()
+    elif action == "SendCtrlAltDel":
+        router.post_boot()
+        router.call("Internal VMM error: ", router.controller.send_ctrl_alt_del)
+    else:  # FlushMetrics: any time; without metrics configured there is nothing to do
+        router.call("Internal VMM error: ", router.controller.flush_metrics)
+    return no_content()
+
+
+@route("PATCH", "/vm", "vm", kind="action")
+def _patch_vm(router: Router, value: Any, path_id: str | None) -> Response:
+    state = operations.parse_vm_state(value)
+    router.post_boot()
+    if state == "Paused":
+        router.call("Internal VMM error: ", router.controller.pause)
+    else:
+        router.call("Internal VMM error: ", router.controller.resume)
+    return no_content()
+
+
+# --- snapshots ------------------------------------------------------------------------------
+
+
+@route("PUT", "/snapshot/create", "snapshot_create", kind="action")
+def _put_snapshot_create(router: Router, value: Any, path_id: str | None) -> Response:
+    params = operations.parse_snapshot_create(value)
+    router.post_boot()
+    if router.controller.state is not VmState.PAUSED:
+        raise Fault(
+            "Create snapshot error: the microVM must be paused first "
+            '(PATCH /vm {"state": "Paused"})'
+        )
+    router.call("Create snapshot error: ", router.controller.create_snapshot, params)
+    return no_content()
+
+
+@route("PUT", "/snapshot/load", "snapshot_load", kind="action")
+def _put_snapshot_load(router: Router, value: Any, path_id: str | None) -> Response:
+    params = operations.parse_snapshot_load(value)
+    router.pre_boot()
+    if router.boot_path:
+        raise Fault(LOAD_SNAPSHOT_NOT_ALLOWED)
+    # The controller describes the restored VM in a copy; queries see it once it is whole.
+    staged = copy.copy(router.resources)
+    router.call("Load snapshot error: ", router.controller.load_snapshot, params, staged)
+    with router.changing() as resources:
+        vars(resources).update(vars(staged))
+    if params.deprecated_fields:
+        return no_content(
+            router.deprecated(
+                "PUT /snapshot/load: mem_file_path and enable_diff_snapshots fields are deprecated."
+            )
+        )
+    return no_content()
+
+
+# The other routes register themselves on import (after Router exists).
+from pyvmm.api import balloon_routes, config_routes  # noqa: E402, F401

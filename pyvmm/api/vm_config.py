@@ -114,6 +114,8 @@ class VmResources:
         self.metrics: Metrics | None = None
         self.mmds_config: MmdsConfig | None = None
         self.balloon: BalloonResource | None = None
+        #: ``PUT /serial``: where the guest's console output goes (None: stdout).
+        self.serial_out_path: str | None = None
         #: The metadata document; shared with whoever serves it to the guest.
         self.mmds = MmdsStore(mmds_size_limit)
 

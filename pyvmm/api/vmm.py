@@ -2,8 +2,12 @@
 
 One controller drives at most one machine over the process's life, as a
 Firecracker process does: InstanceStart (or a snapshot load) creates it,
-and when the guest stops the controller's :attr:`stopped` event fires so
-the serving loop can exit with the machine's exit code.
+and once the guest stopped, :attr:`MachineController.finished` tells the
+serving loop to exit with the machine's exit code.
+
+The machine is imported only when one is made (``pyvmm.vmm.machine`` and
+everything under it: ~125 ms), so the API socket answers queries before
+the VM machinery has loaded.
 
 It also owns what Firecracker configures beside the VM: the logger
 (:mod:`pyvmm.logs`) and the metrics file (:mod:`pyvmm.metrics`), whose
@@ -14,13 +18,13 @@ virtio device's counters and the latencies of pause, resume and snapshots.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.api.controller import InstanceInfo
 from pyvmm.api.machine_config import to_machine_config, to_vm_resources
+from pyvmm.api.version import vmm_version
 from pyvmm.errors import ConfigError, VmStateError
 from pyvmm.logs import configure_logging
 from pyvmm.metrics import MetricsWriter
@@ -35,30 +39,8 @@ if TYPE_CHECKING:
     from pyvmm.vmm.stop_reason import StopReason
 
 
-def vmm_version() -> str:
-    """pyvmm's installed version (0.0.0 when run from a source tree without metadata)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pyvmm")
-    except PackageNotFoundError:
-        return "0.0.0"
-
-
-def preload_machine() -> None:
-    """Import the VM machinery (~125 ms) on a side thread while the API already answers."""
-    threading.Thread(
-        target=lambda: __import__("pyvmm.vmm.machine"), name="pyvmm-preload", daemon=True
-    ).start()
-
-
 class MachineController:
-    """Implements :class:`pyvmm.api.controller.VmmController`; see the module docstring.
-
-    ``pyvmm.vmm.machine`` is imported only when a machine is made, so the API
-    socket can answer before the VM machinery has loaded (see
-    :func:`preload_machine`).
-    """
+    """Implements :class:`pyvmm.api.controller.VmmController`; see the module docstring."""
 
     def __init__(
         self,
@@ -78,8 +60,6 @@ class MachineController:
         self.api_counters: Callable[[], Mapping[str, Any]] | None = None
         self.machine: Machine | None = None
         self.metrics: MetricsWriter | None = None
-        #: Set when the machine stopped (or failed to start after being created).
-        self.stopped = threading.Event()
         self._latencies_us: dict[str, int] = {}
         self._version = vmm_version()
 
@@ -90,6 +70,11 @@ class MachineController:
 
     def instance_info(self) -> InstanceInfo:
         return InstanceInfo(id=self.instance_id, state=self.state, vmm_version=self._version)
+
+    @property
+    def finished(self) -> bool:
+        """The machine ran and stopped (the guest or the host ended it)."""
+        return self.machine is not None and self.machine.state is VmState.STOPPED
 
     @property
     def stop_reason(self) -> StopReason | None:
@@ -109,7 +94,6 @@ class MachineController:
         with self._timed("start_vm"):
             machine.start()  # on failure it has closed itself
         self.machine = machine
-        self._watch(machine)
 
     def load_snapshot(self, params: SnapshotLoadParams, resources: VmResources) -> None:
         """Restore in this process: a File memory backend only (no userfaultfd)."""
@@ -135,7 +119,6 @@ class MachineController:
                 new_generation=True,  # as in Firecracker: every load gets a new VM generation id
             )
         self.machine = machine
-        self._watch(machine)
         to_vm_resources(machine.config, resources)  # GET /vm/config shows what was restored
 
     def configure_logger(self, config: Logger) -> None:
@@ -149,9 +132,13 @@ class MachineController:
         )
 
     def configure_metrics(self, config: Metrics) -> None:
-        writer = MetricsWriter(config.metrics_path, [self._metrics])
-        writer.start()
-        self.metrics = writer
+        """Open the metrics file; the serving loop calls :meth:`tick` to flush periodically."""
+        self.metrics = MetricsWriter(config.metrics_path, [self._metrics])
+
+    def tick(self) -> None:
+        """Periodic work of the VMM thread: a metrics line when one is due."""
+        if self.metrics is not None:
+            self.metrics.flush_if_due()
 
     # --- post-boot --------------------------------------------------------------------
     def pause(self) -> None:
@@ -166,9 +153,10 @@ class MachineController:
         self._machine().send_ctrl_alt_del()
 
     def flush_metrics(self) -> None:
-        if self.metrics is None:
-            raise ConfigError("metrics are not configured (PUT /metrics first)")
-        self.metrics.flush()
+        """A metrics line now; without metrics configured there is nothing to write
+        (Firecracker answers 204 then too)."""
+        if self.metrics is not None:
+            self.metrics.flush()
 
     def create_snapshot(self, params: SnapshotCreateParams) -> None:
         diff = params.snapshot_type == "Diff"
@@ -190,6 +178,15 @@ class MachineController:
             tx.to_patch() if tx is not None else None,
         )
 
+    def set_balloon_target(self, amount_mib: int) -> None:
+        self._machine().devices.set_balloon_target(amount_mib)
+
+    def balloon_stats(self) -> dict[str, int]:
+        return self._machine().devices.balloon_stats()
+
+    def set_balloon_stats_interval(self, seconds: int) -> None:
+        self._machine().devices.set_balloon_stats_interval(seconds)
+
     # --- helpers ----------------------------------------------------------------------
     def close(self) -> None:
         """Stop the machine and write a last metrics line; idempotent."""
@@ -209,13 +206,6 @@ class MachineController:
         if self.machine is None:
             raise VmStateError("the microVM is not started")
         return self.machine
-
-    def _watch(self, machine: Machine) -> None:
-        def watch() -> None:
-            machine.wait()
-            self.stopped.set()
-
-        threading.Thread(target=watch, name="pyvmm-api-watch", daemon=True).start()
 
     def _metrics(self) -> dict[str, Any]:
         """One metrics snapshot: API counters, vCPU exits, devices, latencies."""

@@ -20,11 +20,11 @@ What CPython and glibc force into every role, whatever pyvmm does: ``futex``
 what the new thread runs before it installs its own filter (``rseq``,
 ``set_robust_list``).
 
-Why ``api`` is as wide as ``vmm`` today: API requests run on the API
-threads, so ``InstanceStart`` and snapshot loading build whole VMs there,
-and the vCPU and I/O threads they start inherit the API filter (filters
-stack). When actions move to the vmm thread (Firecracker's design: the API
-thread only parses and forwards), ``api`` can shrink to ``API_OWN``.
+``api`` is narrow: the API threads parse requests, answer queries and hand
+every action to the vmm thread (Firecracker's design, :mod:`pyvmm.api.actions`),
+so they never build a VM; they accept and serve connections, start one
+thread per client, and write log and metrics lines to files opened by the
+vmm thread.
 
 ``vcpu`` and ``io`` are the tight ones: a vCPU thread may issue only
 ``KVM_RUN``, ``KVM_KVMCLOCK_CTRL`` (pause) and ``TUNSETOFFLOAD`` (virtio-net
@@ -233,7 +233,7 @@ _VMM = _filter(PYTHON_THREAD, VMM_OWN, API_OWN, IO_OWN, VCPU_OWN, DATA_MEMORY_ON
 
 DEFAULT_FILTERS: dict[str, Any] = {
     "vmm": _VMM,
-    "api": _VMM,  # see the module docstring: today's API threads build VMs
+    "api": _filter(PYTHON_THREAD, DATA_MEMORY_ONLY, API_OWN, SPAWNER),
     "vcpu": _filter(PYTHON_THREAD, DATA_MEMORY_ONLY, VCPU_OWN),
     "io": _filter(PYTHON_THREAD, DATA_MEMORY_ONLY, IO_OWN),
 }

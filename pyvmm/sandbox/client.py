@@ -153,23 +153,34 @@ class AgentClient:
         interval: float = 0.05,
         request_timeout: float = DEFAULT_TIMEOUT,
         alive: Callable[[], bool] | None = None,
+        first_attempt: float | None = None,
     ) -> AgentClient:
         """Connect, retrying while the VM boots, until ``timeout`` seconds have passed.
 
         ``alive`` (e.g. "the VM process still runs") is asked between tries;
-        when it says False the wait ends at once.
+        when it says False the wait ends at once. ``first_attempt`` bounds
+        the first try's handshake; each later try gets twice as long, up to
+        ``request_timeout``. For a VM just restored from a snapshot: a
+        connection that reaches the guest before it has handled the vsock
+        transport reset is lost (Linux resets it without a word), and the
+        VMM gives up on it only after seconds, so short tries find the agent
+        sooner.
         """
         deadline = time.monotonic() + timeout
+        attempt = request_timeout if first_attempt is None else first_attempt
         last = "no attempt made"
         while True:
             left = deadline - time.monotonic()
             try:
-                return cls.connect(
-                    uds_path, port, timeout=max(0.1, min(request_timeout, left)),
+                client = cls.connect(
+                    uds_path, port, timeout=max(0.05, min(attempt, request_timeout, left)),
                     timeout_grace=DEFAULT_TIMEOUT_GRACE,
                 )  # fmt: skip
+                client.timeout = request_timeout
+                return client
             except AgentUnavailable as exc:
                 last = str(exc)
+            attempt *= 2
             if alive is not None and not alive():
                 raise AgentUnavailable(f"the VM stopped before its agent answered ({last})")
             if time.monotonic() + interval > deadline:

@@ -62,3 +62,12 @@ class GuestOperationError(SandboxError):
 
 class GuestFileNotFoundError(GuestOperationError):
     """The guest path of a ``get`` (or the parent of a ``put``) does not exist."""
+
+
+class SandboxVmError(SandboxError):
+    """The sandbox's VM failed: it did not boot, its agent never answered, it
+    crashed or stopped. The message quotes the end of the guest's console."""
+
+
+class SandboxClosed(SandboxError):
+    """The sandbox was closed; nothing more can run in it."""

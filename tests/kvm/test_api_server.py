@@ -101,9 +101,11 @@ def counters(text: str) -> list[int]:
 
 
 def test_boot_pause_resume_over_the_api(vmm: Vmm, probe_elf: Path, tmp_path: Path) -> None:
+    version = vmm.ok("GET", "/version")["firecracker_version"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+\+pyvmm\.\d+\.\d+\.\d+.*", version), version
     assert vmm.ok("GET", "/") == {
-        "id": "api-test", "state": "Not started", "vmm_version": vmm.ok("GET", "/version")[
-            "firecracker_version"], "app_name": "pyvmm",
+        "id": "api-test", "state": "Not started", "started": False, "vmm_version": version,
+        "app_name": "pyvmm",
     }  # fmt: skip
     vmm.ok("PUT", "/boot-source", {"kernel_image_path": str(probe_elf), "boot_args": "counter"})
     vmm.ok("PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 64})

@@ -395,22 +395,70 @@ def test_concurrent_clients_from_threads(server):
     assert not errors
 
 
-def test_connections_beyond_the_cap_get_503(sock_dir):
-    with ApiServer(sock_dir / "api.sock", echo, max_connections=2) as api:
-        first, second = Client(api.path), Client(api.path)
-        for client in (first, second):
+def test_a_new_client_is_served_whatever_idle_and_slow_clients_hold(sock_dir):
+    """Idle keep-alive clients and a slowloris fill the server; a newcomer is still served,
+    and the connection that waited longest without a request being handled makes room."""
+    with ApiServer(sock_dir / "api.sock", echo, max_connections=3) as api:
+        oldest, idle = Client(api.path), Client(api.path)
+        for client in (oldest, idle):
             client.request("GET", "/")
             assert client.response()[0] == 200
+        slow = Client(api.path)
+        slow.send(b"PUT /x HTTP/1.1\r\nContent-Length: 500\r\n\r\n{")  # then it stalls
+        time.sleep(0.1)
+        for _ in range(5):  # each newcomer is served, one waiting connection at a time goes
+            newcomer = Client(api.path)
+            newcomer.request("GET", "/")
+            assert newcomer.response()[0] == 200
+        assert oldest.is_closed()
+        assert api.connection_count <= 3
+
+
+def test_503_only_when_every_connection_has_a_request_being_handled(sock_dir):
+    release = threading.Event()
+
+    def slow(method: str, path: str, body: bytes) -> Response:
+        release.wait(10)
+        return Response(200, {"ok": True})
+
+    with ApiServer(sock_dir / "api.sock", slow, max_connections=2) as api:
+        busy = [Client(api.path) for _ in range(2)]
+        for client in busy:
+            client.request("GET", "/")
+        deadline = time.monotonic() + 5
+        while api.busy_count < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         third = Client(api.path)
         status, _, raw = third.response()
         assert status == 503 and "at most 2" in json.loads(raw)["fault_message"]
-        first.close()
-        deadline = time.monotonic() + 2
-        while api.connection_count > 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        fourth = Client(api.path)
-        fourth.request("GET", "/")
-        assert fourth.response()[0] == 200
+        release.set()
+        assert [client.response()[0] for client in busy] == [200, 200]
+
+
+def test_a_request_trickled_in_is_cut_at_its_deadline(sock_dir):
+    """A slowloris sender cannot extend its request by sending a byte now and then."""
+    with ApiServer(sock_dir / "api.sock", echo, request_timeout=0.5) as api:
+        client = Client(api.path)
+        stop = threading.Event()
+
+        def trickle() -> None:
+            for byte in b"GET / HTTP/1.1\r\nHost: x\r\n" * 10:
+                if stop.wait(0.05):
+                    return
+                try:
+                    client.send(bytes([byte]))
+                except OSError:
+                    return
+
+        sender = threading.Thread(target=trickle)
+        started = time.monotonic()
+        sender.start()
+        try:
+            assert client.is_closed()  # the server hung up (recv ends) ...
+            assert time.monotonic() - started < 2  # ... at the deadline, not after 400 bytes
+        finally:
+            stop.set()
+            sender.join()
 
 
 def test_close_ends_open_connections_and_joins(sock_dir):

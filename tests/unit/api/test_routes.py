@@ -83,6 +83,16 @@ class FakeController:
     def patch_net(self, iface_id, rx, tx) -> None:
         self._record("patch_net", iface_id, rx, tx)
 
+    def set_balloon_target(self, amount_mib: int) -> None:
+        self._record("set_balloon_target", amount_mib)
+
+    def balloon_stats(self) -> dict[str, int]:
+        self._record("balloon_stats")
+        return {"target_pages": 256, "actual_pages": 0, "target_mib": 1, "actual_mib": 0}
+
+    def set_balloon_stats_interval(self, seconds: int) -> None:
+        self._record("set_balloon_stats_interval", seconds)
+
     @property
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]
@@ -169,12 +179,21 @@ def test_unknown_paths_and_methods_are_400(api):
     )
     assert api.fault("POST", "/actions", {"a": 1}).startswith("Invalid request method")
     assert api.fault("DELETE", "/drives/x").startswith("Invalid request method")
-    assert api.fault("GET", "/machine-config/extra").startswith("Invalid request method")
-    assert api.fault("PUT", "/drives/a/b", {"a": 1}).startswith("Invalid request method")
+    # Under a resource with sub-resources an unknown one is an error, as in Firecracker.
+    assert api.fault("PUT", "/mmds/other", {"a": 1}).startswith("Invalid request method")
+    assert api.fault("GET", "/balloon/other").startswith("Invalid request method")
     assert api.router.counters.as_metrics()["invalid_api_requests"] == {
         "path_count": 6,
         "path_fails": 6,
     }
+
+
+def test_extra_path_segments_are_ignored_as_firecracker_ignores_them(api, files):
+    assert api.ok("GET", "/machine-config/extra")["vcpu_count"] == 1
+    assert api.ok("GET", "/vm/config/more")["drives"] == []
+    body = {"drive_id": "a", "path_on_host": files["root.ext4"], "is_root_device": False}
+    api.ok("PUT", "/drives/a/b", body)
+    assert list(api.router.resources.drives) == ["a"]
 
 
 def test_body_presence_rules(api):
@@ -221,6 +240,7 @@ def test_get_instance_info_and_version(api):
     assert api.ok("GET", "/") == {
         "id": "vm-1",
         "state": "Not started",
+        "started": False,  # Firecracker 0.2x's field, which Kata's client reads
         "vmm_version": "0.1.0",
         "app_name": "pyvmm",
     }
@@ -396,7 +416,6 @@ PRE_BOOT_ONLY = [
 ]
 POST_BOOT_ONLY = [
     ("PUT", "/actions", {"action_type": "SendCtrlAltDel"}),
-    ("PUT", "/actions", {"action_type": "FlushMetrics"}),
     ("PATCH", "/vm", {"state": "Paused"}),
     ("PATCH", "/vm", {"state": "Resumed"}),
     ("PATCH", "/drives/rootfs", {"drive_id": "rootfs", "path_on_host": "/x"}),
@@ -652,3 +671,83 @@ def test_router_over_http(files, controller):
             sock.close()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# --- Firecracker's other routes -------------------------------------------------------------
+
+
+def test_flush_metrics_works_any_time(api, controller):
+    api.ok("PUT", "/actions", {"action_type": "FlushMetrics"})  # Firecracker: 204 before boot too
+    assert controller.names == ["flush_metrics"]
+
+
+def test_metrics_from_the_command_line_cannot_be_reinitialized(api, controller):
+    api.router.metrics_initialized = True  # --metrics-path
+    assert api.fault("PUT", "/metrics", {"metrics_path": "/tmp/m"}) == (
+        "Metrics error: Reinitialization of metrics not allowed."
+    )
+    assert controller.calls == []
+
+
+def test_balloon_routes(api, files, controller):
+    assert api.fault("GET", "/balloon").startswith("Balloon device is not configured")
+    assert api.fault("PATCH", "/balloon", {"amount_mib": 1}).startswith("Balloon device is not")
+    api.ok("PUT", "/balloon", {"amount_mib": 4, "deflate_on_oom": True,
+                               "stats_polling_interval_s": 1})  # fmt: skip
+    assert api.ok("GET", "/balloon") == {
+        "amount_mib": 4, "deflate_on_oom": True, "stats_polling_interval_s": 1,
+    }  # fmt: skip
+    api.ok("PATCH", "/balloon", {"amount_mib": 8})  # before boot: the configuration changes
+    assert api.fault("GET", "/balloon/statistics") == NOT_SUPPORTED_PRE_BOOT
+    assert "free page hinting" in api.fault("PUT", "/balloon", {
+        "amount_mib": 1, "deflate_on_oom": False, "free_page_hinting": True})  # fmt: skip
+    boot(api, files)
+    assert api.fault("PUT", "/balloon", {"amount_mib": 1, "deflate_on_oom": False}) == (
+        NOT_SUPPORTED_POST_BOOT
+    )
+    api.ok("PATCH", "/balloon", {"amount_mib": 2})
+    assert api.ok("GET", "/balloon/statistics")["target_pages"] == 256
+    api.ok("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 5})
+    assert "cannot be turned on or off" in api.fault(
+        "PATCH", "/balloon/statistics", {"stats_polling_interval_s": 0}
+    )
+    assert controller.names[1:] == [
+        "set_balloon_target", "balloon_stats", "set_balloon_stats_interval",
+    ]  # fmt: skip
+    assert api.ok("GET", "/balloon")["amount_mib"] == 2
+    assert api.ok("GET", "/vm/config")["balloon"]["stats_polling_interval_s"] == 5
+    assert "hinting" in api.fault("PATCH", "/balloon/hinting/start", {})
+    assert "hinting" in api.fault("PATCH", "/balloon/hinting/stop")
+    assert "hinting" in api.fault("GET", "/balloon/hinting/status")
+
+
+def test_a_balloon_counts_as_configuration_for_snapshot_loads(api):
+    api.ok("PUT", "/balloon", {"amount_mib": 0, "deflate_on_oom": False})
+    body = {"snapshot_path": "/s", "mem_file_path": "/m"}
+    assert api.fault("PUT", "/snapshot/load", body) == LOAD_SNAPSHOT_NOT_ALLOWED
+
+
+def test_serial_output_path(api, files):
+    api.ok("PUT", "/serial", {"serial_out_path": "/tmp/console.log"})
+    assert api.router.resources.serial_out_path == "/tmp/console.log"
+    assert "rate_limiter is not supported" in api.fault(
+        "PUT", "/serial", {"serial_out_path": "/x", "rate_limiter": {"size": 1}}
+    )
+    boot(api, files)
+    assert api.fault("PUT", "/serial", {"serial_out_path": "/x"}) == NOT_SUPPORTED_POST_BOOT
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "feature"),
+    [
+        ("PUT", "/cpu-config", {"cpuid_modifiers": []}, "custom CPU templates"),
+        ("PUT", "/pmem/p0", {"id": "p0", "path_on_host": "/p"}, "virtio-pmem"),
+        ("PATCH", "/pmem/p0", {"id": "p0"}, "virtio-pmem"),
+        ("PUT", "/hotplug/memory", {"total_size_mib": 1024}, "virtio-mem"),
+        ("PATCH", "/hotplug/memory", {"requested_size_mib": 0}, "virtio-mem"),
+        ("GET", "/hotplug/memory", None, "virtio-mem"),
+    ],
+)
+def test_routes_without_a_device_name_what_is_missing(api, method, path, body, feature):
+    message = api.fault(method, path, body)
+    assert feature in message and "not supported by pyvmm" in message
