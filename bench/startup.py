@@ -72,8 +72,17 @@ def build_tiny(work: Path, stay: bool) -> Path:
 # --- processes -------------------------------------------------------------------------
 
 
+def entry_point(name: str) -> list[str]:
+    """The installed command ``name`` next to this interpreter (what users run), else -c."""
+    script = Path(sys.executable).parent / name
+    if script.is_file():
+        return [str(script)]
+    module = "pyvmm.cli" if name == "pyvmm" else "pyvmm.firecracker_cli"
+    return [sys.executable, "-c", f"from {module} import main; main()"]
+
+
 def pyvmm_run(kernel: Path) -> list[str]:
-    return [sys.executable, "-m", "pyvmm", "run", "--kernel", str(kernel), "--memory", str(MEM_MIB)]
+    return [*entry_point("pyvmm"), "run", "--kernel", str(kernel), "--memory", str(MEM_MIB)]
 
 
 def run_to_exit(argv: list[str]) -> tuple[float, float]:
@@ -172,7 +181,7 @@ def api_ready(tiny_idle: Path, rounds: int, work: Path) -> dict[str, dict[str, f
         sock.recv(1)
 
     sock_path = work / "api.sock"
-    pyvmm = [sys.executable, "-m", "pyvmm.firecracker_cli", "--api-sock", str(sock_path)]
+    pyvmm = [*entry_point("pyvmm-firecracker"), "--api-sock", str(sock_path)]
     qemu = [*QEMU_BASE, "-S", "-qmp", f"unix:{sock_path},server=on,wait=off",
             "-kernel", str(tiny_idle)]  # fmt: skip
     kinds: dict[str, tuple[list[str], Callable[[socket.socket], object]]] = {
@@ -203,7 +212,7 @@ def instance_start(tiny_idle: Path, rounds: int, work: Path) -> dict[str, dict[s
     def pyvmm_round() -> float:
         sock_path.unlink(missing_ok=True)
         process = subprocess.Popen(
-            [sys.executable, "-m", "pyvmm.firecracker_cli", "--api-sock", str(sock_path)],
+            [*entry_point("pyvmm-firecracker"), "--api-sock", str(sock_path)],
             stdin=subprocess.DEVNULL, stdout=out.open("wb"), stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:

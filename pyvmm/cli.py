@@ -11,13 +11,18 @@ import logging
 import os
 import signal
 import sys
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pyvmm.errors import ConfigError, HostError, PyvmmError
 from pyvmm.nested.placement import MODES as NESTED_MODES
+
+if TYPE_CHECKING:
+    from pyvmm.vmm.machine import Machine
 
 EXIT_USAGE = 2
 
@@ -35,7 +40,32 @@ def _setup_logging(level: str) -> None:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A command group whose heavier subcommands are imported only when named.
+
+    ``pyvmm run`` must not pay for the nested host's or the Firecracker
+    front end's imports at every start; ``--help`` still lists them.
+    """
+
+    #: Subcommand name -> "module:attribute" of its click command.
+    lazy: dict[str, str] = {
+        "nested": "pyvmm.nested.command:nested",
+        "serve": "pyvmm.firecracker_cli:firecracker",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            import importlib
+
+            module, attribute = self.lazy[cmd_name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pyvmm")
 def main() -> None:
     """pyvmm: a KVM virtual machine monitor in Python."""
@@ -286,7 +316,6 @@ def _run_machine(config: object, timeout: float | None) -> int:
     from pyvmm.host.console_input import InputRelay
     from pyvmm.host.terminal import raw_terminal
     from pyvmm.vmm.machine import Machine
-    from pyvmm.vmm.stop_reason import StopKind, StopReason
 
     stdin_fd = _stdin_fd()
     interactive = stdin_fd is not None and os.isatty(stdin_fd)
@@ -314,13 +343,9 @@ def _run_machine(config: object, timeout: float | None) -> int:
     if relay is not None:
         relay.start(on_error=lambda message: logging.getLogger("pyvmm").warning("%s", message))
 
-    def on_signal(signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        machine.stop(StopReason(StopKind.HOST_SIGNAL, f"received {name}"))
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with ExitStack() as stack:
+            stack.enter_context(_signals_stop(machine))
             if interactive:
                 stack.enter_context(raw_terminal(stdin_fd))
             try:
@@ -332,8 +357,6 @@ def _run_machine(config: object, timeout: float | None) -> int:
                 stack.close()
                 _fail(str(error), 1)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if relay is not None:
             relay.close()
     if not reason.clean:
@@ -341,6 +364,23 @@ def _run_machine(config: object, timeout: float | None) -> int:
     else:
         logging.getLogger("pyvmm").info("%s", reason)
     return reason.exit_code
+
+
+@contextmanager
+def _signals_stop(machine: Machine) -> Iterator[None]:
+    """SIGINT and SIGTERM stop ``machine`` with a reason naming the signal, while inside."""
+    from pyvmm.vmm.stop_reason import StopKind, StopReason
+
+    def on_signal(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        machine.stop(StopReason(StopKind.HOST_SIGNAL, f"received {name}"))
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _stdin_fd() -> int | None:
@@ -369,13 +409,9 @@ def guest() -> None:
 
 
 def _register_subcommands() -> None:
-    from pyvmm.firecracker_cli import firecracker
     from pyvmm.guestkit.commands import register
-    from pyvmm.nested.command import nested
 
     register(guest)
-    main.add_command(nested)
-    main.add_command(firecracker, name="serve")
 
 
 _register_subcommands()

@@ -15,7 +15,6 @@ shape); the devices turn them into running limiters
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -101,8 +100,9 @@ def _check_limit(name: str, value: object) -> None:
 
 _RATE_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _RATE_TIME_UNITS = {"ms": 1, "s": 1000}
-_RATE_SIZE_RE = re.compile(r"(\d{1,20})([KMG]?)(?:i?B)?", re.IGNORECASE)
-_RATE_TIME_RE = re.compile(r"(\d{1,20})(ms|s)")
+# Patterns as strings: compiled (and cached by re) only when a value is parsed.
+_RATE_SIZE_RE = r"(?i)(\d{1,20})([KMG]?)(?:i?B)?"
+_RATE_TIME_RE = r"(\d{1,20})(ms|s)"
 
 
 def parse_rate_limit(text: str) -> RateLimitSpec:
@@ -139,7 +139,7 @@ def parse_rate_limit(text: str) -> RateLimitSpec:
 
 
 def _rate_size(key: str, text: str) -> int:
-    match = _RATE_SIZE_RE.fullmatch(text)
+    match = re.fullmatch(_RATE_SIZE_RE, text)
     if match is None or (key == "ops" and text.lower().endswith("b")):
         what = "SIZE like 10M" if key == "bw" else "a count like 1000"
         raise ConfigError(f"rate limit {key}={text[:40]!r}: expected {what}")
@@ -152,7 +152,7 @@ def _rate_size(key: str, text: str) -> int:
 
 
 def _rate_time(key: str, text: str) -> int:
-    match = _RATE_TIME_RE.fullmatch(text)
+    match = re.fullmatch(_RATE_TIME_RE, text)
     if match is None:
         raise ConfigError(f"rate limit {key}: time {text[:40]!r} should be like 100ms or 1s")
     value = int(match.group(1)) * _RATE_TIME_UNITS[match.group(2)]
@@ -166,7 +166,7 @@ def _rate_time(key: str, text: str) -> int:
 # --- sizes -----------------------------------------------------------------------
 
 _SIZE_UNITS = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d{1,16}(?:\.\d{1,9})?)\s*([bkmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = r"(?i)^\s*(\d{1,16}(?:\.\d{1,9})?)\s*([bkmgt]?)(?:i?b)?\s*$"
 
 
 def parse_memory_size(text: str | int) -> int:
@@ -175,7 +175,7 @@ def parse_memory_size(text: str | int) -> int:
         if not 0 < text <= layout.MAX_MEMORY_SIZE >> 20:
             raise ConfigError(f"memory size {text} MiB is out of range")
         return text << 20
-    match = _SIZE_RE.match(str(text))
+    match = re.match(_SIZE_RE, str(text))
     if not match:
         raise ConfigError(f"memory size {str(text)[:40]!r} is not a size (examples: 128, 512M, 2G)")
     number, unit = match.groups()
@@ -250,12 +250,12 @@ def parse_drive(text: str) -> DriveConfig:
     return DriveConfig(Path(path), read_only, root, limit)
 
 
-_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_MAC_RE = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
 
 
 def check_mac(mac: str) -> str:
     """``mac`` if it is six hex bytes like 02:00:00:00:00:01, else ConfigError."""
-    if not isinstance(mac, str) or not _MAC_RE.match(mac):
+    if not isinstance(mac, str) or not re.match(_MAC_RE, mac):
         raise ConfigError(
             f"MAC address {str(mac)[:40]!r} is not six hex bytes like 02:00:00:00:00:01"
         )
@@ -288,6 +288,8 @@ class NetConfig:
     def mac_bytes(self) -> bytes:
         if self.mac is not None:
             return bytes(int(part, 16) for part in self.mac.split(":"))
+        import hashlib
+
         digest = hashlib.sha256(self.tap.encode()).digest()
         return bytes([0x02, *digest[:5]])  # unicast, locally administered
 

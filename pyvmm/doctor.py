@@ -14,8 +14,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 CPL0_ITERATIONS = 200_000
 CPL3_ITERATIONS = 50_000_000
@@ -23,8 +23,7 @@ MARKER_PORT = 0x80
 PVM_RATIO_THRESHOLD = 20.0
 
 
-@dataclass(frozen=True)
-class SpeedResult:
+class SpeedResult(NamedTuple):
     cpl0_ns: float  # per loop iteration
     cpl3_ns: float
 

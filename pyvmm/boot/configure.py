@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import os
 from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from pyvmm import layout
 from pyvmm.boot import bootparams, gdt, mptable, paging, pvh
@@ -33,8 +32,7 @@ from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
 
 
-@dataclass(frozen=True)
-class BootSetup:
+class BootSetup(NamedTuple):
     """What boot setup wrote, and how to start the boot vCPU."""
 
     mode: BootMode
@@ -114,8 +112,7 @@ def setup_boot(
     )
 
 
-@dataclass(frozen=True)
-class _Initrd:
+class _Initrd(NamedTuple):
     file: BinaryIO
     path: str
 

@@ -8,8 +8,8 @@ exact values without KVM.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from pyvmm.kvm.registers import DescriptorTable, Segment
 
@@ -23,8 +23,7 @@ class BootMode(Enum):
     PVH_32 = "pvh32"  # PVH: 32-bit flat protected mode, ebx = hvm_start_info
 
 
-@dataclass(frozen=True)
-class BootCpuState:
+class BootCpuState(NamedTuple):
     """Registers of the boot vCPU at the kernel's entry point."""
 
     mode: BootMode
@@ -33,16 +32,16 @@ class BootCpuState:
     rsi: int = 0  # LINUX_64: guest-physical address of the zero page
     rbx: int = 0  # PVH_32: guest-physical address of hvm_start_info
     rflags: int = 0x2
-    cs: Segment = field(default_factory=Segment)
-    ds: Segment = field(default_factory=Segment)
-    es: Segment = field(default_factory=Segment)
-    fs: Segment = field(default_factory=Segment)
-    gs: Segment = field(default_factory=Segment)
-    ss: Segment = field(default_factory=Segment)
-    tr: Segment = field(default_factory=Segment)
-    ldt: Segment = field(default_factory=Segment)
-    gdt: DescriptorTable = field(default_factory=DescriptorTable)
-    idt: DescriptorTable = field(default_factory=DescriptorTable)
+    cs: Segment = Segment()
+    ds: Segment = Segment()
+    es: Segment = Segment()
+    fs: Segment = Segment()
+    gs: Segment = Segment()
+    ss: Segment = Segment()
+    tr: Segment = Segment()
+    ldt: Segment = Segment()
+    gdt: DescriptorTable = DescriptorTable()
+    idt: DescriptorTable = DescriptorTable()
     cr0: int = 0
     cr3: int = 0
     cr4: int = 0

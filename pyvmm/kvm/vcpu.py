@@ -22,8 +22,8 @@ _MAX_MSRS = 256
 _INTERRUPTED = exits.Interrupted()
 _SHUTDOWN = exits.Shutdown()
 _HALT = exits.Halt()
-_REGS_FIELDS = tuple(Regs.__dataclass_fields__)
-_SEGMENT_FIELDS = tuple(Segment.__dataclass_fields__)
+_REGS_FIELDS = Regs._fields
+_SEGMENT_FIELDS = Segment._fields
 
 
 def _segment(raw: object) -> Segment:

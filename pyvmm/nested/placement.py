@@ -27,8 +27,8 @@ import enum
 import os
 import stat
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 #: ``--nested`` values.
 MODES: tuple[str, ...] = ("auto", "always", "never")
@@ -51,8 +51,7 @@ class Where(enum.Enum):
     NESTED = "nested"
 
 
-@dataclass(frozen=True)
-class Placement:
+class Placement(NamedTuple):
     """The decision, and the one line to print on stderr about it (or None)."""
 
     where: Where

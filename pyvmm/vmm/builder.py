@@ -18,27 +18,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from pyvmm import layout
 from pyvmm.boot.acpi import VmGenIdAcpi, write_acpi_tables
 from pyvmm.boot.configure import BootSetup, setup_boot
 from pyvmm.config import MachineConfig
-from pyvmm.devices.legacy.vmgenid import VmGenId
-from pyvmm.devices.rate_limiter import RateLimiter
-from pyvmm.devices.virtio.balloon import PAGES_PER_MIB, VirtioBalloon
-from pyvmm.devices.virtio.block import VirtioBlock
-from pyvmm.devices.virtio.device import VirtioDevice
-from pyvmm.devices.virtio.net import VirtioNet
-from pyvmm.devices.virtio.rng import VirtioRng
-from pyvmm.devices.virtio.vsock import VirtioVsock
 from pyvmm.errors import HostError
-from pyvmm.host.block_file import BlockFile
-from pyvmm.host.events import Backend
 from pyvmm.host.serial_output import fd_writer, open_serial_output
-from pyvmm.host.tap import Tap
-from pyvmm.host.vsock_uds import VsockUds
 from pyvmm.kvm import Kvm
 from pyvmm.kvm.constants import MEM_LOG_DIRTY_PAGES, REQUIRED_CAPS, Cap
 from pyvmm.kvm.signals import install_kick_handler
@@ -53,13 +40,16 @@ from pyvmm.vmm.vcpu_setup import configure_vcpu, set_boot_state
 from pyvmm.vmm.vmm import Vmm
 
 if TYPE_CHECKING:
+    from pyvmm.config import BalloonConfig, DriveConfig, NetConfig, VsockConfig
+    from pyvmm.devices.legacy.vmgenid import VmGenId
+    from pyvmm.devices.virtio.device import VirtioDevice
+    from pyvmm.host.events import Backend
     from pyvmm.snapshot.state import MicrovmState
 
 StopSink = Callable[[StopReason], None]
 
 
-@dataclass(frozen=True)
-class ConsoleIO:
+class ConsoleIO(NamedTuple):
     """The host side of the guest's serial console.
 
     ``out`` receives what the guest prints (unless the config names a
@@ -72,8 +62,7 @@ class ConsoleIO:
     escape: bool = False
 
 
-@dataclass(frozen=True)
-class BuildContext:
+class BuildContext(NamedTuple):
     """What every build needs besides the config: the console, where stops go, thread setup."""
 
     console: ConsoleIO
@@ -237,33 +226,68 @@ def _serial_sink(
 def _open_virtio_device(
     config: MachineConfig, device_id: str, stack: contextlib.ExitStack
 ) -> tuple[VirtioDevice, Backend | None]:
-    """The device called ``device_id`` in ``config`` and its opened back end."""
+    """The device called ``device_id`` in ``config`` and its opened back end.
+
+    Each kind's model and back end are imported here, when a machine has one:
+    a boot without that device never loads its code.
+    """
     for index, drive in enumerate(config.drives):
         if (drive.drive_id or f"drive{index}") == device_id:
-            block = BlockFile(drive.path, read_only=drive.read_only)
-            serial = f"pyvmm-vd{chr(ord('a') + index)}"
-            limiter = RateLimiter.from_spec(drive.rate_limit)
-            return VirtioBlock(block, serial=serial, rate_limiter=limiter), block
+            return _block(drive, index)
     for index, net in enumerate(config.nets):
         if (net.iface_id or f"net{index}") == device_id:
-            tap = Tap.open(net.tap)
-            rx = RateLimiter.from_spec(net.rx_rate_limit)
-            tx = RateLimiter.from_spec(net.tx_rate_limit)
-            return VirtioNet(tap, net.mac_bytes(), rx, tx), tap
+            return _net(net)
     if device_id == "rng" and config.rng:
+        from pyvmm.devices.rate_limiter import RateLimiter
+        from pyvmm.devices.virtio.rng import VirtioRng
+
         limiter = RateLimiter.from_spec(config.rng_rate_limit)
         return VirtioRng(os.getrandom, rate_limiter=limiter), None
     if device_id == "balloon" and config.balloon is not None:
-        balloon = config.balloon
-        return VirtioBalloon(
-            balloon.amount_mib * PAGES_PER_MIB,
-            deflate_on_oom=balloon.deflate_on_oom,
-            stats_interval_s=balloon.stats_polling_interval_s,
-        ), None
+        return _balloon(config.balloon), None
     if device_id == "vsock" and config.vsock is not None:
-        uds = VsockUds(config.vsock.uds_path)
-        return VirtioVsock(config.vsock.guest_cid, uds), uds
+        return _vsock(config.vsock)
     raise AssertionError(f"config has no device {device_id!r}")  # device_ids come from config
+
+
+def _block(drive: DriveConfig, index: int) -> tuple[VirtioDevice, Backend]:
+    from pyvmm.devices.rate_limiter import RateLimiter
+    from pyvmm.devices.virtio.block import VirtioBlock
+    from pyvmm.host.block_file import BlockFile
+
+    block = BlockFile(drive.path, read_only=drive.read_only)
+    serial = f"pyvmm-vd{chr(ord('a') + index)}"
+    limiter = RateLimiter.from_spec(drive.rate_limit)
+    return VirtioBlock(block, serial=serial, rate_limiter=limiter), block
+
+
+def _net(net: NetConfig) -> tuple[VirtioDevice, Backend]:
+    from pyvmm.devices.rate_limiter import RateLimiter
+    from pyvmm.devices.virtio.net import VirtioNet
+    from pyvmm.host.tap import Tap
+
+    tap = Tap.open(net.tap)
+    rx = RateLimiter.from_spec(net.rx_rate_limit)
+    tx = RateLimiter.from_spec(net.tx_rate_limit)
+    return VirtioNet(tap, net.mac_bytes(), rx, tx), tap
+
+
+def _balloon(balloon: BalloonConfig) -> VirtioDevice:
+    from pyvmm.devices.virtio.balloon import PAGES_PER_MIB, VirtioBalloon
+
+    return VirtioBalloon(
+        balloon.amount_mib * PAGES_PER_MIB,
+        deflate_on_oom=balloon.deflate_on_oom,
+        stats_interval_s=balloon.stats_polling_interval_s,
+    )
+
+
+def _vsock(vsock: VsockConfig) -> tuple[VirtioDevice, Backend]:
+    from pyvmm.devices.virtio.vsock import VirtioVsock
+    from pyvmm.host.vsock_uds import VsockUds
+
+    uds = VsockUds(vsock.uds_path)
+    return VirtioVsock(vsock.guest_cid, uds), uds
 
 
 def _load_guest(

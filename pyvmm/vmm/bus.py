@@ -10,7 +10,7 @@ that does not exist is normal, not an error.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm.devices.base import BusDevice
 
@@ -19,8 +19,7 @@ class BusConflictError(ValueError):
     """A range was added that overlaps one already on the bus."""
 
 
-@dataclass(frozen=True)
-class BusRange:
+class BusRange(NamedTuple):
     base: int
     length: int
     device: BusDevice

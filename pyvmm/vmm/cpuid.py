@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm.errors import ConfigError
 from pyvmm.kvm.cpuid import CpuidEntry
@@ -34,8 +34,7 @@ LAPIC_BUS_KHZ = 1_000_000  # KVM's emulated LAPIC timer runs at 1 GHz
 HTT_BIT = 1 << 28  # CPUID.1:EDX, more than one logical CPU per package
 
 
-@dataclass(frozen=True)
-class HiddenFeature:
+class HiddenFeature(NamedTuple):
     """A feature bit cleared in every vCPU's CPUID."""
 
     name: str
@@ -49,8 +48,7 @@ INTEL = "GenuineIntel"
 AMD = "AuthenticAMD"
 
 
-@dataclass(frozen=True)
-class CpuidTemplate:
+class CpuidTemplate(NamedTuple):
     """A named set of features hidden from the guest; ``vendor``: the only CPU it fits."""
 
     name: str

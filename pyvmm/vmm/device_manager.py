@@ -28,6 +28,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from pyvmm import layout
 from pyvmm.config import DriveConfig, NetConfig
@@ -36,35 +37,34 @@ from pyvmm.devices.legacy.boot_timer import BootTimer
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.serial import Serial
 from pyvmm.devices.legacy.vmgenid import VmGenId
-from pyvmm.devices.rate_limiter import LimiterPatch
-from pyvmm.devices.virtio.balloon import PAGES_PER_MIB, VirtioBalloon
-from pyvmm.devices.virtio.block import VirtioBlock
-from pyvmm.devices.virtio.device import VirtioDevice
-from pyvmm.devices.virtio.mmio import MmioTransport
-from pyvmm.devices.virtio.net import VirtioNet
-from pyvmm.devices.virtio.vsock import VirtioVsock
+from pyvmm.devices.virtio.ids import (
+    VIRTIO_ID_BALLOON,
+    VIRTIO_ID_BLOCK,
+    VIRTIO_ID_NET,
+    VIRTIO_ID_VSOCK,
+)
 from pyvmm.errors import ConfigError
-from pyvmm.host.block_file import BlockFile
-from pyvmm.host.console_input import SerialConsoleInput
-from pyvmm.host.events import Backend
-from pyvmm.kvm import Vm
-from pyvmm.memory import GuestMemory
-from pyvmm.snapshot.device_states import DevicesState
-from pyvmm.snapshot.files import SnapshotError
 from pyvmm.vmm.bus import Bus
-from pyvmm.vmm.event_loop import EventLoop
 from pyvmm.vmm.interrupts import EventFdIrq
 from pyvmm.vmm.serial_tail import SerialTail
 from pyvmm.vmm.stop_reason import StopKind, StopReason
-from pyvmm.vmm.virtio_service import patch_limiter, queue_kick_handler, queue_server
+
+if TYPE_CHECKING:  # the virtio side is imported when a machine has a virtio device
+    from pyvmm.devices.rate_limiter import LimiterPatch
+    from pyvmm.devices.virtio.device import VirtioDevice
+    from pyvmm.devices.virtio.mmio import MmioTransport
+    from pyvmm.host.events import Backend
+    from pyvmm.kvm import Vm
+    from pyvmm.memory import GuestMemory
+    from pyvmm.snapshot.device_states import DevicesState
+    from pyvmm.vmm.event_loop import EventLoop
 
 log = logging.getLogger(__name__)
 
 StopSink = Callable[[StopReason], None]
 
 
-@dataclass(frozen=True)
-class MmioWindow:
+class MmioWindow(NamedTuple):
     """Where a virtio device sits: its MMIO window and interrupt line."""
 
     base: int
@@ -187,6 +187,8 @@ class DeviceManager:
 
     def attach_console(self, fd: int, *, escape: bool, on_quit: Callable[[], None]) -> None:
         """Feed ``fd`` (stdin, a pty, a pipe) into COM1; with ``escape``, Ctrl-A X quits."""
+        from pyvmm.host.console_input import SerialConsoleInput
+
         assert self.serial is not None, "add_legacy_devices first"
         SerialConsoleInput(self._loop, fd, self.serial, on_quit=on_quit, escape=escape).start()
 
@@ -199,6 +201,9 @@ class DeviceManager:
         the vCPU thread); the event loop serves the queue, and the device
         interrupts the guest through an irqfd.
         """
+        from pyvmm.devices.virtio.mmio import MmioTransport
+        from pyvmm.vmm.virtio_service import queue_kick_handler, queue_server
+
         if backend is not None:
             self._resources.callback(backend.close)
         transport = MmioTransport(device, self._irq(window.gsi), self._memory)
@@ -218,7 +223,7 @@ class DeviceManager:
             backend.subscribe(self._loop, lambda: serve(queue))
         slot = VirtioSlot(device_id, transport, backend, serve, tuple(notify_fds), window)
         self.virtio[device_id] = slot
-        if isinstance(device, VirtioBalloon) and device.stats_interval_s:
+        if device.device_type == VIRTIO_ID_BALLOON and device.stats_interval_s:
             self._loop.call_later(device.stats_interval_s, lambda: self._poll_balloon_stats(slot))
         return slot
 
@@ -234,6 +239,8 @@ class DeviceManager:
     # --- persistence ---------------------------------------------------------------------
     def save(self) -> DevicesState:
         """Every device's state (call while the VM is paused)."""
+        from pyvmm.snapshot.device_states import DevicesState
+
         return DevicesState(
             legacy={name: device.save() for name, device in self.legacy.items()},
             virtio={device_id: slot.transport.save() for device_id, slot in self.virtio.items()},
@@ -242,6 +249,8 @@ class DeviceManager:
     def restore(self, state: DevicesState) -> None:
         """Load ``state`` into the devices built from the same config; SnapshotError if it
         does not fit (a device missing on either side, or a state its device refuses)."""
+        from pyvmm.snapshot.files import SnapshotError
+
         for kind, saved, built in (
             ("legacy device", state.legacy, self.legacy),
             ("virtio device", state.virtio, self.virtio),
@@ -262,7 +271,7 @@ class DeviceManager:
         ]  # fmt: skip
         for name, device, saved in parts:
             try:
-                device.restore(saved)  # type: ignore[attr-defined]
+                device.restore(saved)
             except (ValueError, TypeError) as exc:
                 raise SnapshotError(f"cannot restore device {name}: {exc}") from None
 
@@ -273,16 +282,16 @@ class DeviceManager:
         eventfd; kicking each queue once more is harmless for the others.
         """
         for slot in self.virtio.values():
-            if isinstance(slot.device, VirtioVsock):
+            if slot.device.device_type == VIRTIO_ID_VSOCK:
                 slot.transport.run_locked(lambda device: device.send_transport_reset())
             for fd in slot.notify_fds:
                 os.eventfd_write(fd, 1)
 
     # --- live changes (Firecracker's PATCH /drives and /network-interfaces) ----------------
-    def _slot(self, device_id: str, kind: type[VirtioDevice], what: str) -> VirtioSlot:
+    def _slot(self, device_id: str, device_type: int, what: str) -> VirtioSlot:
         slot = self.virtio.get(device_id)
-        if slot is None or not isinstance(slot.device, kind):
-            known = [i for i, s in self.virtio.items() if isinstance(s.device, kind)]
+        if slot is None or slot.device.device_type != device_type:
+            known = [i for i, s in self.virtio.items() if s.device.device_type == device_type]
             raise ConfigError(
                 f"no {what} {device_id!r} (known: {', '.join(map(repr, known)) or 'none'})"
             )
@@ -303,7 +312,10 @@ class DeviceManager:
         orchestrator re-asserting the path, or a file resized in place) is
         reopened without fighting our own lock.
         """
-        slot = self._slot(drive_id, VirtioBlock, "drive")
+        from pyvmm.host.block_file import BlockFile
+        from pyvmm.vmm.virtio_service import patch_limiter
+
+        slot = self._slot(drive_id, VIRTIO_ID_BLOCK, "drive")
         if path is not None:
             old = slot.backend
             assert isinstance(old, BlockFile)
@@ -337,7 +349,9 @@ class DeviceManager:
         tx: LimiterPatch | None,
     ) -> NetConfig:
         """Patch the RX and/or TX limiter of interface ``iface_id``; the new config."""
-        slot = self._slot(iface_id, VirtioNet, "network interface")
+        from pyvmm.vmm.virtio_service import patch_limiter
+
+        slot = self._slot(iface_id, VIRTIO_ID_NET, "network interface")
         if rx is not None:
             patch_limiter(slot.transport, "rx_rate_limiter", rx)
             net = dataclasses.replace(net, rx_rate_limit=rx.apply_to_spec(net.rx_rate_limit))
@@ -349,10 +363,12 @@ class DeviceManager:
 
     # --- the balloon (Firecracker's PATCH /balloon and /balloon/statistics) -----------------
     def _balloon(self) -> VirtioSlot:
-        return self._slot("balloon", VirtioBalloon, "balloon device")
+        return self._slot("balloon", VIRTIO_ID_BALLOON, "balloon device")
 
     def set_balloon_target(self, amount_mib: int) -> None:
         """A new balloon target; the guest's driver inflates or deflates towards it."""
+        from pyvmm.devices.virtio.balloon import PAGES_PER_MIB
+
         pages = amount_mib * PAGES_PER_MIB
         self._balloon().transport.run_locked(lambda device: device.set_target_pages(pages))
 
@@ -369,7 +385,7 @@ class DeviceManager:
     def _poll_balloon_stats(self, slot: VirtioSlot, *, reschedule: bool = True) -> None:
         """Ask the driver for fresh statistics; runs on the event loop every interval."""
         device = slot.device
-        assert isinstance(device, VirtioBalloon)
+        assert device.device_type == VIRTIO_ID_BALLOON
         if device.activated:
             slot.transport.run_locked(lambda device: device.request_stats())
         if reschedule and device.stats_interval_s:
@@ -384,12 +400,12 @@ class DeviceManager:
         groups: dict[str, dict[str, int]] = {}
         for device_id, slot in self.virtio.items():
             device = slot.device
-            if isinstance(device, VirtioBalloon):
+            if device.device_type == VIRTIO_ID_BALLOON:
                 groups["balloon"] = dataclasses.asdict(device.counters)
                 continue
-            if isinstance(device, VirtioBlock):
+            if device.device_type == VIRTIO_ID_BLOCK:
                 name = f"block_{device_id}"
-            elif isinstance(device, VirtioNet):
+            elif device.device_type == VIRTIO_ID_NET:
                 name = f"net_{device_id}"
             else:
                 name = "entropy" if device_id == "rng" else device_id

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pyvmm.config import MachineConfig, finite_timeout
-from pyvmm.devices.rate_limiter import LimiterPatch
 from pyvmm.errors import ConfigError
 from pyvmm.vmm.builder import BuildContext, ConsoleIO, build_for_boot
 from pyvmm.vmm.lifecycle import Action, Lifecycle, VmState
@@ -38,6 +37,7 @@ from pyvmm.vmm.threads import NO_SETUP, ThreadSetup
 if TYPE_CHECKING:
     from pyvmm.boot.configure import BootSetup
     from pyvmm.devices.base import BusDevice
+    from pyvmm.devices.rate_limiter import LimiterPatch
     from pyvmm.snapshot.state import MicrovmState
     from pyvmm.vmm.device_manager import DeviceManager
     from pyvmm.vmm.vcpu import VcpuThread

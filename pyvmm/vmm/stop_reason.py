@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from pyvmm.vmm.serial_tail import SerialTail
@@ -25,8 +24,7 @@ class StopKind(Enum):
 _CLEAN = {StopKind.RESET, StopKind.POWEROFF, StopKind.USER_QUIT}
 
 
-@dataclass(frozen=True)
-class StopReason:
+class StopReason(NamedTuple):
     kind: StopKind
     message: str
 

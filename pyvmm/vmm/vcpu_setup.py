@@ -6,7 +6,6 @@ is the one that turns it into KVM register writes.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 
 from pyvmm.boot.cpu_state import BootCpuState
@@ -76,7 +75,7 @@ def configure_vcpu(
     tsc_khz = vcpu.get_tsc_khz()
     vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, vcpu.id, num_vcpus, template, tsc_khz))
     vcpu.set_msrs(boot_msrs(msr_indices))
-    vcpu.set_fpu(dataclasses.replace(vcpu.get_fpu(), fcw=0x37F, mxcsr=0x1F80))
+    vcpu.set_fpu(vcpu.get_fpu()._replace(fcw=0x37F, mxcsr=0x1F80))
     vcpu.set_lapic(set_lint_modes(vcpu.get_lapic()))
 
 
@@ -84,8 +83,7 @@ def set_boot_state(vcpu: Vcpu, state: BootCpuState) -> None:
     """Put the boot vCPU at the kernel's entry point."""
     segments = {name: getattr(state, name) for name in SEGMENT_NAMES}
     vcpu.set_sregs(
-        dataclasses.replace(
-            vcpu.get_sregs(),
+        vcpu.get_sregs()._replace(
             **segments,
             gdt=state.gdt,
             idt=state.idt,
@@ -96,8 +94,7 @@ def set_boot_state(vcpu: Vcpu, state: BootCpuState) -> None:
         )
     )
     vcpu.set_regs(
-        dataclasses.replace(
-            vcpu.get_regs(),
+        vcpu.get_regs()._replace(
             rip=state.rip,
             rsp=state.rsp,
             rbp=state.rsp,

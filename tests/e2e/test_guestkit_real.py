@@ -68,6 +68,23 @@ def test_real_cloud_kernel_has_a_pvh_vmlinux(cloud_kernel: KernelPackage) -> Non
     assert image.mode == BootMode.PVH_32
 
 
+def test_real_vmlinux_load_plan_matches_pyelftools(cloud_kernel: KernelPackage) -> None:
+    """pyvmm's own header parser reads Debian's vmlinux as a general ELF library does."""
+    from elftools.elf.elffile import ELFFile
+
+    vmlinux = kernel_vmlinux(cloud_kernel)
+    with vmlinux.open("rb") as f:
+        image = parse(f, str(vmlinux), vmlinux.stat().st_size)
+        reference = ELFFile(f)
+        loads = [
+            (h["p_offset"], h["p_filesz"], h["p_paddr"], h["p_memsz"])
+            for h in (reference.get_segment(i).header for i in range(reference.num_segments()))
+            if h["p_type"] == "PT_LOAD" and h["p_memsz"] > 0
+        ]
+    planned = [(s.file_offset, s.file_size, s.guest_addr, s.mem_size) for s in image.segments]
+    assert planned == loads and len(loads) >= 3
+
+
 def _pt_notes(elf: bytes) -> list[tuple[bytes, int, bytes]]:
     phoff = int.from_bytes(elf[0x20:0x28], "little")
     phentsize = int.from_bytes(elf[0x36:0x38], "little")

@@ -118,8 +118,8 @@ with Kvm() as kvm:
     vm.set_user_memory_region(0, 0, memory)
     vcpu = vm.create_vcpu(0)
     sregs = vcpu.get_sregs()
-    vcpu.set_sregs(replace(sregs, cs=replace(sregs.cs, base=0, selector=0)))
-    vcpu.set_regs(replace(vcpu.get_regs(), rip=0x1000, rflags=2))
+    vcpu.set_sregs(sregs._replace(cs=sregs.cs._replace(base=0, selector=0)))
+    vcpu.set_regs(vcpu.get_regs()._replace(rip=0x1000, rflags=2))
     outs, start = 0, time.perf_counter()
     while isinstance(out := vcpu.run(), exits.IoOut) and out.port == 0x80:
         outs += 1

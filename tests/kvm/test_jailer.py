@@ -511,7 +511,7 @@ import sys
 from pathlib import Path
 from pyvmm.config import MachineConfig
 from pyvmm.vmm.machine import Machine
-import pyvmm.boot.elf, elftools.elf.elffile  # what the run imports lazily
+import pyvmm.boot.elf  # what the run imports lazily
 from pyvmm.jail.confine import Confinement, LandlockPaths, confine
 kernel = Path(sys.argv[1])
 confine(Confinement(landlock=LandlockPaths(read_only=(kernel,))))

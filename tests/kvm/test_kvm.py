@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
 
 import pytest
 
@@ -60,8 +59,8 @@ def test_real_mode_guest_io_exits_and_kick(kvm: Kvm) -> None:
     vcpu = vm.create_vcpu(0)
     try:
         sregs = vcpu.get_sregs()
-        vcpu.set_sregs(replace(sregs, cs=replace(sregs.cs, base=0, selector=0)))
-        vcpu.set_regs(replace(vcpu.get_regs(), rip=0x1000, rflags=2))
+        vcpu.set_sregs(sregs._replace(cs=sregs.cs._replace(base=0, selector=0)))
+        vcpu.set_regs(vcpu.get_regs()._replace(rip=0x1000, rflags=2))
 
         out = vcpu.run()
         assert isinstance(out, exits.IoOut)

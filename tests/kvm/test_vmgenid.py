@@ -104,7 +104,7 @@ def test_each_restore_is_a_new_generation_the_guest_is_told_about(waiting_guest)
     for _ in range(2):
         machine, console = restore(snapshot, resume=True)
         with machine:
-            console.wait_for(rb"notified 1 guid", machine)
+            console.wait_for(rb"notified 1 guid [0-9a-f]{32}\r?\n", machine)  # the whole line
             new = machine.devices.vmgenid.generation.hex()
             assert console.guids() == {"notified 1": new}
             assert in_memory(machine) == new
@@ -151,7 +151,7 @@ def test_a_notification_pending_at_a_snapshot_is_taken_after_its_restore(
         (tmp_path / "again.state", tmp_path / "again.mem"), resume=True, new_generation=False
     )
     with machine:
-        console.wait_for(rb"notified 1 guid", machine)
+        console.wait_for(rb"notified 1 guid [0-9a-f]{32}\r?\n", machine)  # the whole line
         assert console.guids() == {"notified 1": new}
 
 

@@ -22,7 +22,7 @@ VM generation id: the VMM keeps its 16 bytes at that address
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm import layout
 from pyvmm.boot.acpi.dsdt import VirtioMmioDevice, VmGenIdAcpi, build_dsdt
@@ -45,8 +45,7 @@ def _align(addr: int) -> int:
     return (addr + TABLE_ALIGNMENT - 1) & -TABLE_ALIGNMENT
 
 
-@dataclass(frozen=True)
-class AcpiTables:
+class AcpiTables(NamedTuple):
     """Every table and where it goes; ``rsdp_addr`` is what the guest is told."""
 
     rsdp_addr: int

@@ -32,7 +32,7 @@ way.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm import layout
 from pyvmm.boot.acpi.aml import (
@@ -74,8 +74,7 @@ VMGENID_NOTIFY = 0x80  # "the generation id changed"
 GED_HID = "ACPI0013"
 
 
-@dataclass(frozen=True)
-class VmGenIdAcpi:
+class VmGenIdAcpi(NamedTuple):
     """What the DSDT says about the VM generation id: where its 16 bytes are, which GSI
     announces a new one."""
 

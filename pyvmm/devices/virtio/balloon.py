@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.ids import VIRTIO_ID_BALLOON
 from pyvmm.errors import GuestMemoryError
 
 if TYPE_CHECKING:
     from pyvmm.devices.virtio.queue import DescriptorChain
 
-VIRTIO_ID_BALLOON = 5
 VIRTIO_BALLOON_F_MUST_TELL_HOST = 1 << 0
 VIRTIO_BALLOON_F_STATS_VQ = 1 << 1
 VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 1 << 2

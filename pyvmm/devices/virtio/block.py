@@ -70,7 +70,8 @@ from pyvmm.devices.virtio.block_request import (
     check_request,
     parse_request,
 )
-from pyvmm.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, copy_config
+from pyvmm.devices.virtio.device import VirtioDevice, copy_config
+from pyvmm.devices.virtio.ids import VIRTIO_ID_BLOCK
 from pyvmm.devices.virtio.queue import DescriptorChain, QueueError
 from pyvmm.errors import GuestError
 

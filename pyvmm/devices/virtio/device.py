@@ -28,13 +28,6 @@ if TYPE_CHECKING:
     from pyvmm.devices.virtio.queue import Queue
     from pyvmm.memory import GuestMemory
 
-# --- device types (virtio 1.2, section 5) ------------------------------------
-VIRTIO_ID_NET = 1
-VIRTIO_ID_BLOCK = 2
-VIRTIO_ID_CONSOLE = 3
-VIRTIO_ID_RNG = 4
-VIRTIO_ID_VSOCK = 19
-
 # --- InterruptStatus bits -----------------------------------------------------
 VIRTIO_MMIO_INT_VRING = 1  # a used buffer was added to some queue
 VIRTIO_MMIO_INT_CONFIG = 2  # the configuration changed (or the device needs a reset)
@@ -115,7 +108,7 @@ def copy_config(config: bytes, offset: int, data: memoryview) -> None:
 class VirtioDevice:
     """Base class of the virtio device models; subclasses set the class attributes.
 
-    * ``device_type``: the virtio device ID (``VIRTIO_ID_*``);
+    * ``device_type``: the virtio device ID (:mod:`pyvmm.devices.virtio.ids`);
     * ``queue_max_sizes``: one maximum size per queue, in queue-index order;
     * ``avail_features``: the device-specific feature bits it offers (the
       transport adds the transport bits such as VIRTIO_F_VERSION_1).

@@ -74,7 +74,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from pyvmm.devices.rate_limiter import RateLimiter, RateLimiterState, restore_limiter
-from pyvmm.devices.virtio.device import VIRTIO_ID_NET, VirtioDevice, copy_config
+from pyvmm.devices.virtio.device import VirtioDevice, copy_config
+from pyvmm.devices.virtio.ids import VIRTIO_ID_NET
 from pyvmm.devices.virtio.queue import QueueError
 
 if TYPE_CHECKING:

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pyvmm.devices.rate_limiter import RateLimiter, RateLimiterState, restore_limiter
-from pyvmm.devices.virtio.device import VIRTIO_ID_RNG, VirtioDevice
+from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.ids import VIRTIO_ID_RNG
 
 if TYPE_CHECKING:
     from pyvmm.devices.virtio.queue import DescriptorChain

@@ -53,7 +53,8 @@ from typing import TYPE_CHECKING
 
 from pyvmm.config import check_guest_cid
 from pyvmm.devices.virtio.chain_io import chain_views, scatter
-from pyvmm.devices.virtio.device import VIRTIO_ID_VSOCK, VirtioDevice, copy_config
+from pyvmm.devices.virtio.device import VirtioDevice, copy_config
+from pyvmm.devices.virtio.ids import VIRTIO_ID_VSOCK
 from pyvmm.devices.virtio.queue import QueueError
 from pyvmm.devices.virtio.vsock_connection import (
     DEFAULT_BUF_ALLOC,

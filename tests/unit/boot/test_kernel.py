@@ -644,3 +644,24 @@ def test_corrupt_initrd_rejected(tmp_path: Path, mem: GuestMemory) -> None:
     initrd = write(tmp_path, "initrd", b"this is not an initramfs" * 100)
     with pytest.raises(KernelImageError, match=r"initrd .* is not an initramfs"):
         setup_boot(mem, kernel, initrd, "console=ttyS0", 1)
+
+
+def test_elf_with_wrong_program_header_size(tmp_path: Path) -> None:
+    data = bytearray(make_elf())
+    struct.pack_into("<H", data, 0x36, 32)  # e_phentsize
+    with pytest.raises(KernelImageError, match=r"program headers are 32 bytes each.* are 56$"):
+        inspect(write(tmp_path, "vmlinux", bytes(data)))
+
+
+def test_elf_section_headers_past_the_end(tmp_path: Path) -> None:
+    data = bytearray(make_elf(notes=elf_note(b"Xen", 18, b"\0" * 4), notes_in_section=True))
+    struct.pack_into("<H", data, 0x3C, 500)  # e_shnum
+    with pytest.raises(KernelImageError, match=r"truncated: its section headers end at byte"):
+        inspect(write(tmp_path, "vmlinux", bytes(data)))
+
+
+def test_elf_absurd_program_header_count_is_refused_before_reading(tmp_path: Path) -> None:
+    data = bytearray(make_elf())
+    struct.pack_into("<H", data, 0x38, 0xFFFF)  # e_phnum
+    with pytest.raises(KernelImageError, match=r"program headers end at byte 3670024"):
+        inspect(write(tmp_path, "vmlinux", bytes(data)))

@@ -11,11 +11,11 @@ from pyvmm.devices.virtio.balloon import (
     PAGES_PER_MIB,
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
     VIRTIO_BALLOON_F_STATS_VQ,
-    VIRTIO_ID_BALLOON,
     VirtioBalloon,
     VirtioBalloonState,
 )
 from pyvmm.devices.virtio.device import VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING
+from pyvmm.devices.virtio.ids import VIRTIO_ID_BALLOON
 from pyvmm.devices.virtio.mmio import MmioTransport, Reg
 from pyvmm.memory import GuestMemory
 from tests.support.device_harness import CountingIrq

@@ -39,7 +39,7 @@ from pyvmm.devices.virtio.block_request import (
     VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 )
-from pyvmm.devices.virtio.device import VIRTIO_ID_BLOCK
+from pyvmm.devices.virtio.ids import VIRTIO_ID_BLOCK
 from pyvmm.devices.virtio.mmio import (
     STATUS_DEVICE_NEEDS_RESET,
     VIRTIO_F_VERSION_1,

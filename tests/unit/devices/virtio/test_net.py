@@ -9,7 +9,7 @@ from collections import deque
 
 import pytest
 
-from pyvmm.devices.virtio.device import VIRTIO_ID_NET
+from pyvmm.devices.virtio.ids import VIRTIO_ID_NET
 from pyvmm.devices.virtio.mmio import (
     STATUS_DEVICE_NEEDS_RESET,
     VIRTIO_F_VERSION_1,

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from pyvmm.devices.virtio.device import VIRTIO_ID_RNG, VIRTIO_MMIO_INT_VRING
+from pyvmm.devices.virtio.device import VIRTIO_MMIO_INT_VRING
+from pyvmm.devices.virtio.ids import VIRTIO_ID_RNG
 from pyvmm.devices.virtio.mmio import (
     STATUS_DEVICE_NEEDS_RESET,
     VIRTIO_F_VERSION_1,

@@ -16,7 +16,7 @@ import pytest
 
 from pyvmm.config import check_guest_cid
 from pyvmm.devices.virtio import vsock as vsock_module
-from pyvmm.devices.virtio.device import VIRTIO_ID_VSOCK
+from pyvmm.devices.virtio.ids import VIRTIO_ID_VSOCK
 from pyvmm.devices.virtio.mmio import TRANSPORT_FEATURES, Reg
 from pyvmm.devices.virtio.vsock import VirtioVsock, VirtioVsockState
 from pyvmm.devices.virtio.vsock_packet import (
