@@ -81,7 +81,9 @@ def heavy_ones(modules: set[str]) -> list[str]:
 def test_a_plain_boot_imports_no_snapshot_api_virtio_or_tooling(
     tmp_path: Path, probe_elf: Path
 ) -> None:
-    modules = imported_by_run(tmp_path, "--kernel", str(probe_elf), "--memory", "32")
+    modules = imported_by_run(
+        tmp_path, "--kernel", str(probe_elf), "--memory", "32", "--cmdline", "hello"
+    )
     assert heavy_ones(modules) == []
     virtio = sorted(m for m in modules if m.startswith("pyvmm.devices.virtio."))
     assert virtio == ["pyvmm.devices.virtio.ids"]
@@ -108,7 +110,9 @@ def test_a_device_brings_its_own_code_and_no_other(
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
     args = [flag.format(disk=disk) for flag in flags]
-    modules = imported_by_run(tmp_path, "--kernel", str(probe_elf), "--memory", "32", *args)
+    modules = imported_by_run(
+        tmp_path, "--kernel", str(probe_elf), "--memory", "32", "--cmdline", "hello", *args
+    )
     assert needed in modules
     assert not set(absent) & modules
     assert "pyvmm.snapshot" not in modules
