@@ -241,15 +241,24 @@ if [ -n "$cmd" ]; then
 elif [ -f /{COMMAND_FILE} ]; then
     script=/{COMMAND_FILE}
 fi
+# busybox's plain poweroff/reboot/halt only signal PID 1 (and the shell runs the
+# applet even where /bin has something else): act on those signals, while
+# waiting for a command run in the background (a trap waits for a foreground one).
+trap 'sync; poweroff -f' USR2
+trap 'sync; reboot -f' TERM
+trap 'sync; halt -f' USR1
 if [ -n "$script" ]; then
     echo {MARKER_CMD_BEGIN}
-    sh "$script"
+    sh "$script" </dev/console >/dev/console 2>&1 &
+    wait $!
     printf '\\n%s%s\\n' {MARKER_CMD_EXIT} $?
 elif [ "$shell" = batch ]; then
-    sh /dev/console  # a script read from the tty: not interactive
+    sh /dev/console </dev/console >/dev/console 2>&1 &  # a script read from the tty
+    wait $!
 elif [ -n "$shell" ]; then
     echo {shlex.quote(SHELL_BANNER)}
-    setsid cttyhack sh -l
+    setsid cttyhack sh -l </dev/console >/dev/console 2>&1 &
+    wait $!
 fi
 [ -n "$shell" ] && echo 0 > /proc/sys/kernel/printk
 sync

@@ -156,11 +156,12 @@ def test_a_terminal_reaches_the_guest_shell_and_ctrl_a_x_quits(private_tmp: Path
     assert leftovers(private_tmp) == []
 
 
-def test_exiting_the_guest_shell_ends_pyvmm_with_status_0(private_tmp: Path) -> None:
+@pytest.mark.parametrize("keys", [b"poweroff\r", b"\x04"], ids=["poweroff", "ctrl-d"])
+def test_the_banners_ways_out_end_pyvmm_with_status_0(private_tmp: Path, keys: bytes) -> None:
     terminal = Terminal(private_tmp)
     try:
         assert terminal.expect(b"# ", RUN_TIMEOUT_S), terminal.text()
-        terminal.type(b"exit\r")
+        terminal.type(keys)
         assert terminal.wait(120) == 0, terminal.text()
     finally:
         terminal.close()

@@ -24,6 +24,7 @@ from pyvmm.guestkit.initramfs import (
     MARKER_CMD_EXIT,
     MARKER_INIT_OK,
     MAX_COMMAND_ARG,
+    SHELL_BANNER,
     build_initramfs,
     command_arg,
     insmod_lines,
@@ -341,6 +342,17 @@ def test_default_init_is_valid_shell_with_the_markers() -> None:
     assert MARKER_CMD_BEGIN in DEFAULT_INIT and MARKER_CMD_EXIT in DEFAULT_INIT
     assert "pyvmm.cmd=" in DEFAULT_INIT and f"/{COMMAND_FILE}" in DEFAULT_INIT
     assert DEFAULT_INIT.rstrip().endswith("poweroff -f")
+
+
+def test_default_init_shell_modes() -> None:
+    """The behaviour is tested on real guests in tests/e2e/test_first_run.py."""
+    assert SHELL_BANNER in DEFAULT_INIT.replace("'\"'\"'", "'")
+    assert '[ "$shell" = batch ] || printf' in DEFAULT_INIT  # batch output: commands only
+    # busybox's plain poweroff/reboot signal PID 1: the init acts on those signals
+    # while it waits for the shell, which therefore runs in the background.
+    assert "trap 'sync; poweroff -f' USR2" in DEFAULT_INIT
+    assert "trap 'sync; reboot -f' TERM" in DEFAULT_INIT
+    assert "setsid cttyhack sh -l </dev/console >/dev/console 2>&1 &\n    wait $!" in DEFAULT_INIT
 
 
 def test_command_arg_round_trip() -> None:
