@@ -1,5 +1,6 @@
-"""``python -m pyvmm`` is the ``pyvmm`` command."""
+"""``python -m pyvmm`` is the ``pyvmm`` command (through its entry module, which relays
+``run`` to a fork server when ``PYVMM_FORKSERVER`` is set)."""
 
-from pyvmm.cli import main
+from pyvmm.entry import main
 
 main()

@@ -49,6 +49,7 @@ class LazyGroup(click.Group):
 
     #: Subcommand name -> "module:attribute" of its click command.
     lazy: dict[str, str] = {
+        "forkserver": "pyvmm.forkserver.command:forkserver",
         "nested": "pyvmm.nested.command:nested",
         "serve": "pyvmm.firecracker_cli:firecracker",
     }
