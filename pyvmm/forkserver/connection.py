@@ -30,6 +30,9 @@ from pyvmm.forkserver.protocol import (
 REQUEST_TIMEOUT = 10.0
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _RECV_BYTES = 16 * 1024
+#: Room for exactly three fds (CMSG_LEN, not CMSG_SPACE: the padding would fit a fourth),
+#: so a fourth sets MSG_CTRUNC and the kernel closes the ones that did not fit.
+_ANCILLARY_BYTES = socket.CMSG_LEN(len(STANDARD_FDS) * array.array("i").itemsize)
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -95,7 +98,7 @@ class Connection:
         """
         try:
             data, ancillary, flags, _ = self.sock.recvmsg(
-                _RECV_BYTES, socket.CMSG_SPACE(len(STANDARD_FDS) * 4), socket.MSG_CMSG_CLOEXEC
+                _RECV_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
             return []
