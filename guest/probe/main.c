@@ -59,6 +59,7 @@ static const struct program programs[] = {
 	{ "netrx", true, prog_netrx, 1, 1 << 30 },
 	{ "rngread", true, prog_rngread, 1, 1 << 30 },
 	{ "vsockecho", true, prog_vsockecho, 1, 0xFFFFFFFFu },
+	{ "balloon", true, prog_balloon, 1, 4096 },
 	{ "vmgenid", true, prog_vmgenid, 0, 1000 },
 	{ "selftest", false, prog_selftest, 0, 0 }, /* last: the default */
 };

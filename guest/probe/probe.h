@@ -218,6 +218,7 @@ int prog_fault(uint64_t arg);
 int prog_counter(uint64_t arg);
 int prog_idle(uint64_t arg);
 int prog_vsockecho(uint64_t port);
+int prog_balloon(uint64_t mib);
 int prog_selftest(uint64_t arg);
 int prog_tsc(uint64_t arg);
 int prog_virtio(uint64_t arg);
