@@ -241,12 +241,17 @@ if [ -n "$cmd" ]; then
 elif [ -f /{COMMAND_FILE} ]; then
     script=/{COMMAND_FILE}
 fi
+finish() {{  # finish poweroff|reboot|halt; after a shell, no kernel line follows its output
+    [ -n "$shell" ] && echo 0 > /proc/sys/kernel/printk
+    sync
+    "$1" -f
+}}
 # busybox's plain poweroff/reboot/halt only signal PID 1 (and the shell runs the
 # applet even where /bin has something else): act on those signals, while
 # waiting for a command run in the background (a trap waits for a foreground one).
-trap 'sync; poweroff -f' USR2
-trap 'sync; reboot -f' TERM
-trap 'sync; halt -f' USR1
+trap 'finish poweroff' USR2
+trap 'finish reboot' TERM
+trap 'finish halt' USR1
 if [ -n "$script" ]; then
     echo {MARKER_CMD_BEGIN}
     sh "$script" </dev/console >/dev/console 2>&1 &
@@ -260,9 +265,7 @@ elif [ -n "$shell" ]; then
     setsid cttyhack sh -l </dev/console >/dev/console 2>&1 &
     wait $!
 fi
-[ -n "$shell" ] && echo 0 > /proc/sys/kernel/printk
-sync
-poweroff -f
+finish poweroff
 """
 
 

@@ -76,6 +76,8 @@ _STATUS_MAX_BYTES = 8
 _DRAIN_IDLE_S = 0.3
 _DRAIN_LIMIT_S = 5.0
 _LOCKUP = re.compile(rb"soft lockup - CPU#\d+ stuck for (\d+)s")
+#: A kernel console line's time stamp, left out of the progress line.
+_KERNEL_TIME = re.compile(r"^\[\s*\d+\.\d+\]\s*")
 
 
 class NestedError(HostError):
@@ -412,7 +414,7 @@ class NestedHost:
                 current = size
             if current != size:
                 size, moved = current, now
-                stage(_last_line(self.console_log))
+                stage(_KERNEL_TIME.sub("", _last_line(self.console_log)))
             elif now - moved > self.stall_timeout:
                 raise _Stalled(
                     f"no console output for {self.stall_timeout:g} s after "

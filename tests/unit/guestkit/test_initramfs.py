@@ -341,7 +341,8 @@ def test_default_init_is_valid_shell_with_the_markers() -> None:
     assert f"printf '\\n%s\\n' {MARKER_INIT_OK}" in DEFAULT_INIT
     assert MARKER_CMD_BEGIN in DEFAULT_INIT and MARKER_CMD_EXIT in DEFAULT_INIT
     assert "pyvmm.cmd=" in DEFAULT_INIT and f"/{COMMAND_FILE}" in DEFAULT_INIT
-    assert DEFAULT_INIT.rstrip().endswith("poweroff -f")
+    assert DEFAULT_INIT.rstrip().endswith("finish poweroff")
+    assert '"$1" -f' in DEFAULT_INIT
 
 
 def test_default_init_shell_modes() -> None:
@@ -350,8 +351,8 @@ def test_default_init_shell_modes() -> None:
     assert '[ "$shell" = batch ] || printf' in DEFAULT_INIT  # batch output: commands only
     # busybox's plain poweroff/reboot signal PID 1: the init acts on those signals
     # while it waits for the shell, which therefore runs in the background.
-    assert "trap 'sync; poweroff -f' USR2" in DEFAULT_INIT
-    assert "trap 'sync; reboot -f' TERM" in DEFAULT_INIT
+    assert "trap 'finish poweroff' USR2" in DEFAULT_INIT
+    assert "trap 'finish reboot' TERM" in DEFAULT_INIT
     assert "setsid cttyhack sh -l </dev/console >/dev/console 2>&1 &\n    wait $!" in DEFAULT_INIT
 
 

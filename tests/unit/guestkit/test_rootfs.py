@@ -107,7 +107,7 @@ def test_minimal_image_has_busybox_our_init_and_devices(tmp_path: Path, busybox:
     assert init == ROOTFS_INIT
     for marker in (MARKER_ROOTFS_OK, MARKER_CMD_BEGIN, MARKER_CMD_EXIT, "pyvmm.cmd="):
         assert marker in init
-    assert init.rstrip().endswith("poweroff -f")
+    assert init.rstrip().endswith("finish poweroff")
     assert inode(image, "/sbin/init")["Mode"] == "0755"
     assert cat(image, "/bin/busybox") == BUSYBOX
     for applet in APPLETS:
