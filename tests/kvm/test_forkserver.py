@@ -14,6 +14,7 @@ import array
 import contextlib
 import json
 import os
+import pty
 import select
 import shutil
 import signal
@@ -23,6 +24,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,6 +234,40 @@ def test_relative_paths_and_the_umask_are_the_client_s(
     assert modes["direct"] & 0o027 == 0
 
 
+def test_a_terminal_is_the_console_as_in_a_direct_run(server: Server, probe_elf: Path) -> None:
+    """A pty as stdin and stdout: raw mode while the VM runs, typed lines reach the guest,
+    Ctrl-A X quits, and the terminal's settings come back (the VM process is in another
+    session, where the pty is not its controlling terminal: nothing may depend on that)."""
+    ends = {}
+    for name, via in (("direct", None), ("relayed", server)):
+        leader, follower = pty.openpty()
+        original = termios.tcgetattr(follower)
+        process = subprocess.Popen(
+            [*PYVMM, *echo_args(probe_elf)],
+            stdin=follower, stdout=follower, stderr=subprocess.PIPE, env=environment(via),
+        )  # fmt: skip
+        try:
+            seen = b""
+            while b"cmdline 'echo'" not in seen:
+                assert select.select([leader], [], [], 60)[0], seen
+                seen += os.read(leader, 4096)
+            raw = termios.tcgetattr(follower)
+            os.write(leader, b"typed at a terminal\n")
+            while b"echo: typed at a terminal" not in seen:
+                assert select.select([leader], [], [], 60)[0], seen
+                seen += os.read(leader, 4096)
+            os.write(leader, b"\x01x")  # Ctrl-A X
+            _, err = process.communicate(timeout=60)
+            ends[name] = (process.returncode, err, raw[3] & termios.ICANON)
+            assert termios.tcgetattr(follower) == original
+        finally:
+            process.kill()
+            os.close(leader)
+            os.close(follower)
+    assert ends["relayed"] == ends["direct"]
+    assert ends["direct"][2] == 0  # raw: no canonical line editing while it ran
+
+
 # --- signals and lifetimes ---------------------------------------------------------------
 
 
@@ -415,7 +451,6 @@ def test_the_preload_holds_everything_a_run_imports(probe_elf: Path, tmp_path: P
         "devices": ["--kernel", str(probe_elf), "--cmdline", "hello", "--memory", "32", "--rng",
                     "--drive", f"path={disk}", "--vsock", f"cid=3,uds={tmp_path / 'v.sock'}"],
         "config": ["--config", str(config)],
-        "no-seccomp": ["--kernel", str(probe_elf), "--cmdline", "hello", "--no-seccomp"],
     }  # fmt: skip
     for name, flags in runs.items():
         listing = tmp_path / f"{name}.txt"
