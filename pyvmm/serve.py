@@ -157,6 +157,8 @@ def serve(options: ServeOptions) -> int:
 
     server = None
     reason = None
+    if options.config_file is not None:
+        router.ready.clear()  # queries wait for the boot from the file, as in Firecracker
     with _Signals(controller, actions) as signals:
         try:
             if options.api_sock is not None:
@@ -204,7 +206,10 @@ def _run(
         import pyvmm.vmm.machine  # noqa: F401 - the heavy part, after the socket answers
 
         if options.config_file is not None:
-            router.boot_from_config()
+            try:
+                router.boot_from_config()
+            finally:
+                router.ready.set()
     while not signals.stop_requested.is_set() and not controller.finished:
         actions.run_pending(_TICK_S)
         controller.tick()

@@ -201,6 +201,10 @@ class Router:
         self._state_lock = threading.RLock()
         # A boot-specific resource was configured: no snapshot can be loaded any more.
         self.boot_path = _has_boot_resources(self.resources)
+        #: Cleared while a ``--config-file`` boot runs: Firecracker answers nothing before
+        #: that boot is done, so no client sees a "Not started" VM it asked to boot.
+        self.ready = threading.Event()
+        self.ready.set()
 
     # --- entry points -----------------------------------------------------------------
     def __call__(self, method: str, path: str, body: bytes) -> Response:
@@ -269,6 +273,7 @@ class Router:
         try:
             value = self._decode(found, body)
             if found.kind == "query" or _runs_inline(found, value):
+                self.ready.wait()
                 with self._state_lock:
                     return self._run(found, value, path_id)
             return self.actions.call(lambda: self._run_on_vmm_thread(found, value, path_id))
