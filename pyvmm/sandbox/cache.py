@@ -28,6 +28,7 @@ Layout, under ``<cache root>/sandbox/`` (``$PYVMM_CACHE`` or
     <key>/meta.json        what the entry is (:class:`EntryMeta`)
     <key>/vm.state         the snapshot's state file
     <key>/vm.mem           its memory file (sparse)
+    <key>/vm.mem.extents   where vm.mem holds data (JSON [start, end] pairs)
     <key>/disks/<id>.img   the writable drives as they were at the snapshot
     <key>.lock             held while an entry is being made
 
@@ -71,6 +72,9 @@ from pyvmm.snapshot.files import SnapshotError
 CACHE_FORMAT = 1
 STATE_FILE = "vm.state"
 MEM_FILE = "vm.mem"
+EXTENTS_FILE = "vm.mem.extents"
+#: An extents file lists at most one pair per 64 KiB block of RAM; far beyond any guest's.
+MAX_EXTENTS_BYTES = 16 << 20
 META_FILE = "meta.json"
 DISK_DIR = "disks"
 #: meta.json is a few hundred bytes; anything far larger is not ours.
@@ -168,6 +172,41 @@ class CacheEntry:
 
     def disk(self, drive_id: str) -> Path:
         return self.path / DISK_DIR / self.meta.disks[drive_id]
+
+    def mem_extents(self) -> list[tuple[int, int]] | None:
+        """Where the memory file holds data (None if the entry does not say)."""
+        path = self.path / EXTENTS_FILE
+        try:
+            with open(path, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise SnapshotError(f"{path} is not a regular file")
+                raw = f.read(MAX_EXTENTS_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SnapshotError(f"cannot read {path}: {exc.strerror}") from None
+        if len(raw) > MAX_EXTENTS_BYTES:
+            raise SnapshotError(f"{path} is larger than {MAX_EXTENTS_BYTES} bytes")
+        try:
+            data = json.loads(raw)
+            extents = [(int(a), int(b)) for a, b in data]
+        except (ValueError, TypeError) as exc:
+            raise SnapshotError(f"{path} is not a list of [start, end] pairs: {exc}") from None
+        if any(not 0 <= a <= b for a, b in extents) or extents != sorted(extents):
+            raise SnapshotError(f"{path} lists extents out of order or inverted")
+        return extents
+
+
+def record_extents(entry_dir: Path) -> None:
+    """Write ``vm.mem.extents`` for the memory file in ``entry_dir`` (see the module doc)."""
+    from pyvmm.sandbox.disks import data_extents, scan_extents
+
+    mem = entry_dir / MEM_FILE
+    if filesystem_type(entry_dir) in NETWORK_FILESYSTEMS:
+        extents = scan_extents(mem)
+    else:
+        extents = data_extents(mem)
+    (entry_dir / EXTENTS_FILE).write_text(json.dumps(extents))
 
 
 def file_identity(path: Path) -> dict[str, object]:
@@ -352,8 +391,9 @@ def local_entry(entry: CacheEntry) -> CacheEntry:
     def copy(staging: Path) -> EntryMeta:
         from pyvmm.sandbox.disks import clone_file
 
-        for name in (STATE_FILE, MEM_FILE):
-            clone_file(entry.path / name, staging / name)
+        # 0644: a jailed VMM (another uid) maps these through a bind mount.
+        clone_file(entry.state_file, staging / STATE_FILE, mode=0o644)
+        clone_file(entry.mem_file, staging / MEM_FILE, entry.mem_extents(), mode=0o644)
         for disk in entry.meta.disks.values():
             clone_file(entry.path / DISK_DIR / disk, staging / DISK_DIR / disk)
         return dataclasses.replace(entry.meta, key=local_key)
@@ -363,10 +403,10 @@ def local_entry(entry: CacheEntry) -> CacheEntry:
 
 
 def default_cache_dir() -> Path:
-    """``<$PYVMM_CACHE or ~/.cache/pyvmm>/sandbox``."""
-    from pyvmm.guestkit.cache import default_cache_dir as guestkit_cache
-
-    return guestkit_cache() / "sandbox"
+    """``sandbox/`` in pyvmm's cache root: ``$PYVMM_CACHE``, else ``~/.cache/pyvmm`` (the
+    guest kit's root; not imported from it: the runtime does not import the tooling)."""
+    root = os.environ.get("PYVMM_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "pyvmm") / "sandbox"
 
 
 def _cache_io(where: Path, action: Callable[[], object]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyvmm.config import DEFAULT_LINUX_CMDLINE
+from pyvmm.errors import HostError
 from pyvmm.guestkit.agent_tool import GUEST_MODULES
 from pyvmm.sandbox.config import SandboxConfig
 
@@ -60,12 +61,15 @@ def default_guest(cache_dir: Path | None = None) -> tuple[Path, Path]:
     from pyvmm.guestkit.debian import fetch_kernel
     from pyvmm.guestkit.initramfs import build_initramfs
 
-    package = fetch_kernel("cloud", cache_dir)
-    agent = build_agent(cache_dir)
-    initrd = build_initramfs(
-        package,
-        SANDBOX_MODULES,
-        cache_dir=cache_dir,
-        extra_files={GUEST_PATH: agent.read_bytes()},
-    )
+    try:
+        package = fetch_kernel("cloud", cache_dir)
+        agent = build_agent(cache_dir)
+        initrd = build_initramfs(
+            package,
+            SANDBOX_MODULES,
+            cache_dir=cache_dir,
+            extra_files={GUEST_PATH: agent.read_bytes()},
+        )
+    except OSError as exc:  # e.g. a read-only cache (a nested host sees the host's read-only)
+        raise HostError(f"cannot build the default sandbox guest: {exc}") from None
     return package.vmlinuz, initrd

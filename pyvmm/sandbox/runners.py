@@ -100,15 +100,11 @@ def choose_runner(config: SandboxConfig) -> Runner:
     """The runner ``config`` asks for: see the module docstring."""
     if not config.confine:
         return InProcessRunner()
-    if os.geteuid() == 0 and _JAIL_AS_ROOT:
+    if os.geteuid() == 0:
         from pyvmm.sandbox.jailed import JailedRunner
 
         return JailedRunner(config)
     return InProcessRunner(seccomp_setup(), confined=True)
-
-
-#: Off until the jailed runner lands (work in progress).
-_JAIL_AS_ROOT = False
 
 
 @functools.cache

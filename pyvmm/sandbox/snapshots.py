@@ -20,7 +20,15 @@ import threading
 from pathlib import Path
 
 from pyvmm.errors import ConfigError, HostError
-from pyvmm.sandbox.cache import DISK_DIR, MEM_FILE, META_FILE, STATE_FILE, CacheEntry, EntryMeta
+from pyvmm.sandbox.cache import (
+    DISK_DIR,
+    MEM_FILE,
+    META_FILE,
+    STATE_FILE,
+    CacheEntry,
+    EntryMeta,
+    record_extents,
+)
 from pyvmm.sandbox.config import SandboxConfig
 from pyvmm.sandbox.disks import clone_file
 from pyvmm.sandbox.launch import Launched, restore_entry
@@ -39,6 +47,7 @@ def save_sandbox(
     try:
         (staging / DISK_DIR).mkdir(parents=True)
         vm.snapshot(staging / STATE_FILE, staging / MEM_FILE)
+        record_extents(staging)
         for drive_id in launched.disk_ids:
             clone_file(launched.workdir.disk(drive_id), staging / DISK_DIR / f"{drive_id}.img")
         meta = EntryMeta(

@@ -34,6 +34,7 @@ from pyvmm.sandbox.cache import (
     EntryMeta,
     file_identity,
     host_identity,
+    record_extents,
     template_key,
 )
 from pyvmm.sandbox.config import SandboxConfig
@@ -174,6 +175,7 @@ def build_template(
             started = time.monotonic()
             vm.pause()
             vm.snapshot(staging / STATE_FILE, staging / MEM_FILE)
+            record_extents(staging)
             snapshotted = time.monotonic() - started
         finally:
             vm.close()
