@@ -14,15 +14,18 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from pyvmm.cli_confinement import confinement_options
 from pyvmm.errors import ConfigError, HostError, PyvmmError
 from pyvmm.nested.placement import MODES as NESTED_MODES
 
 if TYPE_CHECKING:
+    from pyvmm.config import MachineConfig
     from pyvmm.vmm.machine import Machine
+    from pyvmm.vmm.threads import ThreadSetup
 
 EXIT_USAGE = 2
 
@@ -145,6 +148,7 @@ def main() -> None:
     "speed (PVM, see `pyvmm doctor`); everything else runs here. always: in a nested host. "
     "never: here.",
 )
+@confinement_options
 def run(
     config_file: str | None,
     kernel: str | None,
@@ -162,6 +166,7 @@ def run(
     rng_rate: str | None,
     log_level: str,
     nested_mode: str,
+    **confinement_flags: Any,
 ) -> None:
     """Boot a kernel; the serial console is on stdin/stdout (Ctrl-A X quits).
 
@@ -179,7 +184,7 @@ def run(
             config = _config_from_file(config_file)
         except (ConfigError, HostError) as error:
             _fail(str(error))
-        sys.exit(_run_where_placed(context, config, nested_mode, timeout))
+        sys.exit(_run_where_placed(context, config, nested_mode, timeout, confinement_flags))
     try:
         if kernel is None:
             kernel, initrd = _default_guest(initrd)
@@ -201,7 +206,7 @@ def run(
         )
     except (ConfigError, HostError) as error:
         _fail(str(error))
-    sys.exit(_run_where_placed(context, config, nested_mode, timeout))
+    sys.exit(_run_where_placed(context, config, nested_mode, timeout, confinement_flags))
 
 
 def default_guest_cmdline(base: str, interactive: bool) -> str:
@@ -222,9 +227,16 @@ def _stdin_is_terminal() -> bool:
 
 
 def _run_where_placed(
-    context: click.Context, config: object, nested_mode: str, timeout: float | None
+    context: click.Context,
+    config: object,
+    nested_mode: str,
+    timeout: float | None,
+    confinement_flags: dict[str, Any],
 ) -> int:
-    """Run the VM here or in a nested host, as :mod:`pyvmm.nested.placement` decides."""
+    """Run the VM here or in a nested host, as :mod:`pyvmm.nested.placement` decides.
+
+    A nested run gets the confinement flags with the others: it confines itself there.
+    """
     from pyvmm.doctor import virtualization_kind
     from pyvmm.nested.placement import Where, choose, inside_nested_host, is_linux_kernel
 
@@ -237,7 +249,7 @@ def _run_where_placed(
     if placement.where is Where.DIRECT:
         if placement.notice:
             click.echo(placement.notice, err=True)
-        return _run_machine(config, timeout)
+        return _run_machine(config, timeout, confinement_flags)
     from pyvmm.nested.run import check_boot_files, run_vm, unreachable_from_host, writable_dirs
 
     refusal = unreachable_from_host(config)  # type: ignore[arg-type]
@@ -313,7 +325,7 @@ def _default_guest(initrd: str | None) -> tuple[str, str]:
     return str(package.vmlinuz), initrd or str(build_initramfs(package))
 
 
-def _run_machine(config: object, timeout: float | None) -> int:
+def _run_machine(config: object, timeout: float | None, confinement_flags: dict[str, Any]) -> int:
     from pyvmm.host.console_input import InputRelay
     from pyvmm.host.terminal import raw_terminal
     from pyvmm.vmm.machine import Machine
@@ -325,6 +337,7 @@ def _run_machine(config: object, timeout: float | None) -> int:
     def write_stdout(data: bytes) -> None:
         os.write(stdout_fd, data)
 
+    setup, config = _confine(config, confinement_flags)  # type: ignore[arg-type]
     relay = None
     console_in = stdin_fd
     if stdin_fd is not None and not interactive:
@@ -336,13 +349,17 @@ def _run_machine(config: object, timeout: float | None) -> int:
             serial_out=write_stdout,
             console_in=console_in,
             console_escape=interactive,
+            thread_setup=setup,
         )
     except BaseException:
         if relay is not None:
             relay.close()
         raise
     if relay is not None:
-        relay.start(on_error=lambda message: logging.getLogger("pyvmm").warning("%s", message))
+        relay.start(
+            on_error=lambda message: logging.getLogger("pyvmm").warning("%s", message),
+            setup=setup,
+        )
 
     try:
         with ExitStack() as stack:
@@ -365,6 +382,21 @@ def _run_machine(config: object, timeout: float | None) -> int:
     else:
         logging.getLogger("pyvmm").info("%s", reason)
     return reason.exit_code
+
+
+def _confine(config: MachineConfig, flags: dict[str, Any]) -> tuple[ThreadSetup, MachineConfig]:
+    """Confine this process as the flags ask (seccomp by default); the threads' setup,
+    and the config as the confined process sees it (paths inside --jail)."""
+    from pyvmm.cli_confinement import confinement
+    from pyvmm.jail.confine import confine
+    from pyvmm.vmm.threads import NO_SETUP
+
+    try:
+        options, config = confinement(flags, config)
+        return confine(options) or NO_SETUP, config
+    except (ConfigError, HostError) as error:
+        _fail(str(error))
+        raise  # not reached: _fail exits
 
 
 @contextmanager

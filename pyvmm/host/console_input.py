@@ -27,10 +27,14 @@ import os
 import select
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pyvmm.devices.legacy.serial import Serial
 from pyvmm.host.events import EventOps
 from pyvmm.host.terminal import EscapeFilter
+
+if TYPE_CHECKING:
+    from pyvmm.vmm.threads import ThreadSetup
 
 _READ_SIZE = 4096
 _CLOSE_WAIT_S = 2.0
@@ -164,11 +168,14 @@ class InputRelay:
         relay._owned += [read_fd, write_fd]
         return relay, read_fd
 
-    def start(self, on_error: Callable[[str], None]) -> None:
-        """Start the relay thread (an ``io`` role thread, see :mod:`pyvmm.vmm.threads`)."""
-        from pyvmm.vmm.threads import ThreadRole, spawn
+    def start(self, on_error: Callable[[str], None], setup: ThreadSetup | None = None) -> None:
+        """Start the relay thread: an ``io`` role thread (see :mod:`pyvmm.vmm.threads`),
+        under ``setup``'s filter when the VM's threads have one."""
+        from pyvmm.vmm.threads import NO_SETUP, ThreadRole, spawn
 
-        self._thread = spawn(ThreadRole.IO, "console-relay", self._run, on_error=on_error)
+        self._thread = spawn(
+            ThreadRole.IO, "console-relay", self._run, on_error=on_error, setup=setup or NO_SETUP
+        )
 
     def close(self) -> None:
         """Stop the thread, wait for it, and close the relay's own fds. Idempotent."""

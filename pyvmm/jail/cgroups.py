@@ -24,6 +24,7 @@ that writes, so it is unit-tested without a cgroup filesystem.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,11 +132,26 @@ def _unique(items: object) -> list[str]:
 
 # --- writing ------------------------------------------------------------------------------
 def apply(cgroup_plan: CgroupPlan, pid: int) -> None:
-    """Carry out ``cgroup_plan`` and move ``pid`` into the cgroup(s)."""
+    """Carry out ``cgroup_plan`` and move ``pid`` into the cgroup(s).
+
+    All or nothing: if a step fails (a file the controller does not have, a
+    value it refuses), the directories made here are removed again.
+    """
+    made: list[Path] = []
+    try:
+        _apply(cgroup_plan, pid, made)
+    except BaseException:
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _apply(cgroup_plan: CgroupPlan, pid: int, made: list[Path]) -> None:
     joining_a_parent = not cgroup_plan.settings
     for cgroup in cgroup_plan.cgroups:
         if not joining_a_parent:  # a parent joined as it is must exist already
-            _make_dirs(cgroup)
+            made.extend(_make_dirs(cgroup))
     for path, value in cgroup_plan.subtree_control:  # root first, once the tree exists
         _write(path, value)
     for cgroup in cgroup_plan.cgroups:
@@ -177,11 +193,14 @@ def _inherit(cgroup: Path, file: str) -> None:
         _write(cgroup / file, value)
 
 
-def _make_dirs(path: Path) -> None:
+def _make_dirs(path: Path) -> list[Path]:
+    """Make ``path`` and its missing parents; the directories made, outermost first."""
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise HostError(f"cannot create cgroup {path}: {error.strerror}") from None
+    return missing
 
 
 def _read(path: Path) -> str:

@@ -26,18 +26,19 @@ gets in-process seccomp only, or runs its VMM as a jailed child process.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from pyvmm.errors import ConfigError
-from pyvmm.jail import cgroups, chroot, system
 from pyvmm.jail.process import drop_privileges, join_netns, open_netns, set_rlimits
-from pyvmm.jail.spec import DEFAULT_NO_FILE, parse_jail_spec
-from pyvmm.jail.thread_setup import SeccompSetup
+from pyvmm.jail.spec import DEFAULT_NO_FILE, JailSpec, parse_jail_spec
+
+if TYPE_CHECKING:
+    from pyvmm.jail.thread_setup import SeccompSetup
 
 
-@dataclass(frozen=True)
-class LandlockPaths:
+class LandlockPaths(NamedTuple):
     """What a Landlock-restricted VMM may still open (see :mod:`pyvmm.jail.landlock`)."""
 
     read_only: tuple[Path, ...] = ()  # kernel, initrd, read-only drives
@@ -45,8 +46,7 @@ class LandlockPaths:
     devices: tuple[Path, ...] = (Path("/dev/kvm"), Path("/dev/net/tun"))
 
 
-@dataclass(frozen=True)
-class Confinement:
+class Confinement(NamedTuple):
     """What ``pyvmm run --jail DIR --uid U --gid G ...`` asks for (see :func:`confine`)."""
 
     jail: Path | None = None  # None: stay in the host's file system
@@ -73,41 +73,27 @@ def confine(options: Confinement) -> SeccompSetup | None:
     Call it before any other thread starts: Landlock and seccomp reach only
     the threads started after them.
     """
-    if (options.uid is None) != (options.gid is None):
-        raise ConfigError("--uid and --gid go together")
-    if options.jail is not None and not options.jail.is_dir():
-        raise ConfigError(f"--jail {str(options.jail)!r} is not a directory")
-    limits = [f"no-file={options.no_file}"]
-    if options.fsize is not None:
-        limits.append(f"fsize={options.fsize}")
-    spec = parse_jail_spec(
-        id=options.vm_id,
-        exec_file="pyvmm-firecracker",  # names the default parent cgroup, as the jailer's
-        uid=str(os.getuid() if options.uid is None else options.uid),
-        gid=str(os.getgid() if options.gid is None else options.gid),
-        netns=options.netns,
-        cgroup_version=str(options.cgroup_version),
-        cgroups=options.cgroups,
-        parent_cgroup=options.parent_cgroup,
-        resource_limits=tuple(limits),
-    )
-    cgroup_plan = cgroups.plan(spec, cgroups.read_mounts())
+    spec = _checked_spec(options)
+    apply_cgroups = _cgroup_step(spec)
     netns_fd = open_netns(spec.netns) if spec.netns is not None else -1
     setup = None
     if options.seccomp:
         from pyvmm.jail.seccomp import FaultPolicy, make_setup
 
         setup = make_setup(options.seccomp_filter, FaultPolicy.EXIT)
-    if options.jail is not None:
+    if options.jail is not None or options.landlock is not None:
+        # Nothing can be imported once the files are out of reach: the VMM imports
+        # its device models when a config needs them (start-up), so all of them now.
         from pyvmm.jail.preload import preload
 
         preload()
     set_rlimits(spec)
-    if cgroup_plan is not None:
-        cgroups.apply(cgroup_plan, os.getpid())
+    apply_cgroups()
     if spec.netns is not None:
         join_netns(netns_fd, spec.netns)
     if options.jail is not None:
+        from pyvmm.jail import chroot, system
+
         system.last_capability()
         chroot.enter(options.jail.resolve())
         chroot.populate(spec.uid, spec.gid)
@@ -123,3 +109,35 @@ def confine(options: Confinement) -> SeccompSetup | None:
 
         setup.enter(ThreadRole.VMM)
     return setup
+
+
+def _checked_spec(options: Confinement) -> JailSpec:
+    """The options as the jailer's spec, every flag checked (ConfigError names the bad one)."""
+    if (options.uid is None) != (options.gid is None):
+        raise ConfigError("--uid and --gid go together")
+    if options.jail is not None and not options.jail.is_dir():
+        raise ConfigError(f"--jail {str(options.jail)!r} is not a directory")
+    limits = [f"no-file={options.no_file}"]
+    if options.fsize is not None:
+        limits.append(f"fsize={options.fsize}")
+    return parse_jail_spec(
+        id=options.vm_id,
+        exec_file="pyvmm-firecracker",  # names the default parent cgroup, as the jailer's
+        uid=str(os.getuid() if options.uid is None else options.uid),
+        gid=str(os.getgid() if options.gid is None else options.gid),
+        netns=options.netns,
+        cgroup_version=str(options.cgroup_version),
+        cgroups=options.cgroups,
+        parent_cgroup=options.parent_cgroup,
+        resource_limits=tuple(limits),
+    )
+
+
+def _cgroup_step(spec: JailSpec) -> Callable[[], None]:
+    """Plan the cgroups now (errors before any change); the returned step joins them."""
+    if not spec.cgroups and spec.parent_cgroup is None:
+        return lambda: None  # no cgroup asked for: not even the mounts are read
+    from pyvmm.jail import cgroups
+
+    plan = cgroups.plan(spec, cgroups.read_mounts())
+    return (lambda: None) if plan is None else (lambda: cgroups.apply(plan, os.getpid()))

@@ -168,6 +168,9 @@ IO_OWN = [
     # repr in a log line asks both ends: found by the Linux vsock e2e test under --enforce.
     *allow("getsockname", "getpeername"),
     *arg_equals("ioctl", 1, {"FIONBIO": FIONBIO}),
+    # pyvmm run's console relay waits on piped stdin, the guest's input pipe and its stop
+    # pipe with select.poll (found by pyvmm run under its default filters).
+    *allow("poll"),
 ]
 
 #: What the API threads need for themselves (once actions run on the vmm thread).

@@ -29,10 +29,9 @@ import json
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pyvmm.errors import ConfigError
 
@@ -53,8 +52,7 @@ class ActionKind(Enum):
     TRACE = "trace"
 
 
-@dataclass(frozen=True)
-class Action:
+class Action(NamedTuple):
     kind: ActionKind
     value: int = 0  # the errno or trace number
 
@@ -69,25 +67,22 @@ class Op(Enum):
     MASKED_EQ = "masked_eq"
 
 
-@dataclass(frozen=True)
-class Condition:
-    """``args[index] <op> value``; ``dword`` looks at the low 32 bits only."""
+class Condition(NamedTuple):
+    """``args[arg_index] <op> value``; ``dword`` looks at the low 32 bits only."""
 
-    index: int
+    arg_index: int
     qword: bool
     op: Op
     value: int
     mask: int = 0  # for MASKED_EQ: (arg & mask) == value
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     syscall: str
     conditions: tuple[Condition, ...] = ()
 
 
-@dataclass(frozen=True)
-class Filter:
+class Filter(NamedTuple):
     default_action: Action
     filter_action: Action
     rules: tuple[Rule, ...]

@@ -115,7 +115,7 @@ def _compare(condition: Condition) -> _ArgCmp:
         first, second = mask, condition.value
     elif op is Op.EQ and not condition.qword:
         op, first, second = Op.MASKED_EQ, _LOW32, condition.value
-    return _ArgCmp(condition.index, _OPS[op], first, second)
+    return _ArgCmp(condition.arg_index, _OPS[op], first, second)
 
 
 def compile_filter(parsed: Filter, where: str) -> bytes:

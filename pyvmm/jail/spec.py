@@ -9,8 +9,9 @@ directory, cgroup or namespace is created for a command that would fail.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import PurePosixPath
+from typing import NamedTuple
 
 from pyvmm.errors import ConfigError
 
@@ -24,8 +25,7 @@ _MAX_ID = 2**32 - 1
 MIN_NO_FILE = 16
 
 
-@dataclass(frozen=True)
-class CgroupSetting:
+class CgroupSetting(NamedTuple):
     """``--cgroup cpu.weight=2``: ``file`` in the controller ``controller``."""
 
     file: str
@@ -36,8 +36,7 @@ class CgroupSetting:
         return self.file.split(".", 1)[0]
 
 
-@dataclass(frozen=True)
-class JailSpec:
+class JailSpec(NamedTuple):
     id: str
     exec_file: str  # as given; resolved by the jailer
     uid: int
@@ -100,7 +99,7 @@ def parse_jail_spec(
             raise ConfigError(
                 f"--parent-cgroup {parent_cgroup!r}: must be a relative path without '.' or '..'"
             )
-    fsize, no_file = _resource_limits(resource_limits)
+    fsize, no_file = parse_resource_limits(resource_limits)
     return JailSpec(
         id=id,
         exec_file=exec_file,
@@ -134,7 +133,8 @@ def _cgroup(text: str) -> CgroupSetting:
     return CgroupSetting(file, value)
 
 
-def _resource_limits(texts: tuple[str, ...]) -> tuple[int | None, int]:
+def parse_resource_limits(texts: tuple[str, ...]) -> tuple[int | None, int]:
+    """``--resource-limit`` values as (RLIMIT_FSIZE or None, RLIMIT_NOFILE); ConfigError if bad."""
     fsize, no_file = None, DEFAULT_NO_FILE
     for text in texts:
         name, sep, value = text.partition("=")

@@ -128,7 +128,7 @@ def test_no_permission_on_dev_kvm(probe_elf: Path) -> None:
     # Import everything first, then become 'nobody', then run the CLI.
     script = (
         "import os, sys, pyvmm.cli, pyvmm.vmm.machine, pyvmm.host.terminal, pyvmm.config;"
-        "import pyvmm.boot.elf;"
+        "import pyvmm.boot.elf, pyvmm.cli_confinement, pyvmm.jail.confine, pyvmm.jail.seccomp;"
         "os.setgroups([]); os.setgid(65534); os.setuid(65534);"
         f"sys.argv = ['pyvmm', 'run', '--kernel', {str(kernel)!r}];"
         "pyvmm.cli.main()"

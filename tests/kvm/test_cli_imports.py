@@ -41,7 +41,10 @@ HEAVY = (
     "pyvmm.serve",
     "pyvmm.firecracker_cli",
     "pyvmm.metrics",
-    "pyvmm.jail",
+    "pyvmm.jail.cgroups",  # seccomp is on by default; the jail's other steps are asked for
+    "pyvmm.jail.chroot",
+    "pyvmm.jail.landlock",
+    "pyvmm.jail.preload",
     "pyvmm.sandbox",
     "pyvmm.microvm",
     "pyvmm.nested.command",

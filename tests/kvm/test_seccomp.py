@@ -154,7 +154,10 @@ def test_the_default_ioctl_numbers_are_the_kernel_headers() -> None:
 def test_rules_per_role_and_what_vcpu_may_not_do(library_setup: SeccompSetup) -> None:
     filters = parse_filters(DEFAULT_FILTERS, "defaults")
     counts = {role: len(f.rules) for role, f in filters.items()}
-    assert counts["vcpu"] < counts["io"] < counts["vmm"] == counts["api"]
+    # The vmm thread does everything (it is the only thread of a VMM before it boots);
+    # the API threads only serve HTTP and hand actions to it.
+    assert counts["vcpu"] < counts["io"] < counts["vmm"]
+    assert counts["api"] < counts["vmm"]
 
     def forbidden() -> dict[str, int]:
         out = {}
