@@ -34,6 +34,7 @@ from pyvmm.config import (
     VsockConfig,
     build_machine_config,
 )
+from pyvmm.errors import ConfigError
 from pyvmm.snapshot.overrides import CloneOverrides
 from pyvmm.vmm.machine import Machine, VmState
 from pyvmm.vmm.stop_reason import StopKind, StopReason
@@ -134,6 +135,17 @@ def _as_bytes_regex(pattern: str | bytes | re.Pattern) -> re.Pattern[bytes]:
     return re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
 
 
+def _with_seccomp(seccomp: bool | str | Path, thread_setup: ThreadSetup) -> ThreadSetup:
+    """The thread setup ``seccomp`` asks for (library mode: a fault stops only that VM)."""
+    if seccomp is False:
+        return thread_setup
+    if thread_setup is not NO_SETUP:
+        raise ConfigError("give seccomp= or thread_setup=, not both")
+    from pyvmm.jail.seccomp import FaultPolicy, make_setup
+
+    return make_setup(None if seccomp is True else seccomp, FaultPolicy.STOP_VM)
+
+
 class MicroVM:
     """One microVM: configure in the constructor, then start / pause / resume / stop.
 
@@ -145,6 +157,12 @@ class MicroVM:
     (``cid=N,uds=PATH`` or a config), ``track_dirty_pages`` (for diff
     snapshots). Bad values raise
     :class:`~pyvmm.errors.ConfigError` with a one-line message.
+
+    ``seccomp=True`` (or the path of a filter file in Firecracker's format)
+    runs the VM's own threads - vCPUs, I/O - under their roles' filters; the
+    caller's threads stay as they are. A denied call fails that thread and
+    stops this VM with a reason naming the call; the process and its other
+    VMs go on. (``thread_setup`` is the general form, for a setup of your own.)
     """
 
     def __init__(
@@ -162,8 +180,10 @@ class MicroVM:
         cpu_template: str = "auto",
         vsock: VsockConfig | str | None = None,
         track_dirty_pages: bool = False,
+        seccomp: bool | str | Path = False,
         thread_setup: ThreadSetup = NO_SETUP,
     ) -> None:
+        thread_setup = _with_seccomp(seccomp, thread_setup)
         if config is None:
             if kernel is None:
                 raise TypeError("MicroVM needs a config or kernel=")

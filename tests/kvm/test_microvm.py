@@ -230,3 +230,37 @@ def test_a_running_drive_gets_a_new_image_and_loses_its_limit(
         vm.console.wait_for("PROBE RESULT: PASS", timeout=30)  # 2000 reads: 100 s if limited
         assert vm.machine.config.drives[0].path == big
         assert vm.machine.config.drives[0].rate_limit is None  # the config follows the PATCH
+
+
+def _seccomp_modes() -> dict[str, int]:
+    """This process's threads: "name/tid" -> seccomp mode (0 none, 2 filter)."""
+    modes = {}
+    for task in Path("/proc/self/task").iterdir():
+        fields = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines())
+        modes[f"{fields['Name']}/{task.name}"] = int(fields["Seccomp"])
+    return modes
+
+
+def test_seccomp_filters_the_vms_threads_and_not_the_callers(probe_elf: Path) -> None:
+    with MicroVM(kernel=probe_elf, cmdline="hello echo", seccomp=True) as vm:
+        vm.start()
+        vm.console.wait_for("hello from probe", timeout=20)
+        modes = _seccomp_modes()
+        vm.console.write("through the filtered threads\nend\n")
+        match = vm.console.wait_for(r"echo: (.*)\r", timeout=20)
+        reason = vm.wait(20)
+    by_name = {key.split("/")[0]: mode for key, mode in modes.items()}
+    assert by_name["vcpu0"] == 2 and by_name["pyvmm-io"] == 2, modes
+    me = f"/{threading.get_native_id()}"
+    caller = next(mode for key, mode in modes.items() if key.endswith(me))
+    assert caller == 0, modes  # the test's own thread: never filtered by a library VM
+    assert match.group(1) == b"through the filtered threads"
+    assert reason is not None and reason.kind is StopKind.RESET
+
+
+def test_seccomp_and_thread_setup_exclude_each_other(probe_elf: Path) -> None:
+    from pyvmm.jail.seccomp import FaultPolicy, make_setup
+
+    setup = make_setup(None, FaultPolicy.STOP_VM)
+    with pytest.raises(ConfigError, match="seccomp= or thread_setup=, not both"):
+        MicroVM(kernel=probe_elf, seccomp=True, thread_setup=setup)
