@@ -18,6 +18,7 @@ virtio device's counters and the latencies of pause, resume and snapshots.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,7 @@ class MachineController:
         self.machine: Machine | None = None
         self.metrics: MetricsWriter | None = None
         self._latencies_us: dict[str, int] = {}
+        self._log_handler: logging.Handler | None = None
         self._version = vmm_version()
 
     # --- state ------------------------------------------------------------------------
@@ -122,7 +124,7 @@ class MachineController:
         to_vm_resources(machine.config, resources)  # GET /vm/config shows what was restored
 
     def configure_logger(self, config: Logger) -> None:
-        configure_logging(
+        self._log_handler = configure_logging(
             self.instance_id,
             config.log_path,
             config.level or "Info",
@@ -216,6 +218,9 @@ class MachineController:
         if machine is not None:
             data.update(machine_metrics(machine))
         data["latencies_us"] = dict(self._latencies_us)
+        sink = getattr(self._log_handler, "stream", None)
+        if sink is not None and hasattr(sink, "missed"):  # lines a full log FIFO dropped
+            data["logger"] = {"missed_log_count": sink.missed}
         return data
 
 

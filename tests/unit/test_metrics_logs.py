@@ -141,3 +141,18 @@ def test_module_filter_and_level(tmp_path: Path) -> None:
 def test_bad_log_level() -> None:
     with pytest.raises(ConfigError, match="log level 'loud' is not one of Error, Warning"):
         parse_level("loud")
+
+
+def test_a_log_fifo_without_reader_never_blocks_the_vmm(tmp_path: Path) -> None:
+    """Kata opens its log FIFO for reading first; a FIFO nobody reads must not hang the VMM."""
+    fifo = tmp_path / "logs.fifo"
+    os.mkfifo(fifo)
+    handler = configure_logging("vm-1", fifo, "Info")
+    try:
+        log = logging.getLogger("pyvmm.test")
+        for index in range(5000):  # far more than a pipe holds
+            log.info("line %d %s", index, "x" * 100)
+        assert handler.stream.missed > 0
+    finally:
+        logging.getLogger("pyvmm").removeHandler(handler)
+        handler.close()
