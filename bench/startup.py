@@ -5,7 +5,12 @@ Figures (medians; each pyvmm run is paired with a QEMU run right after it):
 
 * ``cold_start``: spawn -> a 20-instruction PVH guest (``bench/guest/tiny.S``)
   prints 4 bytes and ends its VMM -> process exit: wall time and peak RSS
-  (the kernel's accounting of the finished process, ``wait4``);
+  (the kernel's accounting of the finished process, ``wait4``, taken by a
+  tiny C launcher: a process spawned from this Python process would start
+  with this process's RSS as its peak, since exec keeps the largest RSS the
+  task had, and even ``/bin/true`` would show ~20 MiB); also through
+  the fork server (``pyvmm forkserver``, already up; ``PYVMM_FORKSERVER`` set):
+  the client's spawn -> exit, and the client's own peak RSS;
 * ``api``: spawn -> the API socket exists, and -> it answers (``GET /`` for
   ``pyvmm-firecracker``, the QMP greeting for QEMU), next to the floor: a bare
   ``python -c`` from the same interpreter that binds and listens on a Unix socket;
@@ -14,8 +19,10 @@ Figures (medians; each pyvmm run is paired with a QEMU run right after it):
 * ``idle_pss``: one idle VM (the tiny guest, halted, 64 MiB), proportional set
   size of the VMM process, and that minus the guest RAM it touched;
 * ``density``: N idle VMs (10, 30, 60; ``--quick``: 10) as N processes of each
-  VMM, and as N ``MicroVM`` objects in one pyvmm process: VMs started per
-  second, total PSS and PSS per extra VM.
+  VMM, as N ``MicroVM`` objects in one pyvmm process, and as N ``pyvmm run``
+  through the fork server: VMs started per second, total PSS and PSS per
+  (extra) VM; for the fork server, the VM processes plus the server's PSS
+  counted once, and apart from that the N waiting clients' PSS.
 
 Run from the repository root: ``python3 bench/startup.py [--quick]``; prints a
 table and writes ``bench/results/startup.json``. Needs /dev/kvm, gcc and
@@ -35,7 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -85,18 +93,51 @@ def pyvmm_run(kernel: Path) -> list[str]:
     return [*entry_point("pyvmm"), "run", "--kernel", str(kernel), "--memory", str(MEM_MIB)]
 
 
-def run_to_exit(argv: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of a process run to its end."""
+#: Forks, execs its arguments, waits, and writes "<wait status> <peak RSS KiB>" to fd argv[1].
+PEAK_RSS_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int out = atoi(argv[1]), status;
+    struct rusage usage;
+    pid_t pid = fork();
+    if (pid == 0) { close(out); execvp(argv[2], argv + 2); _exit(127); }
+    if (pid < 0 || wait4(pid, &status, 0, &usage) < 0) return 1;
+    dprintf(out, "%d %ld\n", status, usage.ru_maxrss);
+    return 0;
+}
+"""
+
+
+def build_peak_launcher(work: Path) -> Path:
+    source, binary = work / "peak.c", work / "peak"
+    source.write_text(PEAK_RSS_C)
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+def run_to_exit(
+    launcher: Path, argv: list[str], env: dict[str, str] | None = None
+) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of a process run to its end (see ``cold_start``)."""
+    read_end, write_end = os.pipe()
     start = time.perf_counter()
     process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    _, status, usage = os.wait4(process.pid, 0)
+        [str(launcher), str(write_end), *argv], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, pass_fds=(write_end,),
+    )  # fmt: skip
+    os.close(write_end)
+    process.wait()
     wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode not in (0, 99):  # 99: QEMU's isa-debug-exit with the guest's 0x31
-        raise RuntimeError(f"{argv[0]} exited with {process.returncode}")
-    return wall, usage.ru_maxrss / 1024
+    with os.fdopen(read_end) as report:
+        status, peak_kib = (int(word) for word in report.read().split())
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 99):  # 99: QEMU's isa-debug-exit with the guest's 0x31
+        raise RuntimeError(f"{argv[0]} exited with {code}")
+    return wall, peak_kib / 1024
 
 
 def pss_kib(pid: int) -> int:
@@ -119,6 +160,36 @@ def guest_ram_rss_kib(pid: int, mem_mib: int) -> int:
     return total
 
 
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (the fork server's VM processes)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@contextmanager
+def fork_server(work: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """A ``pyvmm forkserver`` for the run; its pid and the environment that uses it."""
+    path, log = work / "forkserver.sock", work / "forkserver.log"
+    process = subprocess.Popen(
+        [*entry_point("pyvmm"), "forkserver", "--socket", str(path)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+    )  # fmt: skip
+    try:
+        wait_for(lambda: b"listening on" in log.read_bytes(), timeout=120, step=0.01)
+        yield process.pid, {**os.environ, "PYVMM_FORKSERVER": str(path)}
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, step: float = 0.0002) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -130,15 +201,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, step: float =
 # --- figures ------------------------------------------------------------------------------
 
 
-def cold_start(tiny: Path, rounds: int) -> dict[str, dict[str, float]]:
+def cold_start(
+    tiny: Path, rounds: int, server_env: dict[str, str], launcher: Path
+) -> dict[str, dict[str, float]]:
     pyvmm = pyvmm_run(tiny)
     qemu = [*QEMU_BASE, "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", str(tiny)]
-    runs: dict[str, list[tuple[float, float]]] = {"pyvmm": [], "qemu": []}
-    run_to_exit(pyvmm)  # warm-up: page cache, .pyc files
+    runs: dict[str, list[tuple[float, float]]] = {"pyvmm": [], "pyvmm_forkserver": [], "qemu": []}
+    run_to_exit(launcher, pyvmm)  # warm-up: page cache, .pyc files
+    run_to_exit(launcher, pyvmm, server_env)
     for _ in range(rounds):
-        runs["pyvmm"].append(run_to_exit(pyvmm))
+        runs["pyvmm"].append(run_to_exit(launcher, pyvmm))
+        runs["pyvmm_forkserver"].append(run_to_exit(launcher, pyvmm, server_env))
         if shutil.which(QEMU):
-            runs["qemu"].append(run_to_exit(qemu))
+            runs["qemu"].append(run_to_exit(launcher, qemu))
     return {
         name: {
             "wall_ms": statistics.median(w for w, _ in samples) * 1e3,
@@ -259,9 +334,9 @@ def instance_start(tiny_idle: Path, rounds: int, work: Path) -> dict[str, dict[s
     }
 
 
-def spawn_idle(argv: list[str], out: Path) -> subprocess.Popen:
+def spawn_idle(argv: list[str], out: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=out.open("wb"), stderr=subprocess.DEVNULL
+        argv, stdin=subprocess.DEVNULL, stdout=out.open("wb"), stderr=subprocess.DEVNULL, env=env
     )
     wait_for(lambda: out.exists() and b"pyvm" in out.read_bytes(), step=0.002)
     return process
@@ -300,8 +375,11 @@ sys.stdin.read()
 """
 
 
-def density(tiny_idle: Path, counts: list[int], work: Path) -> dict[str, dict[str, dict]]:
-    """N idle VMs at once: as N processes of each VMM, and as N MicroVMs in one process."""
+def density(
+    tiny_idle: Path, counts: list[int], work: Path, server: tuple[int, dict[str, str]]
+) -> dict[str, dict[str, dict]]:
+    """N idle VMs at once: as N processes of each VMM, as N MicroVMs in one process, and
+    through the fork server."""
     results: dict[str, dict[str, dict]] = {}
     commands = {"pyvmm": pyvmm_run(tiny_idle)}
     if shutil.which(QEMU):
@@ -327,8 +405,39 @@ def density(tiny_idle: Path, counts: list[int], work: Path) -> dict[str, dict[st
                 "pss_per_vm_mib": pss / count,
             }
         row["pyvmm_one_process"] = one_process(tiny_idle, count)
+        row["pyvmm_forkserver"] = through_fork_server(tiny_idle, count, work, server)
         results[str(count)] = row
     return results
+
+
+def through_fork_server(
+    tiny_idle: Path, count: int, work: Path, server: tuple[int, dict[str, str]]
+) -> dict[str, float]:
+    """``count`` ``pyvmm run`` clients of the fork server: start rate; the VM processes'
+    PSS plus the server's (once), per VM; and the waiting clients' PSS, per VM."""
+    server_pid, env = server
+    clients = []
+    start = time.perf_counter()
+    try:
+        for index in range(count):
+            clients.append(spawn_idle(pyvmm_run(tiny_idle), work / f"fs-{index}.out", env))
+        elapsed = time.perf_counter() - start
+        vms = children_of(server_pid)
+        if len(vms) != count:
+            raise RuntimeError(f"the fork server runs {len(vms)} VM processes, not {count}")
+        vm_pss = (sum(pss_kib(pid) for pid in vms) + pss_kib(server_pid)) / 1024
+        client_pss = sum(pss_kib(p.pid) for p in clients) / 1024
+    finally:
+        for client in clients:
+            client.terminate()
+        for client in clients:
+            client.wait(30)
+    return {
+        "vms_per_s": count / elapsed,
+        "total_pss_mib": vm_pss,
+        "pss_per_vm_mib": vm_pss / count,
+        "client_pss_per_vm_mib": client_pss / count,
+    }
 
 
 def one_process(tiny_idle: Path, count: int) -> dict[str, float]:
@@ -374,6 +483,10 @@ def print_table(results: dict) -> None:
     for key, label in (("wall_ms", "tiny guest spawn -> exit (ms)"),
                        ("peak_rss_mib", "tiny guest peak RSS (MiB)")):  # fmt: skip
         row(label, cold["pyvmm"][key], cold.get("qemu", {}).get(key))
+    served = cold["pyvmm_forkserver"]
+    row("  through the fork server: spawn -> exit (ms)", served["wall_ms"],
+        cold.get("qemu", {}).get("wall_ms"))  # fmt: skip
+    row("  through the fork server: client peak RSS (MiB)", served["peak_rss_mib"], None)
     api = results["api"]
     floor = api["floor"]
     label = "  floor: python -c binding a Unix socket (ms)"
@@ -397,6 +510,12 @@ def print_table(results: dict) -> None:
         row(f"{count} MicroVMs in one process: VMs started/s", inproc["vms_per_s"], None)
         row(f"{count} MicroVMs in one process: MiB per extra VM",
             inproc["pss_per_extra_vm_mib"], None)  # fmt: skip
+        served = row_data["pyvmm_forkserver"]
+        row(f"{count} VMs through the fork server: VMs started/s", served["vms_per_s"],
+            theirs.get("vms_per_s"))  # fmt: skip
+        row(f"{count} VMs through the fork server: PSS per VM (MiB)", served["pss_per_vm_mib"],
+            theirs.get("pss_per_vm_mib"))  # fmt: skip
+        row("  + each waiting client's PSS (MiB)", served["client_pss_per_vm_mib"], None)
 
 
 def main() -> None:
@@ -408,13 +527,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pyvmm-startup-") as tmp:
         work = Path(tmp)
         tiny, idle = build_tiny(work, stay=False), build_tiny(work, stay=True)
-        results = {
-            "cold_start": cold_start(tiny, rounds),
-            "api": api_ready(idle, rounds, work),
-            "instance_start": instance_start(idle, rounds, work),
-            "idle_pss": idle_pss(idle, work),
-            "density": density(idle, counts, work),
-        }
+        with fork_server(work) as server:
+            results = {
+                "cold_start": cold_start(tiny, rounds, server[1], build_peak_launcher(work)),
+                "api": api_ready(idle, rounds, work),
+                "instance_start": instance_start(idle, rounds, work),
+                "idle_pss": idle_pss(idle, work),
+                "density": density(idle, counts, work, server),
+            }
     print_table(results)
     write_report(
         Path(__file__).parent / "results" / "startup.json",

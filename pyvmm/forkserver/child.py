@@ -118,7 +118,14 @@ def _enter_client_context(request: Request) -> None:
     os.environ.update(request.env)
     tempfile.tempdir = None  # computed again from the client's TMPDIR
     sys.argv = [request.prog, *request.argv]
-    os.chdir(request.cwd)
+    try:
+        os.chdir(request.cwd)
+    except OSError as error:
+        sys.stderr.write(
+            f"pyvmm: error: cannot enter the working directory {request.cwd!r}: {error.strerror}\n"
+        )
+        sys.stderr.flush()
+        os._exit(EXIT_USAGE)
 
 
 def _run(request: Request) -> int:

@@ -30,6 +30,8 @@ from pyvmm.forkserver.protocol import (
 REQUEST_TIMEOUT = 10.0
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _RECV_BYTES = 16 * 1024
+#: At most this many reads of leftover input before closing (a request is at most 64 KiB).
+_DRAIN_READS = 8
 #: Room for exactly three fds (CMSG_LEN, not CMSG_SPACE: the padding would fit a fourth),
 #: so a fourth sets MSG_CTRUNC and the kernel closes the ones that did not fit.
 _ANCILLARY_BYTES = socket.CMSG_LEN(len(STANDARD_FDS) * array.array("i").itemsize)
@@ -52,6 +54,7 @@ class Child:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
+        self.started = time.monotonic()
         #: When a SIGKILL follows the SIGTERM sent to it (client gone, server stopping).
         self.kill_at: float | None = None
 
@@ -140,6 +143,17 @@ class Connection:
                 os.close(fd)
 
     def close(self) -> None:
+        """Close, after reading what the client already sent: a Unix socket closed with
+        unread input makes the peer's next read fail with ECONNRESET, and the client
+        would lose the error line it was just sent."""
+        with contextlib.suppress(OSError):
+            for _ in range(_DRAIN_READS):
+                data, ancillary, _, _ = self.sock.recvmsg(
+                    _RECV_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC
+                )
+                self.fds.extend(_fds_in(ancillary))
+                if not data:
+                    break
         self.release_fds()
         self.sock.close()
 

@@ -127,6 +127,7 @@ class ForkServer:
         self._waiters: dict[int, Connection] = {}  # pidfd -> the client still waiting
         self._signals: list[int] = []
         self._stopping = False
+        self._accept_paused = False
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self._fd_budget = max(_FDS_PER_CLIENT, soft - 32)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -169,7 +170,8 @@ class ForkServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:  # out of fds or memory: the clients wait in the backlog
-                log.warning("cannot accept a client: %s", error.strerror)
+                log.warning("cannot accept a client (%s): waiting for one to end", error.strerror)
+                self._pause_accepting()
                 return
             client = Connection(sock)
             uid = peer_uid(sock)
@@ -194,6 +196,19 @@ class ForkServer:
                     client.child.signal(parse_signal(message))
         except ProtocolError as error:
             self._refuse(client, str(error))
+        except OSError as error:  # the host's limits (fds, processes, memory): this client only
+            self._refuse(client, f"cannot serve the request: {error}")
+
+    def _pause_accepting(self) -> None:
+        """Stop watching the listener (it stays readable: polling it would spin)."""
+        if not self._accept_paused and not self._stopping:
+            self._poll.unregister(self._listener.fileno())
+            self._accept_paused = True
+
+    def _resume_accepting(self) -> None:
+        if self._accept_paused and not self._stopping:
+            self._poll.register(self._listener.fileno(), _POLL_IN)
+            self._accept_paused = False
 
     def _start(self, client: Connection, request: Request) -> None:
         """Fork the VM process for ``request``; the client gets its pid."""
@@ -212,7 +227,12 @@ class ForkServer:
             return
         if pid == 0:
             become_vm_process(request, client.fds, self._pid)  # never returns
-        child = Child(pid)
+        try:
+            child = Child(pid)
+        except OSError:  # no pidfd (out of fds): the unreaped pid is still ours to kill
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
         client.release_fds()
         client.child = child
         self._children[child.pidfd] = child
@@ -229,7 +249,10 @@ class ForkServer:
         del self._children[child.pidfd]
         child.close()
         client = self._waiters.pop(child.pidfd, None)
-        log.debug("VM process %d ended: %d", child.pid, status)
+        log.debug(
+            "VM process %d ended after %.3f s: %s", child.pid, time.monotonic() - child.started,
+            f"exit {status}" if status >= 0 else signal.Signals(-status).name,
+        )  # fmt: skip
         if client is not None:
             client.reply({"exit": status} if status >= 0 else {"killed": -status})
             self._drop(client)
@@ -249,6 +272,7 @@ class ForkServer:
         """Forget ``client``: a VM process still running for it is stopped."""
         if self._clients.pop(client.fileno(), None) is not None:
             self._poll.unregister(client.fileno())
+            self._resume_accepting()
         child = client.child
         if child is not None and self._waiters.pop(child.pidfd, None) is not None:
             child.terminate(self._grace)
@@ -268,10 +292,11 @@ class ForkServer:
                 for child in self._children.values():
                     child.signal(signal.SIGKILL)
                 continue
-            self._stopping = True
             log.info("%s: stopping (%d VM processes running)", signal.Signals(signum).name,
                      len(self._children))  # fmt: skip
-            self._poll.unregister(self._listener.fileno())
+            if not self._accept_paused:
+                self._poll.unregister(self._listener.fileno())
+            self._stopping = True
             self._listener.close()
             for client in list(self._clients.values()):
                 if client.child is None:

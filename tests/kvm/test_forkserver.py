@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import pty
+import resource
 import select
 import shutil
 import signal
@@ -49,15 +50,22 @@ PYVMM = [sys.executable, "-m", "pyvmm"]
 class Server:
     """A ``pyvmm forkserver`` process serving ``directory/fs.sock``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_fds: int | None = None) -> None:
         self.path = directory / "fs.sock"
         self.log = directory / "server.log"
+
+        def limit_fds() -> None:
+            if max_fds is not None:
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, hard))
+
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [*PYVMM, "forkserver", "--socket", str(self.path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                preexec_fn=limit_fds,
             )
         deadline = time.monotonic() + 120
         while b"listening on" not in self.log.read_bytes():
@@ -576,3 +584,38 @@ def test_a_silent_client_is_dropped_after_10_s(server: Server, probe_elf: Path) 
         reply = silent.recv(4096)
         assert 9 < time.monotonic() - start_time < 20
         assert b"no whole request within 10 s" in reply
+
+
+def test_a_full_server_says_busy_and_serves_again(tmp_path: Path, probe_elf: Path) -> None:
+    """With 40 fds the server budgets for two waiting clients: a third is told, not hung."""
+    own = Server(tmp_path, max_fds=40)
+    try:
+        waiting = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+        for sock in waiting:
+            sock.connect(str(own.path))
+        replies = ask(own.path, a_request())
+        assert len(replies) == 1 and "busy" in str(parse_reply(replies[0]).value)
+        for sock in waiting:
+            sock.close()
+        time.sleep(0.5)
+        result = pyvmm(own, "run", "--kernel", str(probe_elf), "--cmdline", "hello")
+        assert result.returncode == 0, result.stderr
+    finally:
+        assert own.stop() == 0
+
+
+def test_a_working_directory_that_is_gone_is_one_line(server: Server) -> None:
+    read_end, write_end = os.pipe()
+    with open(os.devnull, "rb") as null:
+        request = request_frame(
+            Request(("run", "--help"), "pyvmm", "/no/such/dir", 0o22, {}, (0, 1, 2))
+        )
+        replies = ask(server.path, request, [null.fileno(), null.fileno(), write_end])
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as err:
+        assert (
+            err.read() == b"pyvmm: error: cannot enter the working directory '/no/such/dir': "
+            b"No such file or directory\n"
+        )
+    assert [parse_reply(r).kind for r in replies] == ["pid", "exit"]
+    assert parse_reply(replies[1]).value == 2
