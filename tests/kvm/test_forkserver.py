@@ -317,6 +317,38 @@ def test_the_vm_process_is_a_fresh_session_with_no_server_fds(
         process.wait(30)
 
 
+def thread_confinement(pid: int) -> list[tuple[str, str]]:
+    """(thread name, seccomp mode) of every thread of ``pid``."""
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines()
+        fields = dict(line.split(":\t", 1) for line in status if ":\t" in line)
+        found.append((fields["Name"], fields["Seccomp"]))
+    return sorted(found)
+
+
+def test_the_vm_process_confines_its_threads_as_a_direct_run(
+    server: Server, probe_elf: Path
+) -> None:
+    """Each thread of a VM process has the same seccomp mode as in a direct ``pyvmm run``:
+    the server adds no filter of its own, the VM process installs the run's."""
+    seen = {}
+    for name, via in (("direct", None), ("relayed", server)):
+        before = server.children()
+        process = start(via, *echo_args(probe_elf))
+        try:
+            wait_for_output(process, b"probe: cmdline 'echo'")
+            (pid,) = (server.children() - before) if via else (process.pid,)
+            seen[name] = thread_confinement(pid)
+        finally:
+            process.kill()
+            process.wait(30)
+    assert seen["relayed"] == seen["direct"]
+    assert len(seen["direct"]) >= 3  # main, vCPU, I/O (and the stdin relay)
+    ((_, server_mode),) = thread_confinement(server.process.pid)  # one thread, unfiltered
+    assert server_mode == "0"
+
+
 def test_a_killed_client_s_vm_process_is_stopped(server: Server, probe_elf: Path) -> None:
     before = server.children()
     process = start(server, *echo_args(probe_elf))
