@@ -40,6 +40,7 @@ class Vmm:
     """A ``pyvmm-firecracker`` process and a keep-alive API connection to it."""
 
     def __init__(self, tmp_path: Path, *args: str) -> None:
+        """Runs in ``tmp_path``: relative paths a request names (logs, metrics) land there."""
         self.sock = tmp_path / "api.sock"
         self.out = tmp_path / "serial.out"
         self.process = subprocess.Popen(
@@ -48,6 +49,7 @@ class Vmm:
             stdin=subprocess.DEVNULL,
             stdout=self.out.open("wb"),
             stderr=subprocess.PIPE,
+            cwd=tmp_path,
         )  # fmt: skip
         deadline = time.monotonic() + 20
         while not self._listening():  # a stale socket file may be there before ours
