@@ -138,9 +138,17 @@ def apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeApt:
     return FakeApt(tmp_path, monkeypatch)
 
 
-def test_fetch_kernel_prefers_unsigned_and_caches(apt: FakeApt, tmp_path: Path) -> None:
+def test_fetch_kernel_prefers_unsigned_and_caches(
+    apt: FakeApt, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYVMM_PROGRESS", raising=False)
     cache = tmp_path / "cache"
     pkg = fetch_kernel("cloud", cache)
+    # Not a terminal: one line per slow step (the size comes from --print-uris).
+    assert capsys.readouterr().err.splitlines() == [
+        "pyvmm: downloading linux-image-6.1.0-42-cloud-amd64-unsigned (1 kB)...",
+        "pyvmm: unpacking linux-image-6.1.0-42-cloud-amd64-unsigned...",
+    ]
     assert pkg.package == "linux-image-6.1.0-42-cloud-amd64-unsigned"
     assert pkg.version == "6.1.0-42-cloud-amd64"
     assert pkg.deb_version == "9.9-42"
@@ -167,6 +175,7 @@ def test_fetch_kernel_prefers_unsigned_and_caches(apt: FakeApt, tmp_path: Path) 
     calls = len(apt.calls())
     assert fetch_kernel("cloud", cache) == pkg
     assert len(apt.calls()) == calls  # cached: no apt call at all
+    assert capsys.readouterr().err == ""  # and no progress line
 
 
 def test_generic_flavor(apt: FakeApt, tmp_path: Path) -> None:

@@ -19,14 +19,16 @@ from pyvmm.nested import host
 host.prepare_l1_images = lambda cache_dir=None: ({tmp!r} + "/k", {tmp!r} + "/i")
 tempfile.tempdir = {tmp!r}
 from pyvmm.cli import main
-main(["nested", "--", *sys.argv[1:]])
+main(["nested", *sys.argv[1:]])
 """
 
 
-def start(tmp: Path, *command: str, plan: str = "ok") -> subprocess.Popen[str]:
+def start(
+    tmp: Path, *command: str, options: tuple[str, ...] = (), plan: str = "ok"
+) -> subprocess.Popen[str]:
     env = {**os.environ, "FAKE_QEMU_PLAN": plan, "PYVMM_PROGRESS": "0"}
     return subprocess.Popen(
-        [sys.executable, "-c", DRIVER.format(tmp=str(tmp)), *command],
+        [sys.executable, "-c", DRIVER.format(tmp=str(tmp)), *options, "--", *command],
         env=env,
         cwd=tmp,
         stdout=subprocess.PIPE,
@@ -63,4 +65,12 @@ def test_a_signal_during_the_boot_removes_the_files_too(fake_l1: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
+    assert work_dirs(fake_l1) == []
+
+
+def test_a_command_past_its_timeout_is_killed_and_nothing_is_left(fake_l1: Path) -> None:
+    proc = start(fake_l1, "sleep", "60", options=("--timeout", "1"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 124, err
+    assert "did not finish within 1 s" in err
     assert work_dirs(fake_l1) == []
