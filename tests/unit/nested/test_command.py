@@ -37,7 +37,7 @@ def start(
     )
 
 
-def wait_for(condition, timeout: float = 30) -> None:
+def wait_for(condition, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -52,7 +52,7 @@ def test_a_signal_during_a_command_stops_l1_and_removes_its_files(
     proc = start(fake_l1, "sh", "-c", f"touch {marker}; sleep 60")
     wait_for(marker.exists)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err
     assert f"received {sig.name}; the nested host was shut down" in err
     assert "Traceback" not in err
@@ -63,14 +63,14 @@ def test_a_signal_during_the_boot_removes_the_files_too(fake_l1: Path) -> None:
     proc = start(fake_l1, "true", plan="stall")
     wait_for(lambda: any((d / "console.log").exists() for d in work_dirs(fake_l1)))
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert work_dirs(fake_l1) == []
 
 
 def test_a_command_past_its_timeout_is_killed_and_nothing_is_left(fake_l1: Path) -> None:
     proc = start(fake_l1, "sleep", "60", options=("--timeout", "1"))
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 124, err
     assert "did not finish within 1 s" in err
     assert work_dirs(fake_l1) == []
