@@ -93,6 +93,10 @@ class SeccompSetup:
     def program(self, role: ThreadRole) -> bytes:
         return self._programs[role.value]
 
+    def failure_note(self) -> str | None:
+        """The call this thread's filter denied, if any (library mode: the call failed)."""
+        return faults.fault_note()
+
     def enter(self, role: ThreadRole) -> None:
         thread = threading.current_thread()
         if thread is not threading.main_thread():  # the main thread's name is the process's

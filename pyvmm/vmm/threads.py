@@ -43,11 +43,18 @@ class ThreadSetup(Protocol):
 
     def enter(self, role: ThreadRole) -> None: ...
 
+    def failure_note(self) -> str | None:
+        """Why this thread's last call failed, if the setup knows (a denied syscall)."""
+        ...
+
 
 class NoSetup:
     """Threads run as they are started (library use without confinement, tests)."""
 
     def enter(self, role: ThreadRole) -> None:
+        return None
+
+    def failure_note(self) -> str | None:
         return None
 
 
@@ -83,7 +90,9 @@ def spawn(
             target()
         except BaseException as error:
             log.exception("thread %s (%s) failed", name, role.value)
-            on_error(describe_failure(name, role, error))
+            message = describe_failure(name, role, error)
+            note = setup.failure_note()  # e.g. the system call a filter denied
+            on_error(f"{message} ({note})" if note else message)
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     if start:

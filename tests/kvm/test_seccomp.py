@@ -190,6 +190,7 @@ def test_library_mode_a_denied_call_fails_only_that_thread(library_setup: Seccom
     thread.join(10)
     assert len(errors) == 1 and "PermissionError" in errors[0], errors
     assert "thread 'vcpu-lib' (vcpu) failed" in errors[0]
+    assert errors[0].endswith("made a denied system call 257 (openat))"), errors  # the reason
     assert seccomp_mode() == 0  # this (the caller's) thread
     assert os.open("/etc/hostname", os.O_RDONLY) >= 0  # and the caller still can
     notes = [note for note in faults._state.notes.values() if "'vcpu-lib'" in note]
