@@ -177,14 +177,17 @@ class CacheEntry:
         """Where the memory file holds data (None if the entry does not say)."""
         path = self.path / EXTENTS_FILE
         try:
-            with open(path, "rb") as f:
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                    raise SnapshotError(f"{path} is not a regular file")
-                raw = f.read(MAX_EXTENTS_BYTES + 1)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise SnapshotError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SnapshotError(f"{path} is not a regular file")
+            raw = _read_up_to(fd, MAX_EXTENTS_BYTES + 1)
+        finally:
+            os.close(fd)
         if len(raw) > MAX_EXTENTS_BYTES:
             raise SnapshotError(f"{path} is larger than {MAX_EXTENTS_BYTES} bytes")
         try:
@@ -420,7 +423,7 @@ def read_entry(path: Path) -> CacheEntry:
     """The entry (or :meth:`Sandbox.snapshot` directory) at ``path``, its meta checked."""
     meta_path = Path(path) / META_FILE
     try:
-        fd = os.open(meta_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(meta_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise SnapshotError(
             f"{path} is not a sandbox snapshot: cannot read {META_FILE}: {exc.strerror}"
@@ -429,10 +432,20 @@ def read_entry(path: Path) -> CacheEntry:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_META_BYTES:
             raise SnapshotError(f"{meta_path} is not a small regular file")
-        text = os.read(fd, MAX_META_BYTES + 1).decode("utf-8", "replace")
+        text = _read_up_to(fd, MAX_META_BYTES + 1).decode("utf-8", "replace")
     finally:
         os.close(fd)
     return CacheEntry(Path(path), EntryMeta.from_json(text, str(meta_path)))
+
+
+def _read_up_to(fd: int, limit: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < limit:
+        data = os.read(fd, limit - len(chunks))
+        if not data:
+            break
+        chunks += data
+    return bytes(chunks)
 
 
 def _make_dir(path: Path) -> None:

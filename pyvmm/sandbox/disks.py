@@ -59,7 +59,7 @@ def clone_file(
     """
     tmp = dest.with_name(f".tmp-{dest.name}")
     try:
-        src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # FIFOs: no hang
     except OSError as exc:
         raise ConfigError(f"cannot open drive image {source}: {exc.strerror}") from None
     try:

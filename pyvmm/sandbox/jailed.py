@@ -51,6 +51,7 @@ from pathlib import Path
 
 from pyvmm.config import MachineConfig
 from pyvmm.errors import HostError
+from pyvmm.jail.cgroups import CgroupMounts
 from pyvmm.sandbox.api_client import ApiClient
 from pyvmm.sandbox.cache import CacheEntry
 from pyvmm.sandbox.config import SandboxConfig
@@ -85,14 +86,14 @@ def sandbox_uid() -> int:
     return UID_BASE + secrets.randbelow(UID_SPAN)
 
 
-def cgroup_flags(config: SandboxConfig) -> list[str]:
+def cgroup_flags(config: SandboxConfig, mounts: CgroupMounts | None = None) -> list[str]:
     """The jailer's ``--cgroup-version`` and ``--cgroup`` flags for ``config``'s limits
     (none where this host has no usable cgroup controllers)."""
     from pyvmm.jail.cgroups import read_mounts
 
     quota = int((config.vcpus + 0.25) * CPU_PERIOD_US)
     memory = config.mem_size + VMM_OVERHEAD
-    mounts = read_mounts()
+    mounts = mounts if mounts is not None else read_mounts()
     if mounts.v2 is not None and _v2_controllers(mounts.v2) >= {"cpu", "memory", "pids"}:
         values = [
             f"cpu.max={quota} {CPU_PERIOD_US}",
