@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import socket
 import stat
 from pathlib import Path
 
 from pyvmm.errors import ConfigError, HostError
-
-log = logging.getLogger(__name__)
 
 #: sockaddr_un.sun_path is 108 bytes, NUL included.
 MAX_UDS_PATH_BYTES = 107
@@ -55,7 +52,11 @@ def check_socket_path(path: str | os.PathLike[str], what: str) -> Path:
         raise ConfigError(f"{what} {shown!r} is in use: another process listens on it")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(result)
-    log.warning("removed the stale socket %s (nobody listened on it)", result)
+    import logging  # here: pyvmm-firecracker binds its API socket before importing logging
+
+    logging.getLogger(__name__).warning(
+        "removed the stale socket %s (nobody listened on it)", result
+    )
     return result
 
 
