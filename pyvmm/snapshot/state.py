@@ -52,6 +52,7 @@ _HEADER = struct.Struct("<8sII32sQ")
 HEADER_SIZE = _HEADER.size
 _SNAPSHOT_ID = re.compile(r"[0-9a-f]{32}")
 
+
 @dataclass(frozen=True)
 class VcpuState:
     """One vCPU as KVM reports it; the struct blobs go back to KVM unread."""
