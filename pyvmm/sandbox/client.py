@@ -457,7 +457,6 @@ class AgentClient:
 
         ``stdin`` is fed to the command while it runs and the send queue is short.
         """
-        sock = self._sock
         while True:
             event = self._conn.next_event()
             if isinstance(event, Closed):
@@ -470,35 +469,45 @@ class AgentClient:
             self._out += self._conn.data_to_send()
             if drain_to is not None and len(self._out) <= drain_to:
                 return None
-            feeding = (
-                stdin is not None
-                and not stdin.done
-                and self._conn.state in (State.EXEC_STARTING, State.EXEC_RUNNING)
-                and len(self._out) < _SEND_HIGH_WATER
-            )
-            if feeding and stdin.fd is None:
-                self._conn.send_stdin(stdin.read())
+            feeding = self._feeding(stdin)
+            if feeding and stdin.fd is None:  # type: ignore[union-attr]
+                self._conn.send_stdin(stdin.read())  # type: ignore[union-attr]
                 continue
-            self._poll.register(sock, select.POLLIN | (select.POLLOUT if self._out else 0))
-            if feeding:
-                self._poll.register(stdin.fd, select.POLLIN)
-            try:
-                ready = dict(self._poll.poll(_poll_ms(deadline)))
-            finally:
-                if feeding:
-                    self._poll.unregister(stdin.fd)
-            if not ready and deadline is not None and time.monotonic() >= deadline:
-                raise AgentTimeout(f"no answer from the agent within the time allowed for {what}")
-            if ready.get(self._wake_r):
-                with suppress(OSError):
-                    os.read(self._wake_r, 4096)
-            if feeding and ready.get(stdin.fd):
-                self._conn.send_stdin(stdin.read())
-            flags = ready.get(sock.fileno(), 0)
-            if flags & select.POLLOUT and self._out:
-                self._write()
-            if flags & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                self._read()
+            self._wait_once(deadline, what, stdin if feeding else None)
+
+    def _feeding(self, stdin: StdinFeed | None) -> bool:
+        """Whether to feed ``stdin`` now: a command is starting or running, and the
+        send queue is short (a slow agent slows the feed, never grows the queue)."""
+        return (
+            stdin is not None
+            and not stdin.done
+            and self._conn.state in (State.EXEC_STARTING, State.EXEC_RUNNING)
+            and len(self._out) < _SEND_HIGH_WATER
+        )
+
+    def _wait_once(self, deadline: float | None, what: str, stdin: StdinFeed | None) -> None:
+        """One poll of the socket (and of ``stdin``'s fd), then the transfers it allows."""
+        sock = self._sock
+        self._poll.register(sock, select.POLLIN | (select.POLLOUT if self._out else 0))
+        if stdin is not None:
+            self._poll.register(stdin.fd, select.POLLIN)
+        try:
+            ready = dict(self._poll.poll(_poll_ms(deadline)))
+        finally:
+            if stdin is not None:
+                self._poll.unregister(stdin.fd)
+        if not ready and deadline is not None and time.monotonic() >= deadline:
+            raise AgentTimeout(f"no answer from the agent within the time allowed for {what}")
+        if ready.get(self._wake_r):
+            with suppress(OSError):
+                os.read(self._wake_r, 4096)
+        if stdin is not None and ready.get(stdin.fd):
+            self._conn.send_stdin(stdin.read())
+        flags = ready.get(sock.fileno(), 0)
+        if flags & select.POLLOUT and self._out:
+            self._write()
+        if flags & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            self._read()
 
     def _write(self) -> None:
         try:

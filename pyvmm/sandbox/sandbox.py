@@ -105,9 +105,13 @@ class Sandbox:
         self.last_exec: LastExec | None = None
 
     @classmethod
-    def _adopt(cls, config: SandboxConfig, runner: Runner, launched: Launched) -> Sandbox:
+    def _adopt(
+        cls, config: SandboxConfig, runner: Runner, launched: Launched, *, paused: bool = False
+    ) -> Sandbox:
+        """A Sandbox around a VM made elsewhere (a fork, a pool, a saved snapshot)."""
         sandbox = cls.__new__(cls)
         sandbox._setup(config, runner, launched)
+        sandbox._paused = paused
         return sandbox
 
     # --- what it is -------------------------------------------------------------------

@@ -98,12 +98,13 @@ def fork_entries(
     if errors:
         for launched in results:
             if launched is not None:
-                _close(launched)
+                close_launched(launched)
         raise errors[0]
     return [launched for launched in results if launched is not None]
 
 
-def _close(launched: Launched) -> None:
+def close_launched(launched: Launched) -> None:
+    """Throw away a launched sandbox VM that nobody adopted."""
     if launched.agent is not None:
         launched.agent.close()
     try:

@@ -255,6 +255,18 @@ class SafeExtractor:
     def _place(self, name: bytes, kind: bytes) -> bytes:
         """Check where ``name`` goes; record it; return its host path (bytes)."""
         shown = _show(name)
+        parts = self._name_parts(name, shown)
+        self._check_position(parts, kind, shown)
+        key = b"/".join(parts)
+        if key in self._entries:
+            self._refuse(f"member {shown} appears twice")
+        if len(self._entries) >= self._max_files:
+            self._refuse(f"more than {self._max_files} entries (max_files)")
+        self._entries[key] = _Entry(kind)
+        return self._root + b"/" + key
+
+    def _name_parts(self, name: bytes, shown: str) -> list[bytes]:
+        """The components of a relative name with no ``..``, each of a sane length."""
         if len(name) > MAX_NAME:
             self._refuse(f"member name of {len(name)} bytes (at most {MAX_NAME})")
         if name.startswith(b"/"):
@@ -266,29 +278,26 @@ class SafeExtractor:
             self._refuse(f"member {shown} has an empty name")
         if any(len(p) > MAX_COMPONENT for p in parts):
             self._refuse(f"member {shown} has a name component over {MAX_COMPONENT} bytes")
-        key = b"/".join(parts)
+        return parts
+
+    def _check_position(self, parts: list[bytes], kind: bytes, shown: str) -> None:
+        """The first member is the top entry; every other lies in a directory already made."""
         if self._top is None:
             if len(parts) != 1:
                 self._refuse(f"the first member {shown} is not a single top entry")
             if kind == SYMLINK:
                 self._refuse(f"the top entry {shown} is a symlink")
             self._top = parts[0]
-        elif parts[0] != self._top or len(parts) == 1:
+            return
+        if parts[0] != self._top or len(parts) == 1:
             self._refuse(f"member {shown} is not under the top entry {_show(self._top)}")
-        else:
-            parent = self._entries.get(b"/".join(parts[:-1]))
-            if parent is None:
-                self._refuse(f"member {shown} comes before its directory")
-            if parent.kind == SYMLINK:
-                self._refuse(f"member {shown} goes through a symlink")
-            if parent.kind != DIRECTORY:
-                self._refuse(f"member {shown} goes through a file")
-        if key in self._entries:
-            self._refuse(f"member {shown} appears twice")
-        if len(self._entries) >= self._max_files:
-            self._refuse(f"more than {self._max_files} entries (max_files)")
-        self._entries[key] = _Entry(kind)
-        return self._root + b"/" + key
+        parent = self._entries.get(b"/".join(parts[:-1]))
+        if parent is None:
+            self._refuse(f"member {shown} comes before its directory")
+        if parent.kind == SYMLINK:
+            self._refuse(f"member {shown} goes through a symlink")
+        if parent.kind != DIRECTORY:
+            self._refuse(f"member {shown} goes through a file")
 
     def _mkdir(self, path: bytes, mode: int, mtime: int) -> None:
         try:
