@@ -296,3 +296,7 @@ def _forward_signals(sandbox: object, interrupts: list[int]):  # type: ignore[no
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+if __name__ == "__main__":  # ``python -m pyvmm.sandbox.exec_command``: the nested host's way in
+    exec_command(prog_name="pyvmm exec")

@@ -89,7 +89,8 @@ def inner_argv(config: SandboxConfig, plan: ExecPlan, cache_dir: Path) -> list[s
         args += ["--env", f"{name}={value}"]
     args += ["--cwd", plan.cwd] if plan.cwd is not None else []
     args += ["--timeout", repr(plan.timeout)] if plan.timeout is not None else []
-    return [sys.executable, "-m", "pyvmm", "exec", *args, "--", *plan.argv]
+    # The module itself, not `pyvmm exec`: the same command without the CLI's other imports.
+    return [sys.executable, "-m", "pyvmm.sandbox.exec_command", *args, "--", *plan.argv]
 
 
 def writable_dirs(plan: ExecPlan, cache_dir: Path) -> list[Path]:

@@ -76,6 +76,7 @@ def run_child(
         os.dup2(err, 2)
         sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the parent's may be locked
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+        _forget_fault_policy()
         bind_files(str(root), binds)
         from pyvmm.jail.jailer import jailer
 
@@ -90,6 +91,17 @@ def run_child(
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _forget_fault_policy() -> None:
+    """The child is a new VMM process: its seccomp faults end it (``exit``), whatever a
+    library caller's process chose for its own in-process VMs (``stop-vm``). The
+    policy is per process in :mod:`pyvmm.jail.faults`, which offers no reset (a
+    request for one is in the sandbox report): clear it here, before anything
+    installs it."""
+    from pyvmm.jail import faults
+
+    faults._state.policy = None
 
 
 def bind_files(root: str, binds: list[tuple[str, str, bool]]) -> None:

@@ -248,6 +248,10 @@ class _Jail:
         vm = JailedVm(pid, self.root, console, log, self.identity.name, jailer)
         try:
             vm.api.wait_listening(time.monotonic() + START_TIMEOUT, vm.alive)
+        except SandboxVmError as exc:
+            failure = vm.failure()
+            vm.close()
+            raise SandboxVmError(f"{exc}; {failure}" if failure else str(exc)) from None
         except BaseException:
             vm.close()
             raise

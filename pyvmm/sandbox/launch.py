@@ -143,7 +143,7 @@ def restore_entry(
     vm: SandboxVm | None = None
     try:
         started = time.monotonic()
-        drives = _clone_drives(entry, workdir)
+        drives = clone_drives(entry, workdir)
         copied = time.monotonic()
         vm = runner.restore(entry, workdir, identity, drives, resume=True)
         restored = time.monotonic()
@@ -166,7 +166,8 @@ def restore_entry(
         raise
 
 
-def _clone_drives(entry: CacheEntry, workdir: Workdir) -> dict[str, Path]:
+def clone_drives(entry: CacheEntry, workdir: Workdir) -> dict[str, Path]:
+    """Every drive's path for a clone: its own copy of each writable one, the shared others."""
     drives = {drive_id: Path(path) for drive_id, path in entry.meta.shared.items()}
     for drive_id in entry.meta.disks:
         clone_file(entry.disk(drive_id), workdir.disk(drive_id))
