@@ -222,6 +222,7 @@ class MicroVM:
         net_overrides: dict[str, str] | None = None,
         vsock_uds: str | Path | None = None,
         resume: bool = True,
+        seccomp: bool | str | Path = False,
         thread_setup: ThreadSetup = NO_SETUP,
         clone: CloneOverrides | None = None,
         new_generation: bool = True,
@@ -236,8 +237,9 @@ class MicroVM:
         guest prints from now on. The VM gets a new VM generation id, so
         that clones reseed their RNGs apart (as Firecracker does on every
         load); ``new_generation=False`` keeps the saved id (a ``clone``
-        always gets a new one).
+        always gets a new one). ``seccomp`` as in the constructor.
         """
+        thread_setup = _with_seccomp(seccomp, thread_setup)
         vm = cls.__new__(cls)
         vm.console = SerialConsole()
         vm._closed = False

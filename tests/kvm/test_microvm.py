@@ -173,7 +173,7 @@ def test_pause_and_resume_under_disk_load_lose_no_io(probe_elf: Path, tmp_path: 
 RESTORE_SCRIPT = """
 import re, sys
 from pyvmm import MicroVM
-with MicroVM.restore(sys.argv[1], sys.argv[2]) as vm:
+with MicroVM.restore(sys.argv[1], sys.argv[2], seccomp=True) as vm:  # filtered threads too
     match = vm.console.wait_for(r"counter: (\\d+)", timeout=20)
     print("first after restore:", int(match.group(1)))
 """
