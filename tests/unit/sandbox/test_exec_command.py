@@ -67,7 +67,7 @@ def test_the_nested_command_is_explicit(tmp_path: Path) -> None:
                     gets=(("/out", tmp_path / "got" / "out"),), env={"A": "1"}, cwd="/tmp",
                     timeout=5.0)  # fmt: skip
     argv = inner_argv(config, plan, tmp_path / "cache")
-    assert argv[1:5] == ["-m", "pyvmm", "exec", "--nested"] and "never" in argv
+    assert argv[1:4] == ["-m", "pyvmm.sandbox.exec_command", "--nested"] and "never" in argv
     joined = " ".join(argv)
     for part in ("--stdin-frames", f"--kernel {kernel}", "--memory 300M", "--no-confine",
                  f"--put {tmp_path}/in:/in", f"--get /out:{tmp_path}/got/out", "--env A=1",
