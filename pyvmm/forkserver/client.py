@@ -19,6 +19,10 @@ behaves as a direct ``pyvmm run`` would:
 Its own failures (no server at the path, a refused request) are one
 ``pyvmm: error:`` line and status 2, like any other ``pyvmm`` usage error;
 a server that goes away before the VM ended is one line and status 1.
+
+Once the VM process runs, the client execs the server's small C waiter
+(:mod:`pyvmm.forkserver.waiter`) when it is built, so that a waiting client
+costs about 1 MiB rather than an interpreter's ~8; otherwise it waits here.
 """
 
 from __future__ import annotations
@@ -132,12 +136,37 @@ def _wait_for_end(sock: socket.socket, path: str) -> int:
                 reply = parse_reply(message)
                 if reply.kind == "error":
                     return _error(f"fork server {path}: {reply.value}")
+                if reply.kind == "pid" and reader.pending == 0:
+                    _hand_over(sock, path)  # returns only if there is no waiter to run
                 if reply.kind == "exit":
                     return int(reply.value)
                 if reply.kind == "killed":
                     return _die_by(int(reply.value))
         except ProtocolError as error:
             return _error(f"fork server {path}: {error}", EXIT_FAILED)
+
+
+def _hand_over(sock: socket.socket, path: str) -> None:
+    """Become the small C waiter (:mod:`pyvmm.forkserver.waiter`) for the rest of the wait.
+
+    The forwarded signals are blocked across ``exec`` (a blocked signal stays
+    pending, and the waiter unblocks them once its handlers are in place), so
+    none is lost or takes its default action in between.
+    """
+    from pyvmm.forkserver.waiter import usable_waiter
+
+    waiter = usable_waiter()
+    if waiter is None:
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    try:
+        os.set_inheritable(sock.fileno(), True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(waiter, [waiter, str(sock.fileno()), path])
+    except OSError:
+        os.set_inheritable(sock.fileno(), False)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
 
 
 def _die_by(signum: int) -> int:

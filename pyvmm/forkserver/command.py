@@ -52,6 +52,7 @@ def forkserver(socket_path: str, log_level: str) -> None:
 
     start = time.monotonic()
     count = preload()
+    _build_waiter()
     try:
         os.close(os.pidfd_open(os.getpid()))
     except OSError as error:
@@ -68,6 +69,17 @@ def forkserver(socket_path: str, log_level: str) -> None:
         listener.path, os.getpid(), count, time.monotonic() - start,
     )  # fmt: skip
     ForkServer(listener).serve()
+
+
+def _build_waiter() -> None:
+    """The clients' C waiter: without it they wait in Python, which only costs memory."""
+    from pyvmm.forkserver.waiter import build_waiter
+
+    log = logging.getLogger(SERVER_LOGGER)
+    try:
+        log.debug("clients wait in %s", build_waiter())
+    except (PyvmmError, OSError) as error:
+        log.warning("clients will wait in Python (~8 MiB each, not ~1): no waiter: %s", error)
 
 
 def _log_to_stderr(level: str) -> None:

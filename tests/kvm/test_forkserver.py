@@ -121,7 +121,10 @@ def pyvmm(
 
 
 def start(
-    server: Server | None, *args: str, stdin: int = subprocess.PIPE
+    server: Server | None,
+    *args: str,
+    stdin: int = subprocess.PIPE,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """A ``pyvmm`` that keeps running (stdin a pipe left open, by default); output piped."""
     return subprocess.Popen(
@@ -129,8 +132,19 @@ def start(
         stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=environment(server),
+        env=environment(server, **(extra_env or {})),
     )
+
+
+@pytest.fixture(params=["c-waiter", "python-waiter"])
+def waiting(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """How the client waits for its VM: the server's C waiter (found in the cache
+    directory), or in Python (a cache directory without it)."""
+    if request.param == "c-waiter":
+        return {}
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    return {"XDG_CACHE_HOME": str(empty)}
 
 
 def wait_for_output(process: subprocess.Popen[bytes], needle: bytes, timeout: float = 60) -> bytes:
@@ -284,11 +298,11 @@ def echo_args(probe_elf: Path) -> list[str]:
 
 
 def test_sigterm_to_the_client_stops_the_vm_as_a_direct_run(
-    server: Server, probe_elf: Path
+    server: Server, probe_elf: Path, waiting: dict[str, str]
 ) -> None:
     ends = {}
     for name, via in (("direct", None), ("relayed", server)):
-        process = start(via, *echo_args(probe_elf))
+        process = start(via, *echo_args(probe_elf), extra_env=waiting)
         wait_for_output(process, b"probe: cmdline 'echo'")
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)
@@ -349,9 +363,11 @@ def test_the_vm_process_confines_its_threads_as_a_direct_run(
     assert server_mode == "0"
 
 
-def test_a_killed_client_s_vm_process_is_stopped(server: Server, probe_elf: Path) -> None:
+def test_a_killed_client_s_vm_process_is_stopped(
+    server: Server, probe_elf: Path, waiting: dict[str, str]
+) -> None:
     before = server.children()
-    process = start(server, *echo_args(probe_elf))
+    process = start(server, *echo_args(probe_elf), extra_env=waiting)
     wait_for_output(process, b"probe: cmdline 'echo'")
     (child,) = server.children() - before
     process.kill()
@@ -387,9 +403,11 @@ def test_stopping_the_server_stops_its_vms_and_removes_the_socket(
     assert b"SIGTERM: stopping (1 VM processes running)" in own.log.read_bytes()
 
 
-def test_a_killed_server_takes_its_vms_with_it(tmp_path: Path, probe_elf: Path) -> None:
+def test_a_killed_server_takes_its_vms_with_it(
+    tmp_path: Path, probe_elf: Path, waiting: dict[str, str]
+) -> None:
     own = Server(tmp_path)
-    process = start(own, *echo_args(probe_elf))
+    process = start(own, *echo_args(probe_elf), extra_env=waiting)
     wait_for_output(process, b"probe: cmdline 'echo'")
     (child,) = own.children()
     own.process.kill()
@@ -443,15 +461,34 @@ main()
 """
 
 
+def test_a_waiting_client_is_the_small_c_waiter(server: Server, probe_elf: Path) -> None:
+    from pyvmm.forkserver.waiter import waiter_path
+
+    process = start(server, *echo_args(probe_elf))
+    try:
+        wait_for_output(process, b"probe: cmdline 'echo'")
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{process.pid}/exe") != waiter_path():
+            assert time.monotonic() < deadline, os.readlink(f"/proc/{process.pid}/exe")
+            time.sleep(0.05)
+        rollup = Path(f"/proc/{process.pid}/smaps_rollup").read_text().splitlines()
+        pss_kib = next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
+        assert pss_kib < 1024, pss_kib
+    finally:
+        process.kill()
+        process.wait(30)
+
+
 def test_the_client_imports_no_vm_machinery(
     server: Server, probe_elf: Path, tmp_path: Path
 ) -> None:
     listing = tmp_path / "modules.txt"
+    (tmp_path / "empty-cache").mkdir()  # no C waiter: the client waits, then exits, in Python
     result = subprocess.run(
         [sys.executable, "-c", CLIENT_IMPORTS, str(listing), "run", "--kernel", str(probe_elf),
          "--cmdline", "hello", "--memory", "32"],
         stdin=subprocess.DEVNULL, capture_output=True, timeout=120, check=False,
-        env=environment(server),
+        env=environment(server, XDG_CACHE_HOME=str(tmp_path / "empty-cache")),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert b"hello from probe" in result.stdout
@@ -459,7 +496,7 @@ def test_the_client_imports_no_vm_machinery(
     ours = sorted(m for m in modules if m == "pyvmm" or m.startswith("pyvmm."))
     assert ours == [
         "pyvmm", "pyvmm.entry", "pyvmm.forkserver", "pyvmm.forkserver.client",
-        "pyvmm.forkserver.protocol",
+        "pyvmm.forkserver.protocol", "pyvmm.forkserver.waiter",
     ]  # fmt: skip
     assert "click" not in modules and "cffi" not in modules
 
