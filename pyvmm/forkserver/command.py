@@ -1,8 +1,9 @@
 """``pyvmm forkserver --socket PATH``: start the fork server and serve until a stop signal.
 
-Order: refuse bad flags, import everything a run may need (so the socket
-appears only when the server can fork at once), listen, say so on stderr
-(one line: scripts wait for it, or for the socket), serve. Problems the
+Order: refuse a bad or busy socket path (before the imports, which take a
+second or two), import everything a run may need (so the socket appears
+only when the server can fork at once), listen, say so on stderr (one
+line: scripts wait for it, or for the socket), serve. Problems the
 user can fix (a path in use, a missing directory) are one ``pyvmm: error:``
 line and exit status 2.
 """
@@ -38,15 +39,22 @@ EXIT_USAGE = 2
     help="The server's own log lines (on its stderr); debug lists every VM process.",
 )
 def forkserver(socket_path: str, log_level: str) -> None:
-    """Serve `pyvmm run` from a warm process: set PYVMM_FORKSERVER=PATH for the clients.
+    """Run each `pyvmm run` forked from one warm process.
 
     The server imports pyvmm's VM machinery once; each `pyvmm run` with
     PYVMM_FORKSERVER=PATH in its environment then runs in a child forked
     from it, with the client's arguments, directory, PYVMM_* environment and
-    terminal or pipes, and the client exits as the VM does. SIGTERM stops
-    the server and every VM it runs.
+    terminal or pipes, and the client exits as the VM does. Only the
+    server's own uid may connect. SIGTERM stops the server and every VM it
+    runs.
     """
     _log_to_stderr(log_level)
+    from pyvmm.host.unix_socket import check_socket_path
+
+    try:
+        check_socket_path(socket_path, "fork server socket")
+    except PyvmmError as error:
+        _fail(str(error))
     from pyvmm.forkserver.preload import preload
     from pyvmm.forkserver.server import ForkServer, confine_server, listen
 

@@ -688,3 +688,28 @@ def test_a_working_directory_that_is_gone_is_one_line(server: Server) -> None:
         )
     assert [parse_reply(r).kind for r in replies] == ["pid", "exit"]
     assert parse_reply(replies[1]).value == 2
+
+
+def test_a_second_server_on_a_live_socket_is_one_line_and_a_stale_one_is_replaced(
+    tmp_path: Path, probe_elf: Path
+) -> None:
+    own = Server(tmp_path)
+    second = subprocess.run(
+        [*PYVMM, "forkserver", "--socket", str(own.path)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert second.returncode == 2
+    assert second.stderr.splitlines()[-1] == (
+        f"pyvmm: error: fork server socket {str(own.path)!r} is in use: another process "
+        "listens on it"
+    )
+    own.process.kill()  # leaves its socket file behind
+    own.process.wait(30)
+    assert own.path.exists()
+    again = Server(tmp_path)
+    try:
+        result = pyvmm(again, "run", "--kernel", str(probe_elf), "--cmdline", "hello")
+        assert result.returncode == 0, result.stderr
+        assert b"removed the stale socket" in again.log.read_bytes()
+    finally:
+        assert again.stop() == 0
