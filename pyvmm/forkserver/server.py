@@ -22,9 +22,10 @@ Lifetime rules:
   SIGKILLed if it is still there :data:`STOP_GRACE` seconds later;
 - a VM process never outlives the server: ``PR_SET_PDEATHSIG`` sends it
   SIGTERM when the server dies; a server stopped by SIGTERM, SIGINT or
-  SIGHUP removes its socket, SIGTERMs every VM process (SIGKILL after the
-  grace, or at once on a second signal), reports each end to its client,
-  and exits 0;
+  SIGHUP (one it was started with ignored, as under ``nohup``, stays
+  ignored) removes its socket, SIGTERMs every VM process (SIGKILL after
+  the grace, or at once on a second signal), reports each end to its
+  client, and exits 0;
 - a bad request (garbage, over the size limits, the wrong number of fds,
   another uid, no request within 10 s) gets one ``error`` line and the
   connection closes; nothing else changes.
@@ -136,7 +137,11 @@ class ForkServer:
         """Run the loop until stopped and every VM process has ended."""
         self._poll.register(self._listener.fileno(), _POLL_IN)
         self._poll.register(self._wake_r, _POLL_IN)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        previous = {
+            sig: signal.signal(sig, self._on_signal)
+            for sig in STOP_SIGNALS
+            if signal.getsignal(sig) is not signal.SIG_IGN  # nohup, or a background job
+        }
         previous_wakeup = signal.set_wakeup_fd(self._wake_w)
         try:
             while not self._stopping or self._children or self._clients:

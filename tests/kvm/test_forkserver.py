@@ -50,7 +50,7 @@ PYVMM = [sys.executable, "-m", "pyvmm"]
 class Server:
     """A ``pyvmm forkserver`` process serving ``directory/fs.sock``."""
 
-    def __init__(self, directory: Path, max_fds: int | None = None) -> None:
+    def __init__(self, directory: Path, max_fds: int | None = None, nohup: bool = False) -> None:
         self.path = directory / "fs.sock"
         self.log = directory / "server.log"
 
@@ -58,6 +58,8 @@ class Server:
             if max_fds is not None:
                 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
                 resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, hard))
+            if nohup:
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
@@ -713,3 +715,14 @@ def test_a_second_server_on_a_live_socket_is_one_line_and_a_stale_one_is_replace
         assert b"removed the stale socket" in again.log.read_bytes()
     finally:
         assert again.stop() == 0
+
+
+def test_a_server_started_under_nohup_ignores_sighup(tmp_path: Path, probe_elf: Path) -> None:
+    own = Server(tmp_path, nohup=True)
+    try:
+        own.process.send_signal(signal.SIGHUP)
+        result = pyvmm(own, "run", "--kernel", str(probe_elf), "--cmdline", "hello")
+        assert result.returncode == 0, result.stderr
+        assert own.process.poll() is None
+    finally:
+        assert own.stop() == 0
