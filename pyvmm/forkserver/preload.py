@@ -6,8 +6,8 @@ imported once in the server is memory every child shares). "Everything"
 is every pyvmm module but the sandbox library, the filter-learning tool and
 the entry points, plus the third-party modules pyvmm imports inside
 functions (the jailer's list, :data:`pyvmm.jail.preload.LAZY_THIRD_PARTY`),
-and the libseccomp library (``pyvmm run`` compiles its filters at every
-start with it). The guest kit and
+and pyvmm's default seccomp filters, compiled (with libseccomp; a direct
+``pyvmm run`` compiles them at every start). The guest kit and
 the nested host are included: ``pyvmm run`` with no ``--kernel`` builds the
 default guest, and on a PVM host runs Linux in a nested host.
 
@@ -43,9 +43,9 @@ def preload() -> int:
     names = run_modules()
     for name in (*names, *LAZY_THIRD_PARTY):
         importlib.import_module(name)
-    from pyvmm.jail.libseccomp import syscall_name
+    from pyvmm.jail.seccomp import precompile_defaults
 
-    syscall_name(0)  # dlopen libseccomp
+    precompile_defaults()  # dlopens libseccomp; each VM process skips the ~10 ms compile
     gc.collect()
     gc.freeze()
     return len(names)

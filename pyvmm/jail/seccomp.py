@@ -18,6 +18,7 @@ entering a role (one ``seccomp()``) about 0.1 ms.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from pathlib import Path
 
@@ -29,11 +30,32 @@ from pyvmm.jail.thread_setup import SeccompSetup
 
 _M_ARENA_MAX = -8
 
-__all__ = ["FaultPolicy", "default_filters", "load_filters", "make_setup"]
+__all__ = ["FaultPolicy", "default_filters", "load_filters", "make_setup", "precompile_defaults"]
+
+
+_DEFAULTS = "pyvmm's default seccomp filters"
 
 
 def default_filters() -> dict[str, Filter]:
-    return parse_filters(DEFAULT_FILTERS, "pyvmm's default seccomp filters")
+    return dict(_parsed_defaults())
+
+
+@functools.cache
+def _parsed_defaults() -> dict[str, Filter]:
+    """Parsed once per process (a process forked from a warm one never parses them)."""
+    return parse_filters(DEFAULT_FILTERS, _DEFAULTS)
+
+
+def precompile_defaults() -> None:
+    """Compile the default filters now: a process forked after this (the fork server's
+    VM processes) starts with them compiled."""
+    _compiled_defaults()
+
+
+@functools.cache
+def _compiled_defaults() -> dict[str, bytes]:
+    """The default filters as BPF, compiled once per process (immutable bytes)."""
+    return SeccompSetup.compile(_parsed_defaults(), _DEFAULTS).programs()
 
 
 def load_filters(path: str | os.PathLike[str] | None) -> dict[str, Filter]:
@@ -46,8 +68,10 @@ def make_setup(filter_file: str | os.PathLike[str] | None, policy: FaultPolicy) 
 
     Raises :class:`~pyvmm.errors.ConfigError` (one line) for a bad file.
     """
-    where = "pyvmm's default seccomp filters" if filter_file is None else repr(str(filter_file))
-    setup = SeccompSetup.compile(load_filters(filter_file), where)
+    if filter_file is None:
+        setup = SeccompSetup(_compiled_defaults())
+    else:
+        setup = SeccompSetup.compile(read_filter_file(Path(filter_file)), repr(str(filter_file)))
     _fix_malloc_arena_limit()
     faults.install_handler(policy)
     return setup

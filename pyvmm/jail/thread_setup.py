@@ -93,6 +93,10 @@ class SeccompSetup:
     def program(self, role: ThreadRole) -> bytes:
         return self._programs[role.value]
 
+    def programs(self) -> dict[str, bytes]:
+        """Every role's BPF program (a copy: to build another setup from)."""
+        return dict(self._programs)
+
     def failure_note(self) -> str | None:
         """The call this thread's filter denied, if any (library mode: the call failed)."""
         return faults.fault_note()
