@@ -17,7 +17,7 @@
 # - pip: pyvmm in editable mode with its test extras, into the active virtual
 #   environment, or else into .venv here (Debian's own Python refuses pip
 #   installs outside one). .venv always points at the environment used, so
-#   `.venv/bin/python -m pytest` runs the tests afterwards.
+#   `.venv/bin/python3 -m pytest` runs the tests afterwards.
 # Guest kernels and busybox are not installed: pyvmm fetches them into its
 # cache ($PYVMM_CACHE or ~/.cache/pyvmm) on first use, with `apt-get download`.
 set -eu
@@ -97,14 +97,14 @@ if [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e '^lock$' -e '^parti
 fi
 
 if [ -n "${VIRTUAL_ENV:-}" ]; then
-    python="$VIRTUAL_ENV/bin/python"
+    python="$VIRTUAL_ENV/bin/python3"
     if [ "$(readlink -f .venv 2>/dev/null)" != "$(readlink -f "$VIRTUAL_ENV")" ]; then
         [ -e .venv ] && [ ! -L .venv ] && { say ".venv exists and is not $VIRTUAL_ENV"; exit 1; }
         ln -sfn "$VIRTUAL_ENV" .venv
     fi
 else
-    [ -x .venv/bin/python ] || { say "creating the virtual environment .venv"; python3 -m venv .venv; }
-    python=.venv/bin/python
+    [ -x .venv/bin/python3 ] || { say "creating the virtual environment .venv"; python3 -m venv .venv; }
+    python=.venv/bin/python3
 fi
 say "installing pyvmm and its test extras into $(readlink -f .venv)"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -121,4 +121,4 @@ if [ "$run_guest" = 1 ]; then
     say "booting the default guest (Ctrl-A X quits; 'poweroff' shuts it down)"
     exec "$python" -m pyvmm run --cpus 2
 fi
-say "done; run the tests with: .venv/bin/python -m pytest"
+say "done; run the tests with: .venv/bin/python3 -m pytest"
