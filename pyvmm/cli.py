@@ -462,5 +462,27 @@ def guest_probe(force: bool) -> None:
         _fail(str(error))
 
 
+#: Raised for a bare group command since click 8.2 (absent before: nothing to catch).
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def run_cli(args: list[str] | None = None, prog_name: str | None = None) -> None:
+    """The ``pyvmm`` command (its console script and the fork server's VM processes).
+
+    Click's own usage errors (an unknown flag, a missing value) end like every
+    other pyvmm error: one ``pyvmm: error:`` line and status 2, no usage text.
+    """
+    try:
+        code = main.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except _NO_ARGS_IS_HELP as error:  # bare `pyvmm`: the help text, as click shows it
+        error.show()
+        sys.exit(error.exit_code)
+    except click.ClickException as error:
+        _fail(error.format_message(), error.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    main()
+    run_cli()

@@ -27,9 +27,9 @@ def main() -> None:
         from pyvmm.forkserver.client import relay
 
         sys.exit(relay(server, args, program_name()))
-    from pyvmm.cli import main as cli_main
+    from pyvmm.cli import run_cli
 
-    cli_main()
+    run_cli()
 
 
 def program_name() -> str:

@@ -13,7 +13,7 @@ command line it must look like a fresh ``pyvmm run`` started by the client:
   variables; Python's standard streams rebuilt for the new fds (a terminal
   is line-buffered, a pipe is not); the signal dispositions and logging
   set-up of a new interpreter;
-- the same end: exit status of ``click``'s standalone mode, uncaught
+- the same end: exit status of :func:`pyvmm.cli.run_cli`, uncaught
   exceptions printed as the interpreter would, exit handlers run, and a
   KeyboardInterrupt ending the process by SIGINT.
 
@@ -129,10 +129,10 @@ def _enter_client_context(request: Request) -> None:
 
 
 def _run(request: Request) -> int:
-    from pyvmm.cli import main
+    from pyvmm.cli import run_cli
 
     try:
-        main(args=list(request.argv), prog_name=request.prog, standalone_mode=True)
+        run_cli(args=list(request.argv), prog_name=request.prog)
         code = 0
     except SystemExit as stop:
         code = _exit_status(stop.code)

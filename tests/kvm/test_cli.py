@@ -253,3 +253,16 @@ def test_never_on_a_pvm_host_says_why_a_linux_guest_is_slow(tmp_path: Path) -> N
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith("pyvmm: warning: this host's KVM (pvm) emulates guest kernel code")
     assert lines[1].startswith("pyvmm: error: ") and "2.09" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "--bogus"], "No such option '--bogus'"),
+        (["bogus"], "No such command 'bogus'"),
+        (["run", "--kernel"], "'--kernel' requires an argument"),
+        (["run", "--cpus"], "'--cpus' requires an argument"),
+    ],
+)
+def test_usage_mistakes_are_one_line_too(args: list[str], needle: str) -> None:
+    assert_one_line_error(pyvmm(*args), needle)
