@@ -44,6 +44,8 @@ PROT_NONE = 0x0
 MADV_DONTNEED = 4
 AF_UNIX = 1
 FIONBIO = 0x5421
+FALLOC_PUNCH_HOLE_KEEP_SIZE = 0x02 | 0x01
+FALLOC_ZERO_RANGE_KEEP_SIZE = 0x10 | 0x01
 F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC = 1, 2, 3, 4, 1030
 PR_SET_NAME, NO_NEW_PRIVS = 15, 38
 SECCOMP_SET_MODE_FILTER = 1
@@ -159,6 +161,16 @@ IO_OWN = [
     # virtio-blk: vectored reads/writes at offsets, flush.
     *allow("preadv2", "pwritev2", "preadv", "pwritev", "pread64", "pwrite64"),
     *allow("fdatasync", "fsync"),
+    # virtio-blk discard and write zeroes: holes punched or ranges zeroed, the size kept
+    # (found by the Linux e2e tests: ext4 discards; only these two modes).
+    *arg_equals(
+        "fallocate",
+        1,
+        {
+            "FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE": FALLOC_PUNCH_HOLE_KEEP_SIZE,
+            "FALLOC_FL_ZERO_RANGE|FALLOC_FL_KEEP_SIZE": FALLOC_ZERO_RANGE_KEEP_SIZE,
+        },
+    ),
     # virtio-net: frames to and from the TAP.
     *allow("readv", "writev"),
     # virtio-vsock over Unix sockets: guest-initiated connects, host-initiated accepts.
