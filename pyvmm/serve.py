@@ -204,6 +204,9 @@ def _run(
     """
     with signals.cancellable():
         import pyvmm.vmm.machine  # noqa: F401 - the heavy part, after the socket answers
+        from pyvmm.vmm.builder import import_on_demand_modules
+
+        import_on_demand_modules()  # so that InstanceStart or a snapshot load imports nothing
 
         if options.config_file is not None:
             try:

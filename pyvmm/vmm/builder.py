@@ -250,6 +250,37 @@ def _open_virtio_device(
     raise AssertionError(f"config has no device {device_id!r}")  # device_ids come from config
 
 
+#: What a build imports only for a config that has it (see :func:`_open_virtio_device`).
+ON_DEMAND_MODULES = (
+    "pyvmm.devices.rate_limiter",
+    "pyvmm.devices.virtio.mmio",
+    "pyvmm.vmm.virtio_service",
+    "pyvmm.devices.virtio.block",
+    "pyvmm.host.block_file",
+    "pyvmm.devices.virtio.net",
+    "pyvmm.host.tap",
+    "pyvmm.devices.virtio.rng",
+    "pyvmm.devices.virtio.balloon",
+    "pyvmm.devices.virtio.vsock",
+    "pyvmm.host.vsock_uds",
+    "pyvmm.vmm.snapshots",
+    "pyvmm.snapshot.device_states",
+)
+
+
+def import_on_demand_modules() -> None:
+    """Import every device model and the snapshot code now.
+
+    For a process with time to spare before its VM is configured
+    (``pyvmm-firecracker`` waiting for API requests): InstanceStart or a
+    snapshot load then imports nothing. ``pyvmm run`` never calls it.
+    """
+    import importlib
+
+    for name in ON_DEMAND_MODULES:
+        importlib.import_module(name)
+
+
 def _block(drive: DriveConfig, index: int) -> tuple[VirtioDevice, Backend]:
     from pyvmm.devices.rate_limiter import RateLimiter
     from pyvmm.devices.virtio.block import VirtioBlock
