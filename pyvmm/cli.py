@@ -46,12 +46,13 @@ def _setup_logging(level: str) -> None:
 class LazyGroup(click.Group):
     """A command group whose heavier subcommands are imported only when named.
 
-    ``pyvmm run`` must not pay for the nested host's or the Firecracker
-    front end's imports at every start; ``--help`` still lists them.
+    ``pyvmm run`` must not pay for the nested host's, the sandboxes' or the
+    Firecracker front end's imports at every start; ``--help`` still lists them.
     """
 
     #: Subcommand name -> "module:attribute" of its click command.
     lazy: dict[str, str] = {
+        "exec": "pyvmm.cli_exec:exec_command",
         "forkserver": "pyvmm.forkserver.command:forkserver",
         "nested": "pyvmm.nested.command:nested",
         "serve": "pyvmm.firecracker_cli:firecracker",

@@ -1,12 +1,15 @@
 """Sandboxes: throw-away microVMs that run commands for their caller; the agent's host side.
 
-The library (:class:`Sandbox`, :class:`SandboxPool`) and ``pyvmm exec``:
+The library (:class:`Sandbox`, :class:`SandboxPool`); ``pyvmm exec`` is its
+command-line front end (:mod:`pyvmm.cli_exec`, and :mod:`pyvmm.cli_exec_nested`
+through a nested host), outside this runtime package as the other front ends are:
 
 - :mod:`~pyvmm.sandbox.sandbox`: :class:`Sandbox` (exec, put, get, pause,
   resume, snapshot, restore, fork); :mod:`~pyvmm.sandbox.pool`:
   :class:`SandboxPool`, restored sandboxes kept paused and ready;
 - :mod:`~pyvmm.sandbox.config`: :class:`SandboxConfig`, parsed once;
-  :mod:`~pyvmm.sandbox.guest`: the default guest and its kernel command line;
+  :mod:`~pyvmm.sandbox.guest`: the default guest (built by the guest kit in a
+  child process: the runtime never imports the tooling) and its kernel command line;
 - :mod:`~pyvmm.sandbox.cache`: the snapshot cache and its key;
   :mod:`~pyvmm.sandbox.template`: the first boot that fills it;
   :mod:`~pyvmm.sandbox.launch`: restore or boot, agent, identity;
@@ -16,9 +19,8 @@ The library (:class:`Sandbox`, :class:`SandboxPool`) and ``pyvmm exec``:
   :mod:`~pyvmm.sandbox.workdir`: a sandbox's directory;
 - :mod:`~pyvmm.sandbox.runners`, :mod:`~pyvmm.sandbox.vm`,
   :mod:`~pyvmm.sandbox.jailed`: where the VMM runs and how it is confined;
-- :mod:`~pyvmm.sandbox.exec_command` (``pyvmm exec``),
-  :mod:`~pyvmm.sandbox.exec_nested` and :mod:`~pyvmm.sandbox.stdin_frames`
-  (the same command through a nested host);
+- :mod:`~pyvmm.sandbox.stdin_frames`: stdin framed through a nested host's
+  console port (for ``pyvmm exec`` there);
 - :mod:`~pyvmm.sandbox.pytest_plugin`: the ``sandbox`` fixture.
 
 The guest agent's host side (``guest/agent/PROTOCOL.md``):

@@ -26,7 +26,7 @@ thrown away and pyvmm exits 130 or 143.
 
 On a host whose KVM cannot run guest kernel code at speed (PVM) a Linux
 sandbox runs in a nested host exactly as ``pyvmm run`` does
-(:mod:`pyvmm.nested.placement` decides, :mod:`pyvmm.sandbox.exec_nested`
+(:mod:`pyvmm.nested.placement` decides, :mod:`pyvmm.cli_exec_nested`
 relays): this same command runs there, with ``--nested never``.
 """
 
@@ -172,7 +172,7 @@ def exec_command(**options: object) -> None:
         config, plan = _parse(options)
     except ConfigError as exc:
         _fail(str(exc))
-    from pyvmm.sandbox.exec_nested import placement_for, run_nested
+    from pyvmm.cli_exec_nested import placement_for, run_nested
 
     try:
         nested = placement_for(config, str(options["nested_mode"]))
@@ -298,5 +298,5 @@ def _forward_signals(sandbox: object, interrupts: list[int]):  # type: ignore[no
             signal.signal(sig, old)
 
 
-if __name__ == "__main__":  # ``python -m pyvmm.sandbox.exec_command``: the nested host's way in
+if __name__ == "__main__":  # ``python -m pyvmm.cli_exec``: the nested host's way in
     exec_command(prog_name="pyvmm exec")

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import click
 
+from pyvmm.cli_exec import EXIT_PYVMM, ExecPlan
 from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.sandbox.config import SandboxConfig
-from pyvmm.sandbox.exec_command import EXIT_PYVMM, ExecPlan
 
 #: Seconds L1 may need beyond the command's own ``--timeout``: its boot, Python's
 #: start there, and a first boot of the guest to fill the snapshot cache.
@@ -90,7 +90,7 @@ def inner_argv(config: SandboxConfig, plan: ExecPlan, cache_dir: Path) -> list[s
     args += ["--cwd", plan.cwd] if plan.cwd is not None else []
     args += ["--timeout", repr(plan.timeout)] if plan.timeout is not None else []
     # The module itself, not `pyvmm exec`: the same command without the CLI's other imports.
-    return [sys.executable, "-m", "pyvmm.sandbox.exec_command", *args, "--", *plan.argv]
+    return [sys.executable, "-m", "pyvmm.cli_exec", *args, "--", *plan.argv]
 
 
 def writable_dirs(plan: ExecPlan, cache_dir: Path) -> list[Path]:
