@@ -57,6 +57,8 @@ from pyvmm.sandbox.results import ExecResult, TransferStats
 from pyvmm.sandbox.runners import Runner, choose_runner
 from pyvmm.sandbox.stdin_feed import StdinSource
 
+#: Seconds a VM may take to report its stop once its agent's connection dropped.
+STOP_GRACE = 2.0
 #: Agent errors that may mean the VM itself went away (checked, then reported as such).
 _VM_SIGNS = (AgentDisconnected, AgentTimeout, AgentUnavailable)
 
@@ -246,9 +248,18 @@ class Sandbox:
                     client.close()
 
     def _explain(self, exc: SandboxError, what: str) -> SandboxError:
-        """The VM's failure if it stopped (quoting its console), else ``exc`` itself."""
-        if self._vm.alive():
-            return exc
+        """The VM's failure if it stopped (quoting its console), else ``exc`` itself.
+
+        A guest that powers off or crashes drops the agent's connection a
+        moment before the VMM records why it stopped: give it that moment
+        (not for a timeout: a VM that is still running is the likely cause).
+        """
+        grace = 0.0 if isinstance(exc, AgentTimeout) else STOP_GRACE
+        deadline = time.monotonic() + grace
+        while self._vm.alive():
+            if time.monotonic() >= deadline:
+                return exc
+            time.sleep(0.02)
         return vm_error(self._vm, f"{what} failed: {exc}")
 
     # --- lifecycle -----------------------------------------------------------------------
