@@ -1,10 +1,11 @@
 """A new user's first commands: ``pyvmm run`` with the default guest, as typed.
 
-No fixture boots anything here: each test runs ``python -m pyvmm run`` the way
-a user does, so on a PVM host it takes the same path a user's run takes
-(pyvmm decides to boot the VM in a nested host, and connects the console
-through it), and on a VMX/SVM host it runs directly. Each test gives pyvmm a
-private TMPDIR and checks that no nested host's files are left in it.
+Each test runs ``python -m pyvmm run`` the way a user does, so on a PVM host
+it takes the same path a user's run takes (pyvmm decides to boot the VM in a
+nested host, and connects the console through it), and on a VMX/SVM host it
+runs directly. Each test gives pyvmm a private TMPDIR and checks that no
+nested host's files are left in it. The last test runs the direct path on
+this host too, inside the ``linux_host`` fixture's nested host.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pyvmm.doctor import virtualization_kind
 from pyvmm.guestkit.debian import fetch_kernel
 from pyvmm.host.terminal import CTRL_A
 from tests.conftest import requires_kvm
+from tests.support.nested_fixture import linux_host  # noqa: F401
 
 pytestmark = [requires_kvm, pytest.mark.linux]
 
@@ -166,3 +168,15 @@ def test_the_banners_ways_out_end_pyvmm_with_status_0(private_tmp: Path, keys: b
     finally:
         terminal.close()
     assert leftovers(private_tmp) == []
+
+
+def test_the_direct_path_pipes_and_powers_off_too(linux_host) -> None:  # noqa: F811
+    """The path a VMX/SVM host takes: here, pyvmm run inside the nested host (direct there)."""
+    version = fetch_kernel("cloud").version
+    result = linux_host.run(
+        "printf 'uname -r\\necho \"sum=$((40 + 2))\"' | python3 -m pyvmm run --cpus 2", timeout=600
+    )
+    out = result.stdout.replace("\r", "").splitlines()
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    assert version in out and "sum=42" in out, out  # the unfinished last line ran too
+    assert "nested KVM host" not in result.stderr  # inside L1 it runs directly
