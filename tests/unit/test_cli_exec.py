@@ -65,3 +65,20 @@ def test_pyvmm_exec_is_a_pyvmm_command() -> None:
     assert "No such option" in result.output
     help_text = CliRunner().invoke(main, ["--help"]).output
     assert "exec" in help_text
+
+
+def test_the_default_guest_is_resolved_in_the_front_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No child Python for it (the runtime's way): pyvmm exec may import the guest kit."""
+    from pyvmm.cli_exec import with_default_guest
+    from pyvmm.guestkit import sandbox_guest
+    from pyvmm.sandbox.config import sandbox_config
+
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
+    monkeypatch.setattr(sandbox_guest, "build_sandbox_guest", lambda: (kernel, initrd))
+    resolved = with_default_guest(sandbox_config(memory="300M"))
+    assert (resolved.kernel, resolved.initrd, resolved.mem_size) == (kernel, initrd, 300 << 20)
+    (tmp_path / "mine").write_bytes(b"\x7fELF")
+    own = sandbox_config(kernel=tmp_path / "mine", memory="300M")
+    assert with_default_guest(own) is own
