@@ -14,7 +14,9 @@ finds through the kernel command line or ACPI.
 
 Start-up order: the API socket is bound before anything else is imported
 (:mod:`pyvmm.api.early_socket`), so a client that connects right after
-spawning the process is queued by the kernel, not refused.
+spawning the process is queued by the kernel, not refused; then a thread
+answers ``GET /`` while the rest is imported (:mod:`pyvmm.api.early_responder`),
+unless ``--config-file`` is given (Firecracker answers nothing before that boot).
 
 Versions (:func:`version_text`, :mod:`pyvmm.api.version`): the first line
 is ``pyvmm v<API>+pyvmm.<pyvmm>``, e.g. ``pyvmm v1.17.0+pyvmm.0.1.0``.
@@ -28,10 +30,15 @@ from __future__ import annotations
 
 import sys
 
+TYPE_CHECKING = False  # typing itself is not imported this early
+if TYPE_CHECKING:
+    from pyvmm.api.early_socket import EarlySocket
+
 #: Flags after which no socket is bound: they print and exit, or need none.
 _NO_SOCKET_FLAGS = ("--no-api", "--version", "-h", "--help", "--snapshot-version",
                     "--describe-snapshot")  # fmt: skip
 DEFAULT_API_SOCK = "/run/firecracker.socket"
+DEFAULT_INSTANCE_ID = "anonymous-instance"  # as pyvmm.serve's (not imported this early)
 
 
 def version_text() -> str:
@@ -50,13 +57,18 @@ def _early_socket_path(argv: list[str]) -> str | None:
     """The ``--api-sock`` value to bind before parsing flags properly (None: bind none)."""
     if any(arg in _NO_SOCKET_FLAGS or arg.startswith("--describe-snapshot=") for arg in argv):
         return None
-    path = DEFAULT_API_SOCK
+    return _flag_value(argv, "--api-sock", DEFAULT_API_SOCK)
+
+
+def _flag_value(argv: list[str], flag: str, default: str) -> str:
+    """The last value given to ``flag`` (as click takes it), or ``default``."""
+    value = default
     for index, arg in enumerate(argv):
-        if arg == "--api-sock" and index + 1 < len(argv):
-            path = argv[index + 1]
-        elif arg.startswith("--api-sock="):
-            path = arg.split("=", 1)[1]
-    return path
+        if arg == flag and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif arg.startswith(f"{flag}="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def main() -> None:
@@ -68,11 +80,28 @@ def main() -> None:
     early = adopt_handed(path) if path else None  # bound by the C launcher (launcher.c)
     if early is None and path:
         early = bind_early(path)
+    if early is not None and not any(arg.split("=")[0] == "--config-file" for arg in argv):
+        _end_cleanly_on_sigterm(early)
+        early.answer_early(_flag_value(argv, "--id", DEFAULT_INSTANCE_ID))
     try:
         _run_command(argv, early)
     finally:
         if early is not None and early.listener.fileno() >= 0:
             early.release()  # never served (bad flags, --help): leave nothing behind
+
+
+def _end_cleanly_on_sigterm(early: EarlySocket) -> None:
+    """A client that saw ``GET /`` answered may stop the VMM before ``serve`` handles
+    signals: SIGTERM then ends it as ``serve`` would before a boot (status 0), without
+    leaving the socket file behind."""
+    import os
+    import signal
+
+    def end(signum: int, frame: object) -> None:
+        early.remove_file()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, end)
 
 
 def _command():

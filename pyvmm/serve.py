@@ -144,6 +144,10 @@ def serve(options: ServeOptions) -> int:
         console_in=_stdin_fd(),
         thread_setup=seccomp or NO_SETUP,
     )
+    # The early responder's thread ends before any filter goes in (every thread of a
+    # running VMM has its role's filter); the API server serves its connections.
+    early = options.early_socket
+    handed, answered = early.stop_answering() if early is not None else ([], 0)
     if seccomp is not None:  # before the first thread (API) starts
         _confine_main_thread(seccomp, controller)
     resources = _resources(options)
@@ -151,6 +155,8 @@ def serve(options: ServeOptions) -> int:
     actions = ActionQueue()
     router = Router(controller, resources, max_body=_max_body(options), actions=actions)
     controller.api_counters = router.counters.as_metrics
+    for _ in range(answered):
+        router.counters.record("get_api_requests.instance_info", failed=False)
     if options.metrics_path is not None:
         controller.configure_metrics(Metrics(metrics_path=str(options.metrics_path)))
         router.metrics_initialized = True
@@ -168,9 +174,11 @@ def serve(options: ServeOptions) -> int:
                     body_limit=router.body_limit,
                     setup=seccomp or NO_SETUP,
                     on_error=lambda m: api_failed(controller, m, signals.stop_requested),
-                    listener=options.early_socket.listener if options.early_socket else None,
+                    listener=early.listener if early is not None else None,
                 )
                 server.start()
+                for pending in handed:
+                    server.adopt(pending.sock, pending.data, pending.since)
             _run(options, router, controller, actions, signals)
         except ActionCancelledError:
             log.info("stopped by a signal while acting")

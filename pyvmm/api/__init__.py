@@ -3,9 +3,11 @@
 Layering (each module has one job; data flows down):
 
 - :mod:`~pyvmm.api.early_socket` binds the API socket before anything heavy
-  is imported; :mod:`~pyvmm.api.launcher` builds ``launcher.c``, a C
-  front door that binds it before Python even starts (clients that connect
-  at once); :mod:`~pyvmm.api.version` is the version pyvmm reports.
+  is imported, and :mod:`~pyvmm.api.early_responder` answers ``GET /`` on it
+  until the API server takes over; :mod:`~pyvmm.api.launcher` builds
+  ``launcher.c``, a C front door that binds it before Python even starts
+  (clients that connect at once); :mod:`~pyvmm.api.version` is the version
+  pyvmm reports.
 - :mod:`~pyvmm.api.http` serves HTTP/1.1 on a Unix socket and hands each
   complete request to a callback; :mod:`~pyvmm.api.http_protocol` is its
   sans-IO request parser and response writer.

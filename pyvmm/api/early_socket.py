@@ -9,6 +9,10 @@ API server (:class:`pyvmm.api.http.ApiServer`, which adopts this socket)
 answers them as soon as it runs. Requests that act on the VM are served
 once the VM machinery is loaded; queries (``GET /``) do not wait for it.
 
+Until the API server starts, :mod:`pyvmm.api.early_responder` answers
+``GET /`` on this socket (:meth:`EarlySocket.answer_early`), and hands its
+connections over (:meth:`EarlySocket.stop_answering`).
+
 Binding early is best effort: any problem (a live socket at the path, a
 missing directory) returns None, and the normal start-up path reports it
 with its one-line error.
@@ -19,6 +23,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+
+TYPE_CHECKING = False  # typing itself is not imported this early
+if TYPE_CHECKING:
+    from pyvmm.api.early_responder import EarlyResponder, Pending
 
 #: Connections the kernel queues before the server accepts (as the API server's own).
 BACKLOG = 32
@@ -32,10 +40,31 @@ class EarlySocket:
         self.path = path
         info = os.lstat(path)
         self.inode = (info.st_dev, info.st_ino)
+        self.responder: EarlyResponder | None = None
+
+    def answer_early(self, instance_id: str) -> None:
+        """Answer ``GET /`` (instance ``instance_id``, not started) until :meth:`stop_answering`."""
+        from pyvmm.api.early_responder import EarlyResponder
+
+        self.responder = EarlyResponder.start(self.listener, instance_id)
+
+    def stop_answering(self) -> tuple[list[Pending], int]:
+        """Stop the early responder (its thread is gone on return): the connections it
+        holds, for the API server to serve, and how many ``GET /`` it answered."""
+        responder, self.responder = self.responder, None
+        if responder is None:
+            return [], 0
+        return responder.stop(), responder.answered
 
     def release(self) -> None:
         """Close a socket that will not be served (bad flags) and remove its file."""
+        for pending in self.stop_answering()[0]:
+            pending.sock.close()
         self.listener.close()
+        self.remove_file()
+
+    def remove_file(self) -> None:
+        """Remove the socket's file, if it is still this socket's."""
         with contextlib.suppress(OSError):
             info = os.lstat(self.path)
             if (info.st_dev, info.st_ino) == self.inode:

@@ -73,11 +73,12 @@ _LINGER_BYTES = 1 << 20
 class _Connection:
     """One client: its socket, its thread, and what it is doing since when."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, data: bytes = b"", since: float | None = None) -> None:
         self.sock = sock
+        self.data = data  # read before this server took the connection (see ApiServer.adopt)
         self.thread: threading.Thread | None = None
-        self.phase = _IDLE
-        self.since = time.monotonic()
+        self.phase = _IDLE if since is None else _RECEIVING
+        self.since = time.monotonic() if since is None else since
 
     def enter(self, phase: str) -> None:
         if phase != self.phase:
@@ -244,7 +245,14 @@ class ApiServer:
                     continue
                 self._admit(conn)
 
-    def _admit(self, conn: socket.socket) -> None:
+    def adopt(self, conn: socket.socket, data: bytes = b"", since: float | None = None) -> None:
+        """Serve a connection accepted before this server started (by
+        :mod:`pyvmm.api.early_responder`), as if it had accepted it: ``data`` was read
+        from it and not answered; ``since``, when that request's first byte came (its
+        deadline counts from there), None if ``data`` holds no request."""
+        self._admit(conn, data, since)
+
+    def _admit(self, conn: socket.socket, data: bytes = b"", since: float | None = None) -> None:
         with self._lock:
             if self._closing:
                 conn.close()
@@ -252,7 +260,7 @@ class ApiServer:
             if len(self._connections) >= self._max_connections:
                 self._make_room()
             if len(self._connections) < self._max_connections:
-                connection = _Connection(conn)
+                connection = _Connection(conn, data, since)
                 connection.thread = spawn(
                     ThreadRole.API,
                     "api-conn",
@@ -306,6 +314,7 @@ class ApiServer:
     def _serve_requests(self, connection: _Connection) -> None:
         conn = connection.sock
         parser = RequestParser(self._body_limit)
+        parser.feed(connection.data)
         while True:
             try:
                 event = parser.next_event()

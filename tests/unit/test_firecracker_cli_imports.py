@@ -1,10 +1,12 @@
-"""``pyvmm-firecracker`` binds its API socket before importing anything heavy.
+"""``pyvmm-firecracker`` binds its API socket, and answers ``GET /``, before importing
+anything heavy.
 
 Firecracker's clients connect right after spawning the VMM; a socket that
 exists early lets the kernel queue them while Python imports the rest. An
 audit hook records which modules were loaded at the first ``bind``: only
-the front end, the socket code and the standard library's socket modules.
-Nothing here is timed.
+the front end, the socket code and the standard library's socket modules;
+and, held before it imports click, which were loaded once ``GET /`` was
+answered: those and the early responder's. Nothing here is timed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ main()
 
 #: The standard library modules the front end and the socket code import at the top.
 SOCKET_CODE_NEEDS = "json, sys, contextlib, errno, os, socket, select, stat, pathlib"
+#: What the early responder, the version it reports and its SIGTERM handler add to them.
+RESPONDER_NEEDS = "functools, re, signal, threading, time"
+SOCKET_CODE = {
+    "pyvmm", "pyvmm.errors", "pyvmm.firecracker_cli",
+    "pyvmm.api", "pyvmm.api.early_socket", "pyvmm.host", "pyvmm.host.unix_socket",
+}  # fmt: skip
 
 
 def modules_of(code: str) -> set[str]:
@@ -68,8 +76,26 @@ def test_the_api_socket_is_bound_before_anything_heavy_is_imported(tmp_path: Pat
     allowed = modules_of(f"import {SOCKET_CODE_NEEDS}; print(json.dumps(sorted(sys.modules)))")
     extra = loaded - allowed
     ours = {m for m in extra if m.startswith("pyvmm")}
-    assert ours == {
-        "pyvmm", "pyvmm.errors", "pyvmm.firecracker_cli",
-        "pyvmm.api", "pyvmm.api.early_socket", "pyvmm.host", "pyvmm.host.unix_socket",
-    }  # fmt: skip
+    assert ours == SOCKET_CODE
+    assert extra - ours == set(), extra - ours
+
+
+def test_get_root_is_answered_before_anything_heavy_is_imported(tmp_path: Path) -> None:
+    from tests.unit.api.test_early_responder import GET_ROOT, Held, read_response
+
+    held = Held(tmp_path)
+    try:
+        client = held.connect()
+        client.sendall(GET_ROOT)
+        assert read_response(client)[0] == 200
+        loaded = set(held.release())  # what it had loaded while held before click
+        client.close()
+    finally:
+        held.close()
+    allowed = modules_of(
+        f"import {SOCKET_CODE_NEEDS}, {RESPONDER_NEEDS}; print(json.dumps(sorted(sys.modules)))"
+    )
+    extra = loaded - allowed
+    ours = {m for m in extra if m.startswith("pyvmm")}
+    assert ours == SOCKET_CODE | {"pyvmm.api.early_responder", "pyvmm.api.version"}
     assert extra - ours == set(), extra - ours
