@@ -37,7 +37,7 @@ main()
 
 
 #: The standard library modules the front end and the socket code import at the top.
-SOCKET_CODE_NEEDS = "json, sys, contextlib, errno, os, socket, select, stat, pathlib"
+SOCKET_CODE_NEEDS = "__future__, json, sys, contextlib, errno, os, socket, select, stat, pathlib"
 #: What the early responder, the version it reports and its SIGTERM handler add to them.
 RESPONDER_NEEDS = "functools, re, signal, threading, time"
 SOCKET_CODE = {
