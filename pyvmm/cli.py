@@ -318,12 +318,15 @@ def _config_from_file(path: str) -> object:
 
 
 def _default_guest(initrd: str | None) -> tuple[str, str]:
-    """The guest kit's default guest: Debian's cloud kernel and busybox initramfs."""
+    """The guest kit's default guest: Debian's cloud kernel and busybox initramfs.
+
+    The initramfs carries the guest agent (``/bin/pyvmm-agent``), not started.
+    """
     from pyvmm.guestkit.debian import fetch_kernel
     from pyvmm.guestkit.initramfs import build_initramfs
 
     package = fetch_kernel("cloud")
-    return str(package.vmlinuz), initrd or str(build_initramfs(package))
+    return str(package.vmlinuz), initrd or str(build_initramfs(package, agent=True))
 
 
 def _run_machine(config: object, timeout: float | None, confinement_flags: dict[str, Any]) -> int:

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from pyvmm.errors import HostError
+from pyvmm.errors import ConfigError, HostError
 from pyvmm.guestkit.cache import cache_root, staging_dir
 
 AGENT_NAME = "pyvmm-agent"
@@ -95,3 +95,21 @@ def build_agent(cache_dir: Path | None = None, force: bool = False) -> Path:
                 f"building {AGENT_NAME} failed (gcc exit status {proc.returncode}):\n{tail}"
             )
     return binary
+
+
+def agent_bytes(agent: Path | bool, cache_dir: Path | None = None) -> bytes | None:
+    """What a guest image carries as ``/bin/pyvmm-agent`` (the builders' ``agent`` argument).
+
+    True: the agent built by :func:`build_agent` (gcc and a static libc
+    needed); a path: that binary (an ELF executable); False: none (None).
+    """
+    if agent is False:
+        return None
+    path = build_agent(cache_dir) if agent is True else Path(agent)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise HostError(f"cannot read the guest agent {path}: {exc.strerror}") from None
+    if not data.startswith(b"\x7fELF"):
+        raise ConfigError(f"the guest agent {path} is not an ELF executable")
+    return data

@@ -79,7 +79,10 @@ def initramfs_command(
 
     The kernel is fetched only when modules are requested; the default /init
     runs the script given as pyvmm.cmd=BASE64 on the kernel command line
-    (see `pyvmm guest command-arg`).
+    (see `pyvmm guest command-arg`). The image holds the guest agent,
+    /bin/pyvmm-agent (built with gcc on first use), not started: a sandbox
+    starts it with pyvmm.cmd (exec pyvmm-agent), after the modules
+    virtio_mmio and vmw_vsock_virtio_transport.
     """
     from pyvmm.guestkit.debian import fetch_kernel
     from pyvmm.guestkit.initramfs import DEFAULT_INIT, build_initramfs
@@ -87,7 +90,7 @@ def initramfs_command(
     try:
         init_script = DEFAULT_INIT if init_file is None else _read_text(init_file)
         kernel = fetch_kernel(flavor) if modules else None
-        path = build_initramfs(kernel, modules, init_script, compress=not no_compress)
+        path = build_initramfs(kernel, modules, init_script, agent=True, compress=not no_compress)
         click.echo(str(path))
     except PyvmmError as error:
         _fail(str(error))

@@ -14,7 +14,14 @@ What goes in (a gzip-compressed "newc" cpio, see :mod:`pyvmm.guestkit.cpio`):
   load order (dependencies first), one absolute path a line, and a
   ``modules.dep`` for just them lets ``modprobe`` work in the guest too;
 - ``/init`` (the given script, :data:`DEFAULT_INIT` by default) and any
-  ``extra_files``.
+  ``extra_files``;
+- with ``agent``: the guest agent as ``/bin/pyvmm-agent`` (mode 0755, see
+  :mod:`pyvmm.guestkit.agent_tool`). The default guest's initramfs (``pyvmm
+  run`` with no ``--kernel``, ``pyvmm guest initramfs``) and the sandbox
+  guest's have it. Nothing starts it by default: a sandbox starts it as
+  ``pyvmm.cmd=<base64 of "exec pyvmm-agent">`` (see below), which needs the
+  vsock transport modules too (``--module virtio_mmio --module
+  vmw_vsock_virtio_transport``; the sandbox guest loads them).
 
 The output is a pure function of those inputs (fixed timestamps and inode
 numbers, gzip without a name or time), and is cached under
@@ -311,6 +318,7 @@ def build_initramfs(
     extra_files: Mapping[str, bytes] | None = None,
     *,
     busybox: Path | None = None,
+    agent: Path | bool = False,
     compress: bool = True,
 ) -> Path:
     """Build (or find in the cache) an initramfs image and return its path.
@@ -320,6 +328,10 @@ def build_initramfs(
     kernel (``modules.builtin``) are skipped. ``extra_files`` maps archive
     paths to contents; a file starting with ``#!`` or ELF is made executable.
     ``busybox`` overrides the busybox binary (default: :func:`fetch_busybox`).
+    ``agent`` True adds ``pyvmm-agent`` (built by
+    :func:`~pyvmm.guestkit.agent_tool.build_agent`, which needs gcc and a
+    static libc) as ``/bin/pyvmm-agent``; a path adds that binary instead.
+    The cache key is the archive's hash, so a changed agent is a new image.
     ``compress=False`` writes a plain cpio: bigger, but the guest kernel
     spends no time inflating it (worth it where guest kernel code is slow).
     """
@@ -335,7 +347,12 @@ def build_initramfs(
     if kernel is not None and modules:
         _add_modules(archive, kernel.modules_dir, kernel.version, modules)
     archive.add_file("init", init_script.encode(), mode=0o755)
-    for path, data in sorted((extra_files or {}).items()):
+    files = dict(extra_files or {})
+    if agent is not False:
+        from pyvmm.guestkit.agent_tool import agent_bytes
+
+        files[_agent_name(files)] = agent_bytes(agent, root)  # type: ignore[assignment]
+    for path, data in sorted(files.items()):
         name = _checked_extra_name(path)
         if name in archive:
             raise ConfigError(f"extra file /{name} would replace a file the initramfs needs")
@@ -353,6 +370,14 @@ def build_initramfs(
         if compress:
             data = gzip.compress(data, compresslevel=9, mtime=0)
         return write_atomic(out, data)
+
+
+def _agent_name(extra_files: Mapping[str, bytes]) -> str:
+    from pyvmm.guestkit.agent_tool import GUEST_PATH
+
+    if any(_checked_extra_name(path) == GUEST_PATH for path in extra_files):
+        raise ConfigError(f"extra file /{GUEST_PATH} would replace the agent")
+    return GUEST_PATH
 
 
 def _add_base(archive: CpioWriter, busybox: bytes) -> None:

@@ -23,8 +23,11 @@ What goes in
   ``busybox-static``, see :func:`pyvmm.guestkit.debian.fetch_busybox`) with
   a symlink per applet in :data:`~pyvmm.guestkit.initramfs.APPLETS`,
   ``/usr/bin`` and ``/usr/sbin`` -> ``/bin``, ``/dev`` with ``console`` and
-  ``null``, empty ``/proc /sys /tmp /run /root /mnt``, and ``/etc/passwd``,
-  ``/etc/group``, ``/etc/hostname``.
+  ``null``, empty ``/proc /sys /tmp /run /root /mnt``, ``/etc/passwd``,
+  ``/etc/group``, ``/etc/hostname``, and ``/bin/pyvmm-agent``, the guest
+  agent (:mod:`pyvmm.guestkit.agent_tool`), not started: a sandbox starts it
+  with ``pyvmm.cmd`` once an initramfs loaded vsock and switched here.
+  A ``source`` tree is copied as it is, with no agent added.
 
 ``/sbin/init`` is ``init_script`` when given (replacing the tree's own,
 which may be a symlink to systemd), else the tree's own if it has one, else
@@ -59,12 +62,12 @@ plus 4 KiB per directory and per long symlink) * 1.5 + 32 MiB, rounded up to
 a MiB; enough inodes are requested for big trees. The image is cached under
 ``<cache>/rootfs/<key>.ext4``, the key being a hash of the inputs (the tar
 file's bytes, or every path, mode, owner, mtime and content of a source
-directory, or the busybox binary; the init script; the size). The build is
-deterministic on a given e2fsprogs version and ``/etc/mke2fs.conf``: the
-UUID and directory hash seed derive from the key, ``E2FSPROGS_FAKE_TIME``
-fixes the superblock times, and debugfs sets every inode's atime, ctime and
-mtime (the tree's mtime; :data:`FIXED_TIME` for what we add). Reserved
-blocks are 0 (``-m 0``): nothing in a VM disk needs them.
+directory, or the busybox and agent binaries; the init script; the size).
+The build is deterministic on a given e2fsprogs version and
+``/etc/mke2fs.conf``: the UUID and directory hash seed derive from the key,
+``E2FSPROGS_FAKE_TIME`` fixes the superblock times, and debugfs sets every
+inode's atime, ctime and mtime (the tree's mtime; :data:`FIXED_TIME` for
+what we add). Reserved blocks are 0 (``-m 0``): nothing in a VM disk needs them.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pyvmm.errors import ConfigError, HostError
+from pyvmm.guestkit.agent_tool import GUEST_PATH, agent_bytes
 from pyvmm.guestkit.cache import cache_root, ensure_dir
 from pyvmm.guestkit.initramfs import APPLETS, init_script
 from pyvmm.guestkit.progress import task
@@ -147,11 +151,13 @@ def build_rootfs(
     init_script: str | None = None,
     *,
     busybox: Path | None = None,
+    agent: Path | bool = True,
 ) -> Path:
     """Build (or find in the cache) an ext4 image and return its path.
 
     ``source`` is a directory or a tar file; None builds the minimal busybox
-    tree (``busybox`` overrides the binary, default :func:`fetch_busybox`).
+    tree (``busybox`` overrides the binary, default :func:`fetch_busybox`;
+    ``agent``: see :func:`~pyvmm.guestkit.agent_tool.agent_bytes`).
     ``size_mib`` overrides the default size (see the module doc).
     """
     if size_mib is not None and (isinstance(size_mib, bool) or size_mib <= 0):
@@ -167,6 +173,9 @@ def build_rootfs(
     if source is None:
         busybox_bytes = _read(Path(busybox), "busybox")  # type: ignore[arg-type]
         key_hash.update(b"\0busybox\0" + hashlib.sha256(busybox_bytes).digest())
+        agent_data = agent_bytes(agent, root)
+        if agent_data is not None:
+            key_hash.update(b"\0agent\0" + hashlib.sha256(agent_data).digest())
     else:
         source = Path(source)
         key_hash.update(b"\0source\0" + _source_digest(source))
@@ -185,7 +194,7 @@ def build_rootfs(
         staging = Path(tmp) / "tree"
         staging.mkdir()
         if source is None:
-            entries = _stage_minimal(staging, busybox_bytes)
+            entries = _stage_minimal(staging, busybox_bytes, agent_data)
         elif source.is_dir():
             entries = _stage_directory(source, staging)
         else:
@@ -234,7 +243,7 @@ def _content_bytes(entries: dict[str, _Entry]) -> int:
 # --- staging: the minimal tree ----------------------------------------------------------
 
 
-def _stage_minimal(staging: Path, busybox: bytes) -> dict[str, _Entry]:
+def _stage_minimal(staging: Path, busybox: bytes, agent: bytes | None) -> dict[str, _Entry]:
     entries: dict[str, _Entry] = {"": _Entry(_DIR, 0o755)}
     for name in ("bin", "dev", "etc", "lib", "mnt", "proc", "run", "sbin", "sys", "usr"):
         _mkdir(staging, entries, name, 0o755)
@@ -243,6 +252,8 @@ def _stage_minimal(staging: Path, busybox: bytes) -> dict[str, _Entry]:
     _write(staging, entries, "bin/busybox", busybox, 0o755)
     for applet in APPLETS:
         _symlink(staging, entries, f"bin/{applet}", "busybox")
+    if agent is not None:
+        _write(staging, entries, GUEST_PATH, agent, 0o755)
     _symlink(staging, entries, "usr/bin", "../bin")
     _symlink(staging, entries, "usr/sbin", "../bin")
     entries["dev/console"] = _Entry(_CHR, 0o600, rdev=(5, 1))

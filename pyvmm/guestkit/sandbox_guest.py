@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from pyvmm.errors import PyvmmError
-from pyvmm.guestkit.agent_tool import GUEST_MODULES, GUEST_PATH, build_agent
+from pyvmm.guestkit.agent_tool import GUEST_MODULES
 
 #: Modules the default initramfs loads: the agent's vsock transport, and the drivers
 #: of the devices a sandbox may have (disks, a root disk, network, entropy).
@@ -33,13 +33,7 @@ def build_sandbox_guest(cache_dir: Path | None = None) -> tuple[Path, Path]:
     from pyvmm.guestkit.initramfs import build_initramfs
 
     package = fetch_kernel("cloud", cache_dir)
-    agent = build_agent(cache_dir)
-    initrd = build_initramfs(
-        package,
-        SANDBOX_MODULES,
-        cache_dir=cache_dir,
-        extra_files={GUEST_PATH: agent.read_bytes()},
-    )
+    initrd = build_initramfs(package, SANDBOX_MODULES, cache_dir=cache_dir, agent=True)
     return package.vmlinuz, initrd
 
 

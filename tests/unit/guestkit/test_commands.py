@@ -69,8 +69,8 @@ def test_initramfs_without_modules_needs_no_kernel(
 ) -> None:
     calls = []
 
-    def fake_build(kernel, modules, init_script, compress=True):  # type: ignore[no-untyped-def]
-        calls.append((kernel, tuple(modules), init_script, compress))
+    def fake_build(kernel, modules, init_script, agent=False, compress=True):  # type: ignore[no-untyped-def]
+        calls.append((kernel, tuple(modules), init_script, agent, compress))
         return tmp_path / "initrd.cpio.gz"
 
     def no_fetch(flavor: str) -> KernelPackage:
@@ -83,7 +83,7 @@ def test_initramfs_without_modules_needs_no_kernel(
     result = CliRunner().invoke(group, ["initramfs", "--init", str(init), "--no-compress"])
     assert result.exit_code == 0, result.output
     assert result.output == f"{tmp_path / 'initrd.cpio.gz'}\n"
-    assert calls == [(None, (), "#!/bin/sh\necho hi\n", False)]
+    assert calls == [(None, (), "#!/bin/sh\necho hi\n", True, False)]  # the agent is in
 
 
 def test_initramfs_with_modules_fetches_the_flavor(
@@ -94,9 +94,15 @@ def test_initramfs_with_modules_fetches_the_flavor(
     monkeypatch.setattr(
         initramfs,
         "build_initramfs",
-        lambda kernel, modules, init_script, compress=True: (
+        lambda kernel, modules, init_script, agent=False, compress=True: (
             calls.append(
-                (kernel.flavor, kernel.root.name, modules, init_script == initramfs.DEFAULT_INIT)
+                (
+                    kernel.flavor,
+                    kernel.root.name,
+                    modules,
+                    init_script == initramfs.DEFAULT_INIT,
+                    agent,
+                )
             )
             or tmp_path / "x"
         ),
@@ -105,7 +111,7 @@ def test_initramfs_with_modules_fetches_the_flavor(
         group, ["initramfs", "--flavor", "generic", "--module", "9p", "--module", "kvm-amd"]
     )
     assert result.exit_code == 0, result.output
-    assert calls == [("cloud", "generic", ("9p", "kvm-amd"), True)]
+    assert calls == [("cloud", "generic", ("9p", "kvm-amd"), True, True)]
 
 
 def test_initramfs_missing_init_file(group: click.Group, tmp_path: Path) -> None:

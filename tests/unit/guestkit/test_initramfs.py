@@ -376,3 +376,136 @@ def test_insmod_lines() -> None:
     assert lines[0].startswith("insmod '/lib/modules/v/a.ko' ||")
     assert "'/lib/modules/v/it'\\''s.ko'" in lines[1]
     subprocess.run(["sh", "-n", "-c", text], check=True)
+
+
+# --- the guest agent -------------------------------------------------------------------
+
+AGENT = b"\x7fELF fake static pyvmm-agent"
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Path:
+    path = tmp_path / "pyvmm-agent"
+    path.write_bytes(AGENT)
+    return path
+
+
+def test_the_agent_is_added_executable_at_the_sandbox_path(
+    tmp_path: Path, busybox: Path, agent: Path
+) -> None:
+    from pyvmm.guestkit.agent_tool import GUEST_PATH
+
+    without = build_initramfs(None, cache_dir=tmp_path / "c", busybox=busybox)
+    assert GUEST_PATH not in entries_of(without)  # only when asked for (not in L1's)
+    out = build_initramfs(None, cache_dir=tmp_path / "c", busybox=busybox, agent=agent)
+    entry = entries_of(out)[GUEST_PATH]
+    assert GUEST_PATH == "bin/pyvmm-agent"
+    assert entry.data == AGENT and stat.S_ISREG(entry.mode) and entry.permissions == 0o755
+    assert out != without
+
+
+def test_the_cache_key_follows_the_agent(tmp_path: Path, busybox: Path, agent: Path) -> None:
+    first = build_initramfs(None, cache_dir=tmp_path / "c", busybox=busybox, agent=agent)
+    assert build_initramfs(None, cache_dir=tmp_path / "c", busybox=busybox, agent=agent) == first
+    agent.write_bytes(AGENT + b" rebuilt")
+    second = build_initramfs(None, cache_dir=tmp_path / "c", busybox=busybox, agent=agent)
+    assert second != first
+    assert entries_of(second)["bin/pyvmm-agent"].data == AGENT + b" rebuilt"
+
+
+def test_agent_true_builds_it_with_the_guest_kit(
+    tmp_path: Path, busybox: Path, agent: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyvmm.errors import HostError
+    from pyvmm.guestkit import agent_tool
+
+    seen = []
+
+    def fake_build(cache_dir: Path | None = None) -> Path:
+        seen.append(cache_dir)
+        return agent
+
+    monkeypatch.setattr(agent_tool, "build_agent", fake_build)
+    out = build_initramfs(None, cache_dir=tmp_path / "c", busybox=busybox, agent=True)
+    assert seen == [tmp_path / "c"]
+    assert entries_of(out)["bin/pyvmm-agent"].data == AGENT
+
+    def no_gcc(cache_dir: Path | None = None) -> Path:
+        raise HostError("gcc not found on PATH: it is needed to build pyvmm-agent")
+
+    monkeypatch.setattr(agent_tool, "build_agent", no_gcc)
+    with pytest.raises(HostError, match="gcc not found"):
+        build_initramfs(None, cache_dir=tmp_path / "c2", busybox=busybox, agent=True)
+
+
+def test_a_bad_agent_or_one_in_extra_files_is_refused(
+    tmp_path: Path, busybox: Path, agent: Path
+) -> None:
+    with pytest.raises(ConfigError, match="would replace the agent"):
+        build_initramfs(
+            None,
+            cache_dir=tmp_path,
+            busybox=busybox,
+            agent=agent,
+            extra_files={"/bin/pyvmm-agent": b"\x7fELF other"},
+        )
+    script = tmp_path / "script"
+    script.write_bytes(b"#!/bin/sh\n")
+    with pytest.raises(ConfigError, match="not an ELF"):
+        build_initramfs(None, cache_dir=tmp_path, busybox=busybox, agent=script)
+
+
+def _fake_guest_kit(
+    tmp_path: Path, busybox: Path, agent: Path, monkeypatch: pytest.MonkeyPatch
+) -> KernelPackage:
+    from pyvmm.guestkit import agent_tool, debian
+
+    kernel = fake_kernel(tmp_path / "k")
+    monkeypatch.setenv("PYVMM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(debian, "fetch_kernel", lambda flavor, cache_dir=None: kernel)
+    monkeypatch.setattr(debian, "fetch_busybox", lambda root: busybox)
+    monkeypatch.setattr(agent_tool, "build_agent", lambda cache_dir=None: agent)
+    return kernel
+
+
+def test_pyvmm_run_default_initramfs_has_the_agent(
+    tmp_path: Path, busybox: Path, agent: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyvmm.cli import _default_guest
+
+    kernel = _fake_guest_kit(tmp_path, busybox, agent, monkeypatch)
+    vmlinuz, initrd = _default_guest(None)
+    assert vmlinuz == str(kernel.vmlinuz)
+    entries = entries_of(Path(initrd))
+    assert entries["bin/pyvmm-agent"].data == AGENT
+    assert entries["bin/pyvmm-agent"].permissions == 0o755
+    assert entries["init"].data == DEFAULT_INIT.encode()  # it does not start the agent
+    assert "pyvmm-agent" not in DEFAULT_INIT
+
+
+def test_pyvmm_guest_initramfs_has_the_agent(
+    tmp_path: Path, busybox: Path, agent: Path, monkeypatch: pytest.MonkeyPatch, group
+) -> None:
+    from click.testing import CliRunner
+
+    _fake_guest_kit(tmp_path, busybox, agent, monkeypatch)
+    for args in ([], ["--module", "virtio_blk", "--no-compress"]):
+        result = CliRunner().invoke(group, ["initramfs", *args])
+        assert result.exit_code == 0, result.output
+        out = Path(result.output.strip().splitlines()[-1])
+        assert out.parent == tmp_path / "cache" / "initramfs"
+        entry = entries_of(out)["bin/pyvmm-agent"]
+        assert entry.data == AGENT and entry.permissions == 0o755
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="the cpio tool is not installed")
+def test_gnu_cpio_lists_the_agent_executable(tmp_path: Path, busybox: Path, agent: Path) -> None:
+    out = build_initramfs(None, cache_dir=tmp_path, busybox=busybox, agent=agent)
+    listing = subprocess.run(
+        ["cpio", "-tv", "--quiet"],
+        input=gzip.decompress(out.read_bytes()),
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    line = next(line for line in listing.splitlines() if line.endswith(" bin/pyvmm-agent"))
+    assert line.startswith("-rwxr-xr-x "), line

@@ -34,12 +34,20 @@ requires_e2fsprogs = pytest.mark.skipif(
 )
 
 BUSYBOX = b"\x7fELF fake static busybox"
+AGENT = b"\x7fELF fake static pyvmm-agent"
 
 
 @pytest.fixture
 def busybox(tmp_path: Path) -> Path:
     path = tmp_path / "busybox"
     path.write_bytes(BUSYBOX)
+    return path
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Path:
+    path = tmp_path / "pyvmm-agent"
+    path.write_bytes(AGENT)
     return path
 
 
@@ -99,8 +107,10 @@ DIR = {"type": tarfile.DIRTYPE, "mode": 0o755}
 
 
 @requires_e2fsprogs
-def test_minimal_image_has_busybox_our_init_and_devices(tmp_path: Path, busybox: Path) -> None:
-    image = build_rootfs(cache_dir=tmp_path / "cache", busybox=busybox)
+def test_minimal_image_has_busybox_our_init_and_devices(
+    tmp_path: Path, busybox: Path, agent: Path
+) -> None:
+    image = build_rootfs(cache_dir=tmp_path / "cache", busybox=busybox, agent=agent)
     assert image.parent == tmp_path / "cache" / "rootfs" and image.suffix == ".ext4"
     fsck_clean(image)
     init = cat(image, "/sbin/init").decode()
@@ -118,6 +128,31 @@ def test_minimal_image_has_busybox_our_init_and_devices(tmp_path: Path, busybox:
     assert inode(image, "/tmp")["Mode"] == "01777"
     assert inode(image, "/bin/busybox")["User"] == "0"
     assert cat(image, "/etc/passwd").startswith(b"root:x:0:0:")
+    assert cat(image, "/bin/pyvmm-agent") == AGENT  # where the sandbox guest has it
+    assert inode(image, "/bin/pyvmm-agent")["Mode"] == "0755"
+    assert "pyvmm-agent" not in init  # present, not started
+
+
+@requires_e2fsprogs
+def test_the_agent_changes_the_key_and_can_be_left_out(
+    tmp_path: Path, busybox: Path, agent: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyvmm.guestkit import agent_tool
+
+    first = build_rootfs(cache_dir=tmp_path / "c", busybox=busybox, agent=agent)
+    agent.write_bytes(AGENT + b" rebuilt")
+    second = build_rootfs(cache_dir=tmp_path / "c", busybox=busybox, agent=agent)
+    assert second != first and cat(second, "/bin/pyvmm-agent") == AGENT + b" rebuilt"
+    bare = build_rootfs(cache_dir=tmp_path / "c", busybox=busybox, agent=False)
+    assert bare not in (first, second)
+    with pytest.raises(FileNotFoundError):
+        inode(bare, "/bin/pyvmm-agent")
+    # the default (what `pyvmm guest rootfs` builds): the guest kit's agent build
+    monkeypatch.setattr(agent_tool, "build_agent", lambda cache_dir=None: agent)
+    assert build_rootfs(cache_dir=tmp_path / "c", busybox=busybox) == second
+    monkeypatch.setattr(agent_tool, "build_agent", lambda cache_dir=None: tmp_path / "none")
+    with pytest.raises(HostError, match="cannot read the guest agent"):
+        build_rootfs(cache_dir=tmp_path / "d", busybox=busybox)
 
 
 @requires_e2fsprogs
@@ -128,17 +163,19 @@ def test_default_init_is_valid_shell(tmp_path: Path) -> None:
 
 
 @requires_e2fsprogs
-def test_custom_init_script(tmp_path: Path, busybox: Path) -> None:
-    image = build_rootfs(cache_dir=tmp_path, init_script="#!/bin/sh\necho hi\n", busybox=busybox)
+def test_custom_init_script(tmp_path: Path, busybox: Path, agent: Path) -> None:
+    image = build_rootfs(
+        cache_dir=tmp_path, init_script="#!/bin/sh\necho hi\n", busybox=busybox, agent=agent
+    )
     assert cat(image, "/sbin/init") == b"#!/bin/sh\necho hi\n"
 
 
 @requires_e2fsprogs
 def test_images_are_cached_and_reproducible(
-    tmp_path: Path, busybox: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, busybox: Path, agent: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = build_rootfs(cache_dir=tmp_path / "a", busybox=busybox)
-    other = build_rootfs(cache_dir=tmp_path / "b", busybox=busybox)
+    first = build_rootfs(cache_dir=tmp_path / "a", busybox=busybox, agent=agent)
+    other = build_rootfs(cache_dir=tmp_path / "b", busybox=busybox, agent=agent)
     assert first.name == other.name
     assert first.read_bytes() == other.read_bytes()  # UUID, hash seed and times are fixed
 
@@ -146,10 +183,10 @@ def test_images_are_cached_and_reproducible(
         raise AssertionError("the cached image should have been reused")
 
     monkeypatch.setattr(rootfs, "_run_mkfs", no_mkfs)
-    assert build_rootfs(cache_dir=tmp_path / "a", busybox=busybox) == first
+    assert build_rootfs(cache_dir=tmp_path / "a", busybox=busybox, agent=agent) == first
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp-")]
     with pytest.raises(AssertionError):  # a different input is a different image
-        build_rootfs(cache_dir=tmp_path / "a", busybox=busybox, size_mib=40)
+        build_rootfs(cache_dir=tmp_path / "a", busybox=busybox, agent=agent, size_mib=40)
 
 
 # --- size ------------------------------------------------------------------------------
@@ -199,6 +236,8 @@ def test_from_directory(tmp_path: Path) -> None:
     me = inode(image, "/etc/motd")
     assert (me["User"], me["Group"]) == (str(os.getuid()), str(os.getgid()))
     assert cat(image, "/sbin/init").decode() == ROOTFS_INIT  # the tree had none
+    with pytest.raises(FileNotFoundError):  # a source tree is copied as it is: no agent
+        inode(image, "/bin/pyvmm-agent")
 
 
 @requires_e2fsprogs
