@@ -24,7 +24,6 @@ from pyvmm.doctor import virtualization_kind
 from pyvmm.guestkit.debian import fetch_kernel
 from pyvmm.host.terminal import CTRL_A
 from tests.conftest import requires_kvm
-from tests.support.nested_fixture import linux_host  # noqa: F401
 
 pytestmark = [requires_kvm, pytest.mark.linux]
 
@@ -170,7 +169,7 @@ def test_the_banners_ways_out_end_pyvmm_with_status_0(private_tmp: Path, keys: b
     assert leftovers(private_tmp) == []
 
 
-def test_the_direct_path_pipes_and_powers_off_too(linux_host) -> None:  # noqa: F811
+def test_the_direct_path_pipes_and_powers_off_too(linux_host) -> None:
     """The path a VMX/SVM host takes: here, pyvmm run inside the nested host (direct there)."""
     version = fetch_kernel("cloud").version
     result = linux_host.run(

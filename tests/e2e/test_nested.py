@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from pyvmm.nested.command import nested
 from pyvmm.nested.host import NestedError, NestedTimeoutError
-from tests.support.nested_fixture import NestedLinuxHost, linux_host  # noqa: F401
+from tests.support.nested_fixture import NestedLinuxHost
 
 # --- the CLI ----------------------------------------------------------------------------
 
@@ -48,7 +48,7 @@ def _timing(name: str, seconds: float | None) -> None:
         print(f"\nTIMING {name}: {seconds:.2f} s", flush=True)
 
 
-def test_host_boots_and_runs_commands(linux_host) -> None:  # noqa: F811
+def test_host_boots_and_runs_commands(linux_host) -> None:
     _timing(f"L1 boot to agent ready ({linux_host.mode})", linux_host.boot_seconds)
     uname = linux_host.run(["uname", "-r"], timeout=60)
     assert uname.returncode == 0 and uname.stdout.strip(), uname.stderr
@@ -66,14 +66,14 @@ def test_host_boots_and_runs_commands(linux_host) -> None:  # noqa: F811
     _timing("python3 start + import pyvmm", python.duration)
 
 
-def test_exit_status_passes_through(linux_host) -> None:  # noqa: F811
+def test_exit_status_passes_through(linux_host) -> None:
     assert linux_host.run(["sh", "-c", "exit 7"], timeout=60).returncode == 7
     result = linux_host.run("echo out; echo err >&2; exit 3", timeout=60)
     assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
     assert linux_host.run(["/nonexistent/command"], timeout=60).returncode == 127
 
 
-def test_files_written_in_l1_are_visible_on_the_host(linux_host, tmp_path: Path) -> None:  # noqa: F811
+def test_files_written_in_l1_are_visible_on_the_host(linux_host, tmp_path: Path) -> None:
     here = Path(tempfile.mkdtemp(prefix=".pyvmm-nested-test-", dir=os.getcwd()))
     try:
         (tmp_path / "from-host.txt").write_text("host wrote this\n")
@@ -97,7 +97,7 @@ def test_files_written_in_l1_are_visible_on_the_host(linux_host, tmp_path: Path)
         shutil.rmtree(here, ignore_errors=True)
 
 
-def test_timeout_is_reported_and_the_host_stays_usable(linux_host) -> None:  # noqa: F811
+def test_timeout_is_reported_and_the_host_stays_usable(linux_host) -> None:
     with pytest.raises(NestedTimeoutError, match=r"`sleep 120` did not finish within 3 s"):
         linux_host.run(["sleep", "120"], timeout=3)
     after = linux_host.run(["echo", "still here"], timeout=60)
@@ -130,7 +130,7 @@ with Kvm() as kvm:
 """
 
 
-def test_pyvmm_drives_kvm_in_the_host(linux_host, tmp_path: Path) -> None:  # noqa: F811
+def test_pyvmm_drives_kvm_in_the_host(linux_host, tmp_path: Path) -> None:
     script = tmp_path / "kvm_loop.py"
     script.write_text(KVM_LOOP)
     result = linux_host.run(["python3", str(script), "1000"], timeout=300)
@@ -149,7 +149,7 @@ def test_pyvmm_drives_kvm_in_the_host(linux_host, tmp_path: Path) -> None:  # no
     _timing("pyvmm doctor", doctor.duration)
 
 
-def test_probe_guest_passes_in_the_host(linux_host) -> None:  # noqa: F811
+def test_probe_guest_passes_in_the_host(linux_host) -> None:
     from pyvmm.guestkit.probe import build_probe
 
     # The shared directory is at the same path on the host and in L1.
@@ -165,7 +165,7 @@ def test_probe_guest_passes_in_the_host(linux_host) -> None:  # noqa: F811
     _timing("pyvmm run probe (hello)", result.duration)
 
 
-def test_a_dead_l1_is_reported_and_replaced(linux_host) -> None:  # noqa: F811
+def test_a_dead_l1_is_reported_and_replaced(linux_host) -> None:
     if not isinstance(linux_host, NestedLinuxHost):
         pytest.skip("only a nested host can die")
     host = linux_host._host
