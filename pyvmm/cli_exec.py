@@ -36,7 +36,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -259,8 +259,8 @@ def run_exec(config: object, plan: ExecPlan, *, framed_stdin: bool = False) -> i
                 cwd=plan.cwd,
                 stdin=stdin,
                 timeout=plan.timeout,
-                on_stdout=_writer(1),
-                on_stderr=_writer(2),
+                on_stdout=output_writer(1),
+                on_stderr=output_writer(2),
             )
         except KeyboardInterrupt:
             return 128 + (interrupts[-1] if interrupts else signal.SIGINT)
@@ -291,7 +291,9 @@ def _stdin(framed: bool):  # -> BinaryIO | None
     return os.fdopen(os.dup(fd) if not framed else fd, "rb", buffering=0)
 
 
-def _writer(fd: int):  # -> Callable[[bytes], None]
+def output_writer(fd: int) -> Callable[[bytes], None]:
+    """Write each chunk whole to ``fd`` (stdout or stderr), quietly once its reader is gone."""
+
     def write(data: bytes) -> None:
         view = memoryview(data)
         with contextlib.suppress(BrokenPipeError):

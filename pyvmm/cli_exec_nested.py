@@ -25,12 +25,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from pyvmm.cli_exec import EXIT_PYVMM, ExecPlan
+from pyvmm.cli_exec import EXIT_PYVMM, ExecPlan, output_writer
 from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.sandbox.config import SandboxConfig
 
@@ -129,8 +128,8 @@ def run_nested(context: click.Context, config: SandboxConfig, plan: ExecPlan) ->
             try:
                 host.start()
                 result = host.run(
-                    argv, timeout, stdin=frames, on_stdout=_writer(sys.stdout.fileno()),
-                    on_stderr=_writer(sys.stderr.fileno()),
+                    argv, timeout, stdin=frames, on_stdout=output_writer(sys.stdout.fileno()),
+                    on_stderr=output_writer(sys.stderr.fileno()),
                 )  # fmt: skip
             finally:
                 with contextlib.suppress(Signalled):
@@ -154,16 +153,6 @@ def _stdin_fd() -> int:
         return fd
     except (AttributeError, ValueError, OSError):
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-
-def _writer(fd: int) -> Callable[[bytes], None]:
-    def write(data: bytes) -> None:
-        view = memoryview(data)
-        with contextlib.suppress(BrokenPipeError):
-            while view:
-                view = view[os.write(fd, view) :]
-
-    return write
 
 
 def _error(message: str) -> None:

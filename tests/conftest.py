@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.support.nested_fixture"]
+pytest_plugins = ["tests.support.nested_fixture", "tests.support.sandbox_fixture"]
 
 
 def kvm_usable() -> str | None:

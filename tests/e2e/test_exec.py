@@ -109,14 +109,6 @@ print("'''
 )
 
 
-@pytest.fixture(scope="module")
-def sandbox_guest() -> None:
-    """The default sandbox guest, built here (a nested host sees the cache read-only)."""
-    from pyvmm.sandbox.guest import default_guest
-
-    default_guest()
-
-
 def test_exec_statuses_streams_and_files(linux_host, sandbox_guest, tmp_path: Path) -> None:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)

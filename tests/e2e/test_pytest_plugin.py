@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_exec import sandbox_guest  # noqa: F401
-
 pytestmark = pytest.mark.linux
 
 RUN_TIMEOUT = 1800
@@ -50,7 +48,7 @@ def test_fails_on_purpose(sandbox):
 
 def test_sandbox_fixture_in_a_users_project(
     linux_host,  # the session's nested host (tests/conftest.py loads the fixture)
-    sandbox_guest,  # noqa: F811
+    sandbox_guest,
     tmp_path: Path,
 ) -> None:
     project = tmp_path / "project"

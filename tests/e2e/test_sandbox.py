@@ -186,14 +186,6 @@ print("'''
 )
 
 
-@pytest.fixture(scope="module")
-def sandbox_guest() -> None:
-    """The default sandbox guest, built here (the nested host sees the cache read-only)."""
-    from pyvmm.sandbox.guest import default_guest
-
-    default_guest()
-
-
 def test_sandboxes_on_a_linux_guest(linux_host, sandbox_guest, tmp_path: Path) -> None:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
