@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.nested_fixture import run_driver
 
 pytestmark = pytest.mark.linux
 
@@ -236,15 +237,9 @@ def test_agent_in_a_linux_guest(linux_host, agent_guest, tmp_path: Path) -> None
 
     vmlinux, initramfs = agent_guest
     cmdline = f"console=ttyS0 reboot=k panic=-1 pci=off quiet {command_arg('pyvmm-agent')}"
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
     uds = f"/run/pyvmm-agent-e2e-{os.getpid()}/v.sock"
-    argv = [sys.executable, str(driver), str(vmlinux), str(initramfs), cmdline, uds]
-    result = linux_host.run(argv, timeout=RUN_TIMEOUT)
-    context = result.stdout[-3000:] + result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith(MARKER)]
-    assert result.returncode == 0 and lines, context
-    out = json.loads(lines[-1][len(MARKER) :])
+    args = (str(vmlinux), str(initramfs), cmdline, uds)
+    out = run_driver(linux_host, DRIVER, tmp_path, *args, marker=MARKER, timeout=RUN_TIMEOUT)
     print("agent e2e:", json.dumps({k: v for k, v in out.items() if "_ms" in k or "_s" in k}))
 
     assert out["hello"].startswith("pyvmm-agent pid ")

@@ -17,13 +17,14 @@ runs).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.support.nested_fixture import run_driver
 
 pytestmark = pytest.mark.linux
 
@@ -110,14 +111,9 @@ print("'''
 
 
 def test_exec_statuses_streams_and_files(linux_host, sandbox_guest, tmp_path: Path) -> None:
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
     (tmp_path / "work").mkdir()
-    argv = [sys.executable, str(driver), str(tmp_path / "cache"), str(tmp_path / "work")]
-    result = linux_host.run(argv, timeout=RUN_TIMEOUT)
-    lines = [line for line in result.stdout.splitlines() if line.startswith(MARKER)]
-    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
-    out = json.loads(lines[-1][len(MARKER) :])
+    args = (str(tmp_path / "cache"), str(tmp_path / "work"))
+    out = run_driver(linux_host, DRIVER, tmp_path, *args, marker=MARKER, timeout=RUN_TIMEOUT)
     print("exec e2e seconds:", {k: v[3] for k, v in out.items() if isinstance(v, list) and
                                 len(v) == 4 and isinstance(v[3], float)})  # fmt: skip
 

@@ -13,10 +13,11 @@ pause/resume, the warm pool, and a sandbox confined the default way (jailed, as 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.nested_fixture import run_driver
 
 pytestmark = pytest.mark.linux
 
@@ -187,16 +188,10 @@ print("'''
 
 
 def test_sandboxes_on_a_linux_guest(linux_host, sandbox_guest, tmp_path: Path) -> None:
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
     work = tmp_path / "work"
     work.mkdir()
-    argv = [sys.executable, str(driver), str(tmp_path / "cache"), str(work)]
-    result = linux_host.run(argv, timeout=RUN_TIMEOUT)
-    context = result.stdout[-3000:] + result.stderr[-4000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith(MARKER)]
-    assert result.returncode == 0 and lines, context
-    out = json.loads(lines[-1][len(MARKER) :])
+    args = (str(tmp_path / "cache"), str(work))
+    out = run_driver(linux_host, DRIVER, tmp_path, *args, marker=MARKER, timeout=RUN_TIMEOUT)
     shown = {k: v for k, v in out.items() if k.endswith(("_s", "timings"))}
     print("sandbox e2e:", json.dumps(shown))
 

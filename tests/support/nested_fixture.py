@@ -24,6 +24,7 @@ nested host is needed and ``qemu-system-x86_64`` is not installed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -207,3 +208,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.sections.append(
             ("nested host L1 console", f"{host.console_log}\n{host.console_tail()}")
         )
+
+
+def run_driver(
+    host: DirectLinuxHost | NestedLinuxHost,
+    source: str,
+    tmp_path: Path,
+    *args: str,
+    marker: str,
+    timeout: float,
+) -> dict:
+    """Run the Python script ``source`` with ``args`` in ``host``; the JSON it printed
+    after ``marker`` on its last such line (the script's exit status must be 0)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(source)
+    result = host.run([sys.executable, str(driver), *args], timeout=timeout)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(marker)]
+    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-4000:]
+    return json.loads(lines[-1][len(marker) :])
