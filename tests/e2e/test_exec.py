@@ -33,7 +33,7 @@ MARKER = "EXEC-E2E "
 
 DRIVER = (
     r'''
-import hashlib, json, os, stat, subprocess, sys, time
+import hashlib, json, os, stat, subprocess, sys, threading, time
 from pathlib import Path
 
 cache, work = sys.argv[1], Path(sys.argv[2])
@@ -77,10 +77,13 @@ out["separate"] = run(["--env", "A=1", "--cwd", "/tmp", "--",
 proc = subprocess.Popen(EXEC + ["--no-confine", "--", "sh", "-c",
                                 "echo first; sleep 3; echo second"],
                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+killer = threading.Timer(900, proc.kill)  # bounded, like run()'s steps
+killer.start()
 started, lines = time.monotonic(), []
 for line in proc.stdout:
     lines.append([round(time.monotonic() - started, 3), line.decode()])
 proc.wait()
+killer.cancel()
 out["stream"] = [lines, round(time.monotonic() - started, 3), proc.returncode]
 
 src = work / "src"
